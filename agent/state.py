@@ -1,0 +1,169 @@
+"""The desired datapath state of one node: what the compiler produces and the datapath applies.
+
+This is the contract between the policy compiler (Kubernetes objects -> NodeState) and
+the datapath programmer (NodeState -> BPF maps). Everything here is plain, immutable
+and comparable, so that two states can be diffed and a state can be printed as JSON.
+
+Directions are named from the pod's side, as CN2's ``trafficDirection`` is:
+``ingress`` is traffic into the pod, ``egress`` traffic out of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+
+# The UDP port Wireshark decodes as jmirror without being told (reference/jmirror.md).
+DEFAULT_JMIRROR_PORT = 30030
+# Mirror identifiers are 30 bits on the wire; session identifiers 32 bits.
+MIRROR_ID_MAX = (1 << 30) - 1
+SESSION_ID_MAX = (1 << 32) - 1
+
+
+class DeliveryMode(str, Enum):
+    """How a copy reaches its analyzer (one per MirrorDestination)."""
+
+    JMIRROR = "jmirror"  # juniperHeader: true: outer IP/UDP + jmirror header, routed by FIB
+    L2 = "l2"  # juniperHeader: false: the frame as-is to the analyzer's MAC
+    VXLAN = "vxlan"  # nextHopMode: static: the frame in VXLAN to a fixed VTEP
+    VLAN = "vlan"  # nicAssistedMirroring: the frame tagged with a VLAN out of the uplink
+
+
+class Direction(str, Enum):
+    INGRESS = "ingress"  # into the pod
+    EGRESS = "egress"  # out of the pod
+    BOTH = "both"
+
+    def covers(self, other: Direction) -> bool:
+        return self is Direction.BOTH or self is other
+
+
+@dataclass(frozen=True, order=True)
+class Destination:
+    """A MirrorDestination resolved to the addresses this node sends copies to."""
+
+    name: str
+    mode: DeliveryMode
+    # JMIRROR: analyzer address (IPv4 or IPv6) and UDP port.
+    analyzer_ip: str | None = None
+    udp_port: int = DEFAULT_JMIRROR_PORT
+    # L2: the analyzer's MAC; the datapath finds where it lives (or uses analyzer_ifname).
+    analyzer_mac: str | None = None
+    analyzer_ifname: str | None = None
+    # VXLAN: remote VTEP, inner destination MAC, VNI.
+    vtep_ip: str | None = None
+    vtep_mac: str | None = None
+    vni: int | None = None
+    # VLAN: the tag and the uplink the tagged copy leaves on.
+    vlan_id: int | None = None
+    uplink_ifname: str | None = None
+    # Which pod was chosen as the analyzer ("namespace/name"), for status and display.
+    analyzer_pod: str | None = None
+
+
+@dataclass(frozen=True, order=True)
+class Cidr:
+    """An address block with exceptions (a NetworkPolicy ipBlock, or a single pod IP)."""
+
+    cidr: str
+    excepts: tuple[str, ...] = ()
+
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.cidr, strict=False)
+
+
+# An endpoint set: the union of its blocks. ANY (None) matches every address.
+EndpointSet = tuple[Cidr, ...] | None
+ANY: EndpointSet = None
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """A protocol and destination-port range. port_lo = port_hi = None: every port."""
+
+    protocol: int  # IP protocol number: 6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6
+    port_lo: int | None = None
+    port_hi: int | None = None
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    """One rule of a policy, in the policy's order. The first matching rule decides.
+
+    ``destination`` None: the rule matches (and so ends the policy's evaluation for the
+    flow) but mirrors nothing.
+    """
+
+    policy: str  # "namespace/name" for a ContrailSecurityPolicy, "name" for a global one
+    index: int  # position in the policy's rules
+    src: EndpointSet
+    dst: EndpointSet
+    ports: tuple[PortRange, ...] = ()  # empty: every protocol and port
+    destination: str | None = None
+    mirror_id: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class Policy:
+    """A policy as this node applies it: ordered rules and the interfaces it applies to."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    interfaces: frozenset[str] = field(default_factory=frozenset)  # Interface.key values
+
+
+@dataclass(frozen=True, order=True)
+class PortMirror:
+    """Port-based mirroring: every packet of an interface in a direction, no flow lookup."""
+
+    destination: str
+    direction: Direction
+    mirror_id: int
+
+
+@dataclass(frozen=True, order=True)
+class Interface:
+    """A local pod interface the datapath attaches to.
+
+    The host-side interface is found from ``host_ifname`` when the compiler knows it
+    (explicit override), else from the pod's addresses and MAC in the node's tables.
+    """
+
+    pod: str  # "namespace/name"
+    pod_ifname: str = "eth0"  # the interface's name inside the pod
+    session_id: int = 0
+    ips: tuple[str, ...] = ()
+    mac: str | None = None
+    host_ifname: str | None = None
+    port_mirrors: tuple[PortMirror, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.pod}/{self.pod_ifname}"
+
+
+@dataclass(frozen=True)
+class ObjectError:
+    """An object the compiler could not apply, and exactly why. Nothing else is affected."""
+
+    kind: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """Everything the datapath of one node must do."""
+
+    node: str
+    interfaces: tuple[Interface, ...] = ()
+    policies: tuple[Policy, ...] = ()  # in evaluation order
+    destinations: tuple[Destination, ...] = ()
+    errors: tuple[ObjectError, ...] = ()
+
+    def interface(self, key: str) -> Interface | None:
+        return next((i for i in self.interfaces if i.key == key), None)
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
