@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 # The UDP port Wireshark decodes as jmirror without being told (reference/jmirror.md).
 DEFAULT_JMIRROR_PORT = 30030
@@ -21,7 +21,7 @@ MIRROR_ID_MAX = (1 << 30) - 1
 SESSION_ID_MAX = (1 << 32) - 1
 
 
-class DeliveryMode(str, Enum):
+class DeliveryMode(StrEnum):
     """How a copy reaches its analyzer (one per MirrorDestination)."""
 
     JMIRROR = "jmirror"  # juniperHeader: true: outer IP/UDP + jmirror header, routed by FIB
@@ -30,7 +30,7 @@ class DeliveryMode(str, Enum):
     VLAN = "vlan"  # nicAssistedMirroring: the frame tagged with a VLAN out of the uplink
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     INGRESS = "ingress"  # into the pod
     EGRESS = "egress"  # out of the pod
     BOTH = "both"

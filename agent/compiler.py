@@ -1,0 +1,694 @@
+"""The policy compiler: the cluster's objects (a Snapshot) -> one node's NodeState.
+
+``compile_node(snapshot, node)`` is pure and deterministic: no I/O, no clock, and the
+result depends only on the set of objects, not on their order. The rules it applies:
+
+Policies
+  Evaluated in this order: GlobalContrailSecurityPolicies by name, then
+  ContrailSecurityPolicies by namespace and name. Each policy is evaluated on its own
+  (its first matching rule decides for it) and each decision adds its copy, so the order
+  fixes only the order of copies and of display. A policy applies to the interfaces (all
+  of them, Multus ones too) of the local pods its ``selectors`` pick; no selectors: every
+  pod of its namespace (of the cluster for a global policy). A rule without its own
+  mirrorTo takes the policy-level one, or none; a rule-less policy with a policy-level
+  mirrorTo has one implicit rule 0 matching every flow.
+
+  Left out of the node's state, without error, because they cannot change what is
+  mirrored here: policies that select no local pod, policies none of whose rules mirrors,
+  and rules that can match no flow (an endpoint set resolving to no address, named ports
+  resolving to no number). Kept rules keep their index and mirror id.
+
+Pods
+  Finished pods (Succeeded, Failed) are ignored: their addresses may be reused. Pods on
+  the host network are never attached to nor endpoints (their address is the node's),
+  but may be analyzers. Selected pods stand for their status.podIPs, as /32 and /128.
+
+Destinations
+  The analyzer pod is chosen among the live pods labelled core.juniper.net/analyzer-pod
+  with the destination's value: usable ones first (an address on the receiving
+  interface, and a MAC in L2 mode), running ones first among those, then by namespace
+  and name. The choice is recomputed from scratch, so it moves when the pod goes away.
+  Its address: the first IPv4 one of the receiving interface, else the first IPv6 one.
+
+Flow evaluation (the datapath's, mirrored by explain())
+  The first packet of a flow is evaluated, on each local interface that sees it, against
+  every policy applying to that interface. A policy none of whose rules matches that
+  packet is evaluated again with the packet reversed (src/dst and ports swapped), unless
+  it is a TCP SYN: a flow met mid-way (after an agent restart) is mirrored as its
+  opening packet would have been. The fallback is per policy, so that a policy which
+  never mirrors cannot stop another one from matching in reverse.
+
+Mirror and session identifiers
+  A mirror id belongs to one policy rule ("csp/<ns>/<name>/rule/<i>",
+  "gcsp/<name>/rule/<i>") or one port mirror ("port/<ns>/<pod>/<ifname>/<destination>");
+  a session id to one pod interface ("<ns>/<pod>/<ifname>"). An id is a SHA-256 of the
+  key, reduced to the id's range. Ids are assigned over every key of the whole cluster
+  (not only the node's) so that all nodes agree; on a collision the key that sorts first
+  keeps its hash and the others take hash("<key>#1"), hash("<key>#2"), ... in key order,
+  skipping taken ids. So an id depends only on the set of keys in the cluster, and
+  changes only when its own key collides.
+
+Errors
+  An object that is invalid, or that refers to something missing or invalid, becomes an
+  ObjectError and is otherwise left out; nothing else changes. A policy whose mirrorTo
+  (policy- or rule-level) names an unknown or unusable MirrorDestination is left out
+  whole, with an error naming that destination. A port-mirroring annotation that does
+  the same is an error on the pod, and that interface is not port-mirrored. Errors on
+  pods are reported by the pods' own node; all others by every node.
+
+Named ports
+  A named port resolves through the containerPorts of the pods that can be the
+  destination: the pods whose addresses are in the rule's dstEP (all pods for ANY). A
+  name given different numbers by different pods yields one PortRange per number,
+  which also matches those numbers on the other destination pods (an over-approximation:
+  the datapath matches addresses and ports independently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .model import (
+    ANN_MAC,
+    ANN_MIRROR_DESTINATION,
+    ANN_MULTUS_STATUS,
+    API_VERSIONS,
+    KIND_GCSP,
+    KIND_MD,
+    KIND_NAMESPACE,
+    KIND_POD,
+    LABEL_ANALYZER_POD,
+    LABEL_ANALYZER_SELECTOR,
+    PROTOCOLS,
+    MirrorDestination,
+    ModelError,
+    Namespace,
+    Peer,
+    Pod,
+    PolicyPort,
+    PolicyRule,
+    SecurityPolicy,
+    implicit_namespace,
+    object_name,
+    parse_object,
+)
+from .snapshot import Snapshot
+from .state import (
+    ANY,
+    MIRROR_ID_MAX,
+    SESSION_ID_MAX,
+    Cidr,
+    DeliveryMode,
+    Destination,
+    Direction,
+    EndpointSet,
+    Interface,
+    NodeState,
+    ObjectError,
+    Policy,
+    PortMirror,
+    PortRange,
+    Rule,
+)
+
+# --- Identifiers -------------------------------------------------------------------------
+
+
+def rule_key(policy: str, index: int) -> str:
+    """The mirror-id key of a rule; ``policy`` as in Rule.policy ("ns/name" or "name")."""
+    kind = "csp" if "/" in policy else "gcsp"
+    return f"{kind}/{policy}/rule/{index}"
+
+
+def port_key(interface: str, destination: str) -> str:
+    """The mirror-id key of a port mirror; ``interface`` as in Interface.key."""
+    return f"port/{interface}/{destination}"
+
+
+def stable_id(key: str, maximum: int, attempt: int = 0) -> int:
+    """A hash of ``key`` in 1..maximum; attempt > 0 gives the key's collision fallbacks."""
+    text = key if attempt == 0 else f"{key}#{attempt}"
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % maximum + 1
+
+
+def assign_ids(keys: Iterable[str], maximum: int) -> dict[str, int]:
+    """Distinct ids in 1..maximum for ``keys``: see the module's documentation."""
+    ordered = sorted(set(keys))
+    if len(ordered) > maximum:
+        raise ValueError(f"{len(ordered)} keys do not fit in ids 1..{maximum}")
+    ids: dict[str, int] = {}
+    taken: set[int] = set()
+    for key in ordered:  # every key whose hash is free keeps it
+        natural = stable_id(key, maximum)
+        if natural not in taken:
+            ids[key] = natural
+            taken.add(natural)
+    for key in ordered:  # the others probe, after all natural ids are taken
+        if key in ids:
+            continue
+        attempt = 1
+        while (candidate := stable_id(key, maximum, attempt)) in taken:
+            attempt += 1
+        ids[key] = candidate
+        taken.add(candidate)
+    return ids
+
+
+def id_table(state: NodeState) -> dict[int, str]:
+    """Mirror id -> the key it was derived from (which policy rule or port mirror)."""
+    table = {
+        r.mirror_id: rule_key(r.policy, r.index)
+        for p in state.policies
+        for r in p.rules
+        if r.destination is not None
+    }
+    for i in state.interfaces:
+        table.update({m.mirror_id: port_key(i.key, m.destination) for m in i.port_mirrors})
+    return table
+
+
+def session_table(state: NodeState) -> dict[int, str]:
+    """Session id -> the pod interface ("ns/pod/ifname") it stands for."""
+    return {i.session_id: i.key for i in state.interfaces}
+
+
+# --- Parsing the snapshot ------------------------------------------------------------------
+
+@dataclass
+class _World:
+    """The snapshot parsed: what every node sees the same."""
+
+    pods: list[Pod] = field(default_factory=list)  # sorted by namespace/name
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
+    destinations: dict[str, MirrorDestination] = field(default_factory=dict)
+    policies: list[SecurityPolicy] = field(default_factory=list)  # evaluation order
+    broken_destinations: dict[str, str] = field(default_factory=dict)  # name -> reason
+    errors: list[ObjectError] = field(default_factory=list)
+
+    def namespace_labels(self, name: str) -> Mapping[str, str]:
+        return (self.namespaces.get(name) or implicit_namespace(name)).labels
+
+
+def _snapshot_objects(snapshot: Snapshot) -> Iterable[tuple[str, Mapping[str, Any]]]:
+    for kind, objects in snapshot.by_kind().items():
+        for obj in objects:
+            # The snapshot's field says the kind; objects from a typed list may not.
+            yield kind, obj if obj.get("kind") == kind else {**obj, "kind": kind}
+
+
+def _preference(kind: str, obj: Mapping[str, Any]) -> tuple[int, str]:
+    """Sort key among copies of one object: preferred apiVersion, then content."""
+    versions = API_VERSIONS[kind]
+    rank = versions.index(obj["apiVersion"]) if obj.get("apiVersion") in versions else 99
+    return rank, json.dumps(obj, sort_keys=True, default=str)
+
+
+def _parse(snapshot: Snapshot) -> _World:
+    world = _World()
+    copies: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for kind, obj in _snapshot_objects(snapshot):
+        copies[kind, object_name(obj)].append(obj)
+    for (kind, name), objs in sorted(copies.items()):
+        if len(objs) > 1:
+            # One object given twice (under both API groups, say): one is used, whatever
+            # the order they came in.
+            objs = sorted(objs, key=lambda o: _preference(kind, o))
+            for other in objs[1:]:
+                world.errors.append(ObjectError(kind, name, (
+                    f"given more than once; the {objs[0].get('apiVersion')} object is used, "
+                    f"this {other.get('apiVersion')} one is ignored")))
+        try:
+            parsed = parse_object(objs[0])
+        except ModelError as e:
+            world.errors.append(ObjectError(kind, name, str(e)))
+            if kind == KIND_MD:
+                world.broken_destinations[name] = str(e)
+            continue
+        if kind == KIND_NAMESPACE:
+            world.namespaces[parsed.name] = parsed
+        elif kind == KIND_POD:
+            world.pods.append(parsed)
+        elif kind == KIND_MD:
+            world.destinations[parsed.name] = parsed
+        else:
+            world.policies.append(parsed)
+    world.policies.sort(key=_policy_order)
+    return world
+
+
+def _policy_order(p: SecurityPolicy) -> tuple[int, str, str]:
+    return (0, "", p.name) if p.kind == KIND_GCSP else (1, p.namespace or "", p.name)
+
+
+def _effective_rules(policy: SecurityPolicy) -> tuple[PolicyRule, ...]:
+    """The rules as evaluated: a rule-less policy that mirrors matches every flow."""
+    if not policy.rules and policy.mirror_to:
+        return (PolicyRule(),)
+    return policy.rules
+
+
+def _mirror_keys(world: _World) -> Iterable[str]:
+    """Every mirror-id key of the cluster, whatever node it is used on."""
+    for p in world.policies:
+        for i, r in enumerate(_effective_rules(p)):
+            if r.mirror_to or p.mirror_to:
+                yield rule_key(p.key, i)
+    for pod in _attachable(world.pods):
+        for i in pod.interfaces:
+            if i.mirror_to:
+                yield port_key(f"{pod.key}/{i.name}", i.mirror_to)
+
+
+def _attachable(pods: Iterable[Pod]) -> Iterable[Pod]:
+    """Pods with interfaces of their own that can be mirrored (live, own network)."""
+    return (p for p in pods if not p.terminal and not p.host_network)
+
+
+# --- Destinations --------------------------------------------------------------------------
+
+
+def _preferred_ip(ips: tuple[str, ...]) -> str:
+    """IPv4 first: jmirror's outer header is IPv4 (reference/jmirror.md)."""
+    return next((ip for ip in ips if ipaddress.ip_address(ip).version == 4), ips[0])
+
+
+def _analyzer_problem(pod: Pod, mode: DeliveryMode) -> str | None:
+    iface = pod.analyzer_interface()
+    if not iface.ips:
+        return f"analyzer pod {pod.key} has no IP on {iface.name} yet"
+    if mode is DeliveryMode.L2 and iface.mac is None:
+        return (f"juniperHeader false sends the frame to the analyzer's MAC, and none is known "
+                f"for pod {pod.key} interface {iface.name} (annotation {ANN_MAC} or "
+                f"{ANN_MULTUS_STATUS})")
+    return None
+
+
+def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | str:
+    """The destination as this node sends to it, or why it cannot."""
+    mode = md.mode
+    if mode is DeliveryMode.VXLAN:
+        hop = md.static_next_hop
+        assert hop is not None  # validated by the model
+        return Destination(name=md.name, mode=mode, vtep_ip=hop.vtep_ip, vtep_mac=hop.vtep_mac,
+                           vni=hop.vxlan_id)
+    if mode is DeliveryMode.VLAN:
+        return Destination(name=md.name, mode=mode, vlan_id=md.nic_assisted_vlan_id)
+    if md.external_analyzer:
+        if mode is DeliveryMode.L2:
+            return (f"juniperHeader false sends the frame to the analyzer's MAC, which is not "
+                    f"known for external analyzer {md.analyzer_ip}")
+        return Destination(name=md.name, mode=mode, analyzer_ip=md.analyzer_ip,
+                           udp_port=md.udp_port)
+    if md.analyzer_selector is None:
+        return (f"no analyzer: label the MirrorDestination {LABEL_ANALYZER_SELECTOR}=<value> "
+                f"(or set externalAnalyzer and analyzerIP)")
+    candidates = [
+        p for p in world.pods
+        if not p.terminal and p.labels.get(LABEL_ANALYZER_POD) == md.analyzer_selector
+    ]
+    if not candidates:
+        return f"no pod has label {LABEL_ANALYZER_POD}={md.analyzer_selector}"
+    # Usable pods first, running ones first among them, then by namespace/name. The choice
+    # is recomputed each time: it moves when the chosen pod goes away (or a better one comes).
+    chosen = min(candidates, key=lambda p: (_analyzer_problem(p, mode) is not None,
+                                            p.phase != "Running", p.namespace, p.name))
+    problem = _analyzer_problem(chosen, mode)
+    if problem:
+        return problem
+    iface = chosen.analyzer_interface()
+    destination = Destination(name=md.name, mode=mode, analyzer_ip=_preferred_ip(iface.ips),
+                              analyzer_pod=chosen.key)
+    if mode is DeliveryMode.JMIRROR:
+        return replace(destination, udp_port=md.udp_port)
+    # L2: analyzer_ip is for display; the host side of a local analyzer, when annotated,
+    # spares the datapath a search by MAC.
+    return replace(destination, analyzer_mac=iface.mac,
+                   analyzer_ifname=iface.host_ifname if chosen.node == node else None)
+
+
+# --- Endpoints and ports -------------------------------------------------------------------
+
+
+def _selects(peer: Peer, scope: str | None, pod: Pod, world: _World) -> bool:
+    """Whether a selector entry or endpoint picks ``pod``; scope: the policy's namespace."""
+    if peer.namespace_selector is not None:
+        if not peer.namespace_selector.matches(world.namespace_labels(pod.namespace)):
+            return False
+    elif scope is not None and pod.namespace != scope:
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(pod.labels)
+
+
+def _host_cidr(ip: str) -> Cidr:
+    return Cidr(f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}")
+
+
+def _endpoint_set(peers: tuple[Peer, ...] | None, policy: SecurityPolicy,
+                  world: _World) -> EndpointSet:
+    if peers is None:
+        return ANY
+    blocks: set[Cidr] = set()
+    for peer in peers:
+        if peer.ip_block is not None:
+            blocks.add(Cidr(peer.ip_block.cidr, peer.ip_block.excepts))
+            continue
+        for pod in _attachable(world.pods):
+            if _selects(peer, policy.namespace, pod, world):
+                blocks.update(_host_cidr(ip) for ip in pod.ips)
+    return tuple(sorted(blocks))
+
+
+def in_endpoints(endpoints: EndpointSet, ip: str) -> bool:
+    """Whether an address is in an endpoint set (in a block and in none of its excepts)."""
+    if endpoints is None:
+        return True
+    addr = ipaddress.ip_address(ip)
+    return any(
+        addr in c.network()
+        and not any(addr in ipaddress.ip_network(e, strict=False) for e in c.excepts)
+        for c in endpoints
+    )
+
+
+def _port_sort_key(p: PortRange) -> tuple[int, int, int]:
+    def bound(port: int | None) -> int:
+        return -1 if port is None else port
+
+    return p.protocol, bound(p.port_lo), bound(p.port_hi)
+
+
+def _port_ranges(ports: tuple[PolicyPort, ...], dst: EndpointSet,
+                 world: _World) -> tuple[PortRange, ...] | None:
+    """The rule's PortRanges; () for every port; None when named ports resolve to nothing."""
+    if not ports:
+        return ()
+    ranges: set[PortRange] = set()
+    for pp in ports:
+        proto = pp.protocol_number
+        if pp.port is None:
+            ranges.add(PortRange(proto))
+        elif isinstance(pp.port, int):
+            ranges.add(PortRange(proto, pp.port, pp.end_port or pp.port))
+        else:
+            for pod in _attachable(world.pods):
+                if any(in_endpoints(dst, ip) for ip in pod.ips):
+                    ranges.update(PortRange(proto, cp.number, cp.number)
+                                  for cp in pod.container_ports
+                                  if cp.name == pp.port and cp.protocol == pp.protocol)
+    return tuple(sorted(ranges, key=_port_sort_key)) or None
+
+
+# --- The node's state ----------------------------------------------------------------------
+
+
+def _destination_problems(policy: SecurityPolicy, world: _World,
+                          resolved: Mapping[str, Destination | str]) -> list[str]:
+    names = {policy.mirror_to} | {r.mirror_to for r in policy.rules}
+    problems = []
+    for name in sorted(n for n in names if n):
+        reason = world.broken_destinations.get(name) or resolved.get(name)
+        if reason is None:
+            problems.append(f"mirrorTo {name}: no MirrorDestination named {name}")
+        elif isinstance(reason, str):
+            problems.append(f"mirrorTo {name}: MirrorDestination {name} is not usable: {reason}")
+    return problems
+
+
+def _compile_policy(policy: SecurityPolicy, world: _World, local_pods: list[Pod],
+                    mirror_ids: Mapping[str, int]) -> Policy | None:
+    selectors = policy.selectors or (Peer(),)
+    interfaces = frozenset(
+        f"{pod.key}/{i.name}"
+        for pod in local_pods
+        if any(_selects(s, policy.namespace, pod, world) for s in selectors)
+        for i in pod.interfaces
+    )
+    if not interfaces:
+        return None
+    rules = []
+    for index, rule in enumerate(_effective_rules(policy)):
+        src = _endpoint_set(rule.src, policy, world)
+        dst = _endpoint_set(rule.dst, policy, world)
+        ports = _port_ranges(rule.ports, dst, world)
+        if src == () or dst == () or ports is None:
+            continue  # can match no flow
+        destination = rule.mirror_to or policy.mirror_to
+        rules.append(Rule(
+            policy=policy.key,
+            index=index,
+            src=src,
+            dst=dst,
+            ports=ports,
+            destination=destination,
+            mirror_id=mirror_ids[rule_key(policy.key, index)] if destination else 0,
+        ))
+    if not any(r.destination for r in rules):
+        return None
+    return Policy(name=policy.key, rules=tuple(rules), interfaces=interfaces)
+
+
+def compile_node(snapshot: Snapshot, node: str) -> NodeState:
+    """What the datapath of ``node`` must do, given every object of the cluster."""
+    world = _parse(snapshot)
+    errors = list(world.errors)
+    mirror_ids = assign_ids(_mirror_keys(world), MIRROR_ID_MAX)
+    session_ids = assign_ids(
+        (f"{p.key}/{i.name}" for p in _attachable(world.pods) for i in p.interfaces),
+        SESSION_ID_MAX,
+    )
+
+    resolved: dict[str, Destination | str] = {}
+    for name, md in sorted(world.destinations.items()):
+        resolved[name] = _resolve(md, world, node)
+        if isinstance(resolved[name], str):
+            errors.append(ObjectError(KIND_MD, name, resolved[name]))
+
+    local_pods = [p for p in _attachable(world.pods) if p.node == node]
+    policies = []
+    for policy in world.policies:
+        problems = _destination_problems(policy, world, resolved)
+        if problems:
+            errors.append(ObjectError(policy.kind, policy.key, "; ".join(problems)))
+            continue
+        compiled = _compile_policy(policy, world, local_pods, mirror_ids)
+        if compiled is not None:
+            policies.append(compiled)
+
+    port_mirrors: dict[str, PortMirror] = {}
+    for pod in world.pods:
+        if pod.node != node or pod.terminal:
+            continue
+        problems = list(pod.problems)
+        for i in pod.interfaces:
+            if not i.mirror_to:
+                continue
+            where = f"{ANN_MIRROR_DESTINATION} on {i.name}"
+            dest = world.broken_destinations.get(i.mirror_to) or resolved.get(i.mirror_to)
+            if pod.host_network:
+                problems.append(f"{where}: a hostNetwork pod has no interface of its own")
+            elif dest is None:
+                problems.append(f"{where}: no MirrorDestination named {i.mirror_to}")
+            elif isinstance(dest, str):
+                problems.append(f"{where}: MirrorDestination {i.mirror_to} is not usable: {dest}")
+            else:
+                key = f"{pod.key}/{i.name}"
+                port_mirrors[key] = PortMirror(
+                    destination=i.mirror_to,
+                    direction=world.destinations[i.mirror_to].traffic_direction,
+                    mirror_id=mirror_ids[port_key(key, i.mirror_to)],
+                )
+        if problems:
+            errors.append(ObjectError(KIND_POD, pod.key, "; ".join(problems)))
+
+    needed = set(port_mirrors).union(*(p.interfaces for p in policies))
+    interfaces = tuple(
+        Interface(
+            pod=pod.key,
+            pod_ifname=i.name,
+            session_id=session_ids[f"{pod.key}/{i.name}"],
+            ips=i.ips,
+            mac=i.mac,
+            host_ifname=i.host_ifname,
+            port_mirrors=(port_mirrors[key],) if key in port_mirrors else (),
+        )
+        for pod in local_pods
+        for i in pod.interfaces
+        if (key := f"{pod.key}/{i.name}") in needed
+    )
+    used = {r.destination for p in policies for r in p.rules if r.destination}
+    used |= {m.destination for m in port_mirrors.values()}
+    destinations = tuple(resolved[name] for name in sorted(used))
+
+    return NodeState(
+        node=node,
+        interfaces=tuple(sorted(interfaces, key=lambda i: i.key)),
+        policies=tuple(policies),
+        destinations=destinations,  # type: ignore[arg-type]  # used ones all resolved
+        errors=tuple(sorted(set(errors), key=lambda e: (e.kind, e.name, e.reason))),
+    )
+
+
+# --- explain -------------------------------------------------------------------------------
+
+FORWARD = "forward"
+REVERSE = "reverse"
+
+
+@dataclass(frozen=True)
+class PolicyMatch:
+    """How one policy decided for a flow on one interface."""
+
+    policy: str
+    orientation: str  # FORWARD: as the packet goes; REVERSE: the fallback, src and dst swapped
+    matching_rules: tuple[int, ...]  # indexes of every matching rule, in order
+    deciding_rule: int  # the first of them
+    destination: str | None
+    mirror_id: int
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One mirrored copy: where it goes and what identifies it on the wire."""
+
+    destination: str
+    mirror_id: int
+    session_id: int
+    interface: str
+    cause: str  # "policy <name> rule <i>" or "port mirror <direction>"
+
+
+@dataclass(frozen=True)
+class InterfaceExplanation:
+    interface: str
+    direction: Direction | None  # EGRESS: the packet leaves the pod; None: neither end is it
+    matches: tuple[PolicyMatch, ...]  # the policies that matched, in evaluation order
+    unmatched: tuple[str, ...]  # the policies on this interface that matched nothing
+    copies: tuple[Copy, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    src_ip: str
+    dst_ip: str
+    protocol: int
+    dst_port: int | None
+    src_port: int | None
+    interfaces: tuple[InterfaceExplanation, ...]
+
+    @property
+    def copies(self) -> tuple[Copy, ...]:
+        return tuple(c for i in self.interfaces for c in i.copies)
+
+    def lines(self) -> list[str]:
+        """A readable account, for the command line."""
+        flow = f"{self.src_ip}:{self.src_port or '*'} -> {self.dst_ip}:{self.dst_port or '*'}"
+        out = [f"flow {flow} protocol {self.protocol}"]
+        if not self.interfaces:
+            out.append("  no local interface sees this flow")
+        for i in self.interfaces:
+            direction = i.direction.value if i.direction else "transit"
+            out.append(f"  interface {i.interface} ({direction})")
+            for m in i.matches:
+                rules = ", ".join(map(str, m.matching_rules))
+                dest = f"mirror to {m.destination} (id {m.mirror_id})" if m.destination \
+                    else "no mirror"
+                out.append(f"    policy {m.policy}: {m.orientation} rules [{rules}] match, "
+                           f"rule {m.deciding_rule} decides: {dest}")
+            for name in i.unmatched:
+                out.append(f"    policy {name}: no rule matches")
+            for c in i.copies:
+                out.append(f"    copy -> {c.destination} mirror id {c.mirror_id} "
+                           f"session id {c.session_id} ({c.cause})")
+        return out
+
+
+def _protocol_number(protocol: int | str) -> int:
+    return protocol if isinstance(protocol, int) else PROTOCOLS[protocol]
+
+
+def rule_matches(rule: Rule, src_ip: str, dst_ip: str, protocol: int,
+                 dst_port: int | None) -> bool:
+    """Whether a flow matches a rule; a None port matches only rules without port bounds."""
+    if not (in_endpoints(rule.src, src_ip) and in_endpoints(rule.dst, dst_ip)):
+        return False
+    if not rule.ports:
+        return True
+    return any(
+        p.protocol == protocol and (
+            p.port_lo is None or (dst_port is not None and p.port_lo <= dst_port <= p.port_hi)
+        )
+        for p in rule.ports
+    )
+
+
+def _evaluate(policy: Policy, src_ip: str, dst_ip: str, protocol: int, dst_port: int | None,
+              orientation: str) -> PolicyMatch | None:
+    matching = tuple(r for r in policy.rules if rule_matches(r, src_ip, dst_ip, protocol, dst_port))
+    if not matching:
+        return None
+    first = matching[0]
+    return PolicyMatch(policy.name, orientation, tuple(r.index for r in matching), first.index,
+                       first.destination, first.mirror_id)
+
+
+def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
+            dst_port: int | None = None, interface_key: str | None = None, *,
+            src_port: int | None = None, reverse_fallback: bool = True,
+            tcp_syn: bool | None = None) -> Explanation:
+    """Which policies and rules match a flow's first packet, and where copies go.
+
+    The packet is looked at on ``interface_key``, or else on every local interface whose
+    addresses include src_ip (egress) or dst_ip (ingress). On each, every policy applying
+    to it is evaluated on its own: its first matching rule decides. With
+    ``reverse_fallback``, a policy that matches nothing is evaluated again with the
+    packet's orientation reversed (src and dst swapped, src_port as the destination port),
+    unless the packet is a TCP SYN (``tcp_syn``; None: a TCP packet is taken to be a SYN,
+    the first packet of a new flow). Port mirrors add a copy when their direction covers
+    the packet's.
+    """
+    proto = _protocol_number(protocol)
+    syn = tcp_syn if tcp_syn is not None else proto == PROTOCOLS["TCP"]
+    src, dst = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
+
+    def own(i: Interface, addr: Any) -> bool:
+        return any(ipaddress.ip_address(ip) == addr for ip in i.ips)
+
+    if interface_key is not None:
+        seen = [i for i in state.interfaces if i.key == interface_key]
+    else:
+        seen = [i for i in state.interfaces if own(i, src) or own(i, dst)]
+
+    results = []
+    for iface in seen:
+        direction = Direction.EGRESS if own(iface, src) else \
+            Direction.INGRESS if own(iface, dst) else None
+        matches, unmatched, copies = [], [], []
+        for policy in state.policies:
+            if iface.key not in policy.interfaces:
+                continue
+            match = _evaluate(policy, src_ip, dst_ip, proto, dst_port, FORWARD)
+            if match is None and reverse_fallback and not syn:
+                match = _evaluate(policy, dst_ip, src_ip, proto, src_port, REVERSE)
+            if match is None:
+                unmatched.append(policy.name)
+                continue
+            matches.append(match)
+            if match.destination is not None:
+                copies.append(Copy(match.destination, match.mirror_id, iface.session_id,
+                                   iface.key, f"policy {match.policy} rule {match.deciding_rule}"))
+        for m in iface.port_mirrors:
+            # A packet between two addresses of the same pod is both egress and ingress.
+            for d in (Direction.EGRESS, Direction.INGRESS):
+                if m.direction.covers(d) and own(iface, src if d is Direction.EGRESS else dst):
+                    copies.append(Copy(m.destination, m.mirror_id, iface.session_id, iface.key,
+                                       f"port mirror {d.value}"))
+        results.append(InterfaceExplanation(iface.key, direction, tuple(matches),
+                                            tuple(unmatched), tuple(copies)))
+    return Explanation(str(src), str(dst), proto, dst_port, src_port, tuple(results))

@@ -1,0 +1,262 @@
+"""Compiling, loading, pinning and attaching the BPF programs (the kernel side of a node).
+
+A Datapath owns:
+- the compiled programs (bcc), with every map pinned under the pin root, so that the
+  CLI can read them and a restarted agent adopts them with no pause in mirroring;
+- the mirror port (a veth pair, see bpf/mirror_port.c) with its wrapper and XDP guard;
+- the classifier's attachment to pod interfaces (clsact, first in the chain, passing on
+  with TC_ACT_UNSPEC).
+
+It does not decide what to mirror: agent/programmer.py writes the maps.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+
+from . import layout
+from .bpfsys import BpfMap, obj_pin
+from .netns import entered, iproute, run, sysctl
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/cn2mirror"
+MIRROR_TX = "cn2m-tx"  # clones enter here (offloads off: the kernel segments them)
+MIRROR_RX = "cn2m-rx"  # the wrapper runs on its TC ingress
+MIRROR_MTU = 65535
+TC_HANDLE = 0xC2  # our filter's handle, so that replace finds exactly ours
+TC_PRIO = 1  # first in the chain
+XDP_FLAGS_SKB_MODE = 2
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+SOURCES = ("common.h", "classifier.c", "mirror_port.c")
+
+
+class DatapathError(RuntimeError):
+    """A datapath operation failed; the message says what and how to fix it."""
+
+
+def bpf_source(pin_root: str, max_flow_dests: int) -> str:
+    parts = [layout.c_declarations(pin_root, max_flow_dests)]
+    pkg = resources.files("cn2mirror.bpf")
+    for name in SOURCES:
+        parts.append(f"/* ---- {name} ---- */\n" + (pkg / name).read_text())
+    # The generated declarations use bcc's macros, so they must come after bcc's
+    # headers: move the include block of common.h to the top.
+    text = "\n".join(parts)
+    includes = [line for line in text.splitlines() if line.startswith("#include")]
+    body = [line for line in text.splitlines() if not line.startswith("#include")]
+    return "\n".join(includes + body)
+
+
+def ensure_bpffs(pin_root: str) -> None:
+    """Mount bpffs on /sys/fs/bpf if it is not, and create the pin root."""
+    if pin_root.startswith("/sys/fs/bpf") and not os.path.ismount("/sys/fs/bpf"):
+        os.makedirs("/sys/fs/bpf", exist_ok=True)
+        r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise DatapathError(f"cannot mount bpffs on /sys/fs/bpf: {r.stderr.strip()}")
+    os.makedirs(pin_root, exist_ok=True)
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    ifindex: int
+
+
+class Datapath:
+    """The programs and maps of one node (one network namespace)."""
+
+    def __init__(self, pin_root: str = DEFAULT_PIN_ROOT, netns: str | None = None,
+                 max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS):
+        if not 1 <= max_flow_dests <= 32:
+            raise DatapathError(f"max flow destinations must be 1..32, not {max_flow_dests}")
+        self.pin_root = pin_root.rstrip("/")
+        self.netns = netns
+        self.max_flow_dests = max_flow_dests
+        self.bpf = None
+        self.progs: dict[str, object] = {}
+        self.maps: dict[str, BpfMap] = {}
+        self.mirror_tx_index = 0
+        self.mirror_rx_index = 0
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        """Compile and load the programs; create or adopt the pinned maps."""
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise DatapathError(
+                "bcc is not importable: install Debian's python3-bpfcc and run from a venv "
+                "made with --system-site-packages (make setup does both)") from e
+        if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
+            raise DatapathError(
+                f"no kernel headers at /lib/modules/{os.uname().release}/build: run "
+                "scripts/setup.sh (it installs or links them)")
+        ensure_bpffs(self.pin_root)
+        with entered(self.netns):
+            try:
+                self.bpf = BPF(text=bpf_source(self.pin_root, self.max_flow_dests),
+                               cflags=["-w", "-Wno-error"])
+            except Exception as e:
+                raise DatapathError(f"compiling the BPF programs failed: {e}") from e
+            try:
+                self.progs = {
+                    "classify_from_pod": self.bpf.load_func("classify_from_pod", BPF.SCHED_CLS),
+                    "classify_to_pod": self.bpf.load_func("classify_to_pod", BPF.SCHED_CLS),
+                    "mirror_wrap": self.bpf.load_func("mirror_wrap", BPF.SCHED_CLS),
+                    "analyzer_port_rx": self.bpf.load_func("analyzer_port_rx", BPF.XDP),
+                }
+            except Exception as e:
+                raise DatapathError(f"the kernel rejected a BPF program: {e}") from e
+        for name, fn in self.progs.items():
+            obj_pin(fn.fd, f"{self.pin_root}/prog_{name}")
+        for spec in layout.map_specs(self.max_flow_dests):
+            table = self.bpf.get_table(spec.name)
+            self.maps[spec.name] = BpfMap(table.get_fd(), C.sizeof(spec.key),
+                                          C.sizeof(spec.value),
+                                          percpu=spec.kind.startswith("percpu"))
+
+    def prog_fd(self, name: str) -> int:
+        return self.progs[name].fd
+
+    # ------------------------------------------------------------------ mirror port
+    def setup_mirror_port(self) -> None:
+        """Create (or adopt) the mirror veth pair and attach wrapper and XDP guard."""
+        ipr = iproute(self.netns)
+        try:
+            if not ipr.link_lookup(ifname=MIRROR_TX):
+                ipr.link("add", ifname=MIRROR_TX, kind="veth", peer=MIRROR_RX)
+            tx = ipr.link_lookup(ifname=MIRROR_TX)[0]
+            rx = ipr.link_lookup(ifname=MIRROR_RX)[0]
+            for idx, name in ((tx, MIRROR_TX), (rx, MIRROR_RX)):
+                # No addresses, no ARP, no IPv6 autoconfiguration: the port sends nothing
+                # of its own. rx needs forwarding on for the wrapper's FIB lookups.
+                sysctl(self.netns, f"net.ipv6.conf.{name}.addr_gen_mode", 1)
+                sysctl(self.netns, f"net.ipv6.conf.{name}.accept_ra", 0)
+                ipr.link("set", index=idx, mtu=MIRROR_MTU)
+            ipr.link("set", index=tx, flags=0x80, change=0x80)  # IFF_NOARP
+            ipr.link("set", index=rx, flags=0x80, change=0x80)
+            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.forwarding", 1)
+            sysctl(self.netns, f"net.ipv6.conf.{MIRROR_RX}.forwarding", 1)
+            ipr.link("set", index=tx, state="up")
+            ipr.link("set", index=rx, state="up")
+        finally:
+            ipr.close()
+        # The kernel segments and checksums clones on the sending end.
+        r = run(self.netns, "ethtool", "-K", MIRROR_TX, "tso", "off", "gso", "off",
+                "tx", "off", "sg", "off", "gro", "off", check=False)
+        if r.returncode:
+            raise DatapathError(f"ethtool -K {MIRROR_TX} failed: {r.stderr.strip()}")
+        run(self.netns, "ethtool", "-K", MIRROR_RX, "gro", "off", "tso", "off",
+            "gso", "off", check=False)
+        self.mirror_tx_index, self.mirror_rx_index = tx, rx
+        self._attach_tc(rx, "mirror_wrap", TC_INGRESS)
+        from bcc import BPF
+
+        with entered(self.netns):
+            BPF.attach_xdp(MIRROR_TX, self.progs["analyzer_port_rx"], XDP_FLAGS_SKB_MODE)
+
+    def teardown_mirror_port(self) -> None:
+        ipr = iproute(self.netns)
+        try:
+            for idx in ipr.link_lookup(ifname=MIRROR_TX):
+                ipr.link("del", index=idx)
+        finally:
+            ipr.close()
+
+    # ------------------------------------------------------------------ pod interfaces
+    def _attach_tc(self, ifindex: int, prog: str, parent: str) -> None:
+        ipr = iproute(self.netns)
+        try:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except Exception as e:  # already there (ours or the CNI's): fine
+                if getattr(e, "code", None) != errno.EEXIST:
+                    raise
+            ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=self.prog_fd(prog),
+                   name=prog, parent=parent, classid=1, direct_action=True, prio=TC_PRIO,
+                   protocol=0x0003)  # ETH_P_ALL
+        finally:
+            ipr.close()
+
+    def _detach_tc(self, ifindex: int, parent: str) -> None:
+        ipr = iproute(self.netns)
+        try:
+            ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIO,
+                   protocol=0x0003)
+        except Exception as e:
+            if getattr(e, "code", None) not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise
+        finally:
+            ipr.close()
+
+    def ifindex(self, ifname: str) -> int:
+        ipr = iproute(self.netns)
+        try:
+            found = ipr.link_lookup(ifname=ifname)
+        finally:
+            ipr.close()
+        if not found:
+            where = f" in network namespace {self.netns}" if self.netns else ""
+            raise DatapathError(f"unknown interface {ifname!r}{where}")
+        return found[0]
+
+    def attach(self, ifname: str) -> Attachment:
+        """Attach the classifier to both directions of a pod's host-side interface.
+        Either both directions are attached or neither is."""
+        idx = self.ifindex(ifname)
+        self._attach_tc(idx, "classify_from_pod", TC_INGRESS)
+        try:
+            self._attach_tc(idx, "classify_to_pod", TC_EGRESS)
+        except Exception as e:
+            self._detach_tc(idx, TC_INGRESS)
+            raise DatapathError(f"attaching to {ifname} failed: {e}") from e
+        return Attachment(ifname, idx)
+
+    def detach(self, ifindex: int) -> None:
+        self._detach_tc(ifindex, TC_INGRESS)
+        self._detach_tc(ifindex, TC_EGRESS)
+
+    def attached_ifindexes(self) -> set[int]:
+        """Interfaces that carry our classifier (found by our filter handle)."""
+        ipr = iproute(self.netns)
+        found = set()
+        try:
+            for link in ipr.get_links():
+                idx = link["index"]
+                if idx in (self.mirror_rx_index, self.mirror_tx_index):
+                    continue
+                try:
+                    filters = ipr.get_filters(index=idx, parent=TC_INGRESS)
+                except Exception:
+                    continue
+                for f in filters:
+                    if f.get_attr("TCA_KIND") == "bpf" and f["info"] & 0xFFFF0000 and \
+                            f["handle"] == TC_HANDLE:
+                        found.add(idx)
+        finally:
+            ipr.close()
+        return found
+
+    # ------------------------------------------------------------------ removal
+    def remove_pins(self) -> None:
+        """Unpin everything under the pin root (the agent's `--cleanup`)."""
+        if not os.path.isdir(self.pin_root):
+            return
+        for name in os.listdir(self.pin_root):
+            os.unlink(os.path.join(self.pin_root, name))
+        os.rmdir(self.pin_root)
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None

@@ -1,0 +1,341 @@
+"""The one definition of the datapath's map layouts and constants.
+
+The structures are ctypes classes; ``c_declarations()`` turns them (and the constants)
+into the C text the BPF programs are compiled with, so Python and C can never disagree.
+Readers of pinned maps (the CLI) use the same classes without compiling anything.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import enum
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------- sizes
+MAX_RULES = 16384  # rule slots (policy rules and port mirrors); bits in a match bitmap
+MAX_INTERFACES = 4096  # pod interfaces on one node
+MAX_DESTINATIONS = 256  # vRouter allows 255 mirror entries
+FLOW_TABLE_SIZE = 131072
+DEFAULT_MAX_FLOW_DESTS = 4  # copies per flow (vRouter: 2)
+RULE_WORDS = MAX_RULES // 64
+SUMMARY_WORDS = RULE_WORDS // 64  # bit w of the summary: word w of the bitmap is non-zero
+LPM_ENTRIES = 65536
+
+# ---------------------------------------------------------------------------- marks
+# A clone travelling from a pod interface to the mirror port carries in skb->mark:
+#   CLONE_TAG (4 bits) | interface slot (12 bits) | rule slot (16 bits).
+# The mirror port only ever receives clones; the tag lets it recognise anything else.
+CLONE_TAG = 0xC0000000
+CLONE_TAG_MASK = 0xF0000000
+CLONE_IFSLOT_SHIFT = 16
+CLONE_IFSLOT_MASK = 0x0FFF
+CLONE_RULE_MASK = 0xFFFF
+# A wrapped copy leaving the mirror port carries this mark, so that no classifier on
+# this node mirrors it again (skb->mark survives within one network namespace).
+COPY_MARK = 0x4A4D4952  # "JMIR"
+
+# ---------------------------------------------------------------------------- jmirror
+JMIRROR_HEADER_LEN = 8
+JMIRROR_MID_MASK = (1 << 30) - 1
+OUTER_IPV4_OVERHEAD = 20 + 8 + JMIRROR_HEADER_LEN  # 36
+OUTER_IPV6_OVERHEAD = 40 + 8 + JMIRROR_HEADER_LEN  # 56
+VXLAN_PORT = 4789
+
+
+class Mode(enum.IntEnum):
+    """Delivery mode of a destination, as the wrapper program sees it."""
+
+    NONE = 0
+    JMIRROR4 = 1
+    JMIRROR6 = 2
+    L2 = 3
+    VXLAN = 4
+    VLAN = 5
+
+
+class Dir(enum.IntEnum):
+    """Index of the hook a packet was seen on, named from the pod's side."""
+
+    EGRESS = 0  # out of the pod: TC ingress of the host-side interface
+    INGRESS = 1  # into the pod: TC egress of the host-side interface
+
+
+class Drop(enum.IntEnum):
+    """Why a copy was not delivered. Every copy not delivered is counted under one."""
+
+    CLONE_FAILED = 0  # bpf_clone_redirect to the mirror port failed
+    FLOW_LIMIT = 1  # more destinations matched than a flow may have
+    NO_DESTINATION = 2  # rule or destination slot not configured (agent mid-update)
+    NO_ROUTE = 3  # FIB lookup found no way to the analyzer
+    NOT_IP = 4  # jmirror carries IP packets only; an ARP frame, say, cannot be wrapped
+    WRAP_FAILED = 5  # growing or writing the headers failed
+    REDIRECT_FAILED = 6
+    FOREIGN = 7  # something on the mirror port that was not one of our clones
+    RX_BLOCKED = 8  # incoming traffic on the analyzer port (dropped by XDP)
+
+
+N_DROPS = len(Drop)
+
+# flags
+IFACE_HAS_POLICIES = 1  # flow evaluation is needed on this interface
+RULE_MIRRORS = 1  # the rule sends copies (a rule without it only ends its policy)
+FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port) side
+FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
+FLOW_OVERFLOW = 4  # more rules matched than the flow could take
+
+AF_INET4 = 4
+AF_INET6 = 6
+
+
+# ---------------------------------------------------------------------------- structs
+u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+
+class FlowKey(C.Structure):
+    """Both directions of a connection share one key: (addr_lo, port_lo) is the lower side."""
+
+    _fields_ = [
+        ("addr_lo", u32 * 4),  # network order; IPv4 in word 0
+        ("addr_hi", u32 * 4),
+        ("port_lo", u16),  # network order
+        ("port_hi", u16),
+        ("proto", u8),
+        ("family", u8),  # AF_INET4 or AF_INET6
+        ("ifslot", u16),
+    ]
+
+
+class FlowEntry(C.Structure):
+    _fields_ = [
+        ("generation", u32),
+        ("n_rules", u8),
+        ("flags", u8),
+        ("pad", u16),
+        ("rules", u32 * DEFAULT_MAX_FLOW_DESTS),  # replaced by the configured size
+        ("packets", u64),  # packets of this flow that were mirrored (approximate on SMP)
+        ("bytes", u64),
+        ("first_seen_ns", u64),
+        ("last_seen_ns", u64),
+    ]
+
+
+class InterfaceEntry(C.Structure):
+    _fields_ = [
+        ("ifslot", u16),
+        ("flags", u16),
+        ("session_id", u32),
+        ("port_rule", u32 * 2),  # rule slot per Dir for port mirroring; 0 none
+        ("summary", u64 * SUMMARY_WORDS),
+        ("bits", u64 * RULE_WORDS),  # the rules of the policies applied to this interface
+    ]
+
+
+class MatchBits(C.Structure):
+    """Value of the match tries: the rules an address (or protocol and port) satisfies."""
+
+    _fields_ = [
+        ("summary", u64 * SUMMARY_WORDS),
+        ("bits", u64 * RULE_WORDS),
+    ]
+
+
+class RuleEntry(C.Structure):
+    _fields_ = [
+        ("mirror_id", u32),
+        ("dest", u16),  # destination slot
+        ("flags", u16),
+        ("policy_end", u32),  # first slot after this rule's policy: the rest is skipped
+    ]
+
+
+class DestEntry(C.Structure):
+    _fields_ = [
+        ("mode", u8),
+        ("flags", u8),
+        ("udp_port", u16),  # host order
+        ("vlan_id", u16),
+        ("pad", u16),
+        ("vni", u32),
+        ("out_ifindex", u32),  # L2: where the MAC lives; VXLAN: the device; VLAN: uplink
+        ("mtu", u32),  # L3 MTU on the way to the analyzer; copies are cut to fit
+        ("src_addr", u32 * 4),  # network order
+        ("dst_addr", u32 * 4),
+        ("mac", u8 * 6),  # L2: analyzer MAC; VXLAN: inner destination MAC
+        ("pad2", u8 * 2),
+    ]
+
+
+class Counters(C.Structure):
+    """Per-CPU counters, kept per rule, per interface, per destination and node-wide."""
+
+    _fields_ = [
+        ("cloned", u64),  # clones handed to the mirror port
+        ("packets", u64),  # copies sent towards the analyzer
+        ("bytes", u64),  # their bytes, as sent (wrapped)
+        ("truncated", u64),  # copies cut to fit the MTU (also counted in packets)
+        ("drops", u64 * N_DROPS),
+    ]
+
+
+class Config(C.Structure):
+    _fields_ = [
+        ("generation", u32),  # bumped on every policy change: cached verdicts re-evaluate
+        ("mirror_ifindex", u32),  # the sending end of the mirror port
+        ("flags", u32),
+        ("pad", u32),
+    ]
+
+
+class AnalyzerKey(C.Structure):
+    """An (address, UDP port) copies are sent to: traffic to it is never mirrored."""
+
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("pad", u8)]
+
+
+class LpmV4Key(C.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
+
+
+class LpmV6Key(C.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
+class LpmPortKey(C.Structure):
+    """(protocol, destination port) as a 24-bit string, so that port ranges are prefixes."""
+
+    _fields_ = [("prefixlen", u32), ("data", u8 * 3)]
+
+
+def flow_entry_type(max_flow_dests: int) -> type[C.Structure]:
+    """FlowEntry with room for ``max_flow_dests`` rules per flow."""
+    if max_flow_dests == DEFAULT_MAX_FLOW_DESTS:
+        return FlowEntry
+    fields = [
+        (n, u32 * max_flow_dests) if n == "rules" else (n, t) for n, t in FlowEntry._fields_
+    ]
+    return type("FlowEntry", (C.Structure,), {"_fields_": fields})
+
+
+# ---------------------------------------------------------------------------- maps
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    kind: str  # bcc table type
+    key: type
+    value: type
+    entries: int
+    flags: int = 0
+
+
+BPF_F_NO_PREALLOC = 1
+
+
+def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ...]:
+    """Every map the programs use. All are pinned under the pin root by name."""
+    return (
+        MapSpec("config", "array", u32, Config, 1),
+        MapSpec("interfaces", "hash", u32, InterfaceEntry, MAX_INTERFACES),  # by ifindex
+        MapSpec("sessions", "array", u32, u32, MAX_INTERFACES),  # ifslot -> session id
+        MapSpec("rules", "array", u32, RuleEntry, MAX_RULES),
+        MapSpec("destinations", "array", u32, DestEntry, MAX_DESTINATIONS),
+        MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests), FLOW_TABLE_SIZE),
+        MapSpec("src_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
+        MapSpec("dst_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
+        MapSpec("src_v6", "lpm_trie", LpmV6Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
+        MapSpec("dst_v6", "lpm_trie", LpmV6Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
+        MapSpec("ports", "lpm_trie", LpmPortKey, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
+        MapSpec("analyzers", "hash", AnalyzerKey, u8, MAX_DESTINATIONS * 2),
+        MapSpec("stats_rule", "percpu_array", u32, Counters, MAX_RULES),
+        MapSpec("stats_iface", "percpu_array", u32, Counters, MAX_INTERFACES),
+        MapSpec("stats_dest", "percpu_array", u32, Counters, MAX_DESTINATIONS),
+        MapSpec("stats_node", "percpu_array", u32, Counters, 1),
+    )
+
+
+# ---------------------------------------------------------------------------- C text
+_C_TYPES = {C.c_uint8: "__u8", C.c_uint16: "__u16", C.c_uint32: "__u32", C.c_uint64: "__u64"}
+
+
+def _c_field(name: str, ctype) -> str:
+    if hasattr(ctype, "_length_"):
+        return f"{_C_TYPES[ctype._type_]} {name}[{ctype._length_}];"
+    return f"{_C_TYPES[ctype]} {name};"
+
+
+def _c_struct(cname: str, cls) -> str:
+    body = "\n".join(f"    {_c_field(n, t)}" for n, t in cls._fields_)
+    return f"struct {cname} {{\n{body}\n}};\n_Static_assert(sizeof(struct {cname}) == " \
+        f"{C.sizeof(cls)}, \"{cname} layout\");\n"
+
+
+_STRUCT_NAMES = {
+    FlowKey: "flow_key",
+    InterfaceEntry: "iface_entry",
+    MatchBits: "match_bits",
+    RuleEntry: "rule_entry",
+    DestEntry: "dest_entry",
+    Counters: "counters",
+    Config: "config",
+    AnalyzerKey: "analyzer_key",
+    LpmV4Key: "lpm_v4_key",
+    LpmV6Key: "lpm_v6_key",
+    LpmPortKey: "lpm_port_key",
+}
+
+
+def _c_type_name(t) -> str:
+    if t in _C_TYPES:
+        return _C_TYPES[t]
+    if t.__name__ == "FlowEntry":
+        return "struct flow_entry"
+    return f"struct {_STRUCT_NAMES[t]}"
+
+
+def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> str:
+    """The C header the programs are compiled with: constants, structs and pinned maps."""
+    consts = {
+        "MAX_RULES": MAX_RULES,
+        "MAX_INTERFACES": MAX_INTERFACES,
+        "MAX_DESTINATIONS": MAX_DESTINATIONS,
+        "RULE_WORDS": RULE_WORDS,
+        "SUMMARY_WORDS": SUMMARY_WORDS,
+        "MAX_FLOW_DESTS": max_flow_dests,
+        "CLONE_TAG": f"{CLONE_TAG:#x}U",
+        "CLONE_TAG_MASK": f"{CLONE_TAG_MASK:#x}U",
+        "CLONE_IFSLOT_SHIFT": CLONE_IFSLOT_SHIFT,
+        "CLONE_IFSLOT_MASK": f"{CLONE_IFSLOT_MASK:#x}",
+        "CLONE_RULE_MASK": f"{CLONE_RULE_MASK:#x}",
+        "COPY_MARK": f"{COPY_MARK:#x}U",
+        "JMIRROR_MID_MASK": f"{JMIRROR_MID_MASK:#x}",
+        "OUTER_IPV4_OVERHEAD": OUTER_IPV4_OVERHEAD,
+        "OUTER_IPV6_OVERHEAD": OUTER_IPV6_OVERHEAD,
+        "IFACE_HAS_POLICIES": IFACE_HAS_POLICIES,
+        "RULE_MIRRORS": RULE_MIRRORS,
+        "FLOW_INITIATOR_LO": FLOW_INITIATOR_LO,
+        "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
+        "FLOW_OVERFLOW": FLOW_OVERFLOW,
+        "AF_INET4": AF_INET4,
+        "AF_INET6": AF_INET6,
+        "N_DROPS": N_DROPS,
+    }
+    for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):
+        consts.update({prefix + m.name: int(m) for m in enum_cls})
+    out = ["/* Generated from agent/layout.py: do not edit. */"]
+    out += [f"#define {k} {v}" for k, v in consts.items()]
+    for cls, cname in _STRUCT_NAMES.items():
+        out.append(_c_struct(cname, cls))
+    out.append(_c_struct("flow_entry", flow_entry_type(max_flow_dests)))
+    for spec in map_specs(max_flow_dests):
+        path = f"{pin_root}/{spec.name}"
+        key, value = _c_type_name(spec.key), _c_type_name(spec.value)
+        if spec.flags:
+            out.append(
+                f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
+                f'{spec.entries}, "{path}", {spec.flags});'
+            )
+        else:
+            out.append(
+                f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
+                f'{spec.entries}, "{path}");'
+            )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,846 @@
+"""The Kubernetes objects cn2mirror reads, parsed and validated into typed Python.
+
+Every ``parse_*`` function takes one object as a plain dict (as YAML or the API gives it)
+and returns an immutable dataclass, or raises :class:`ModelError` naming the field at
+fault (``spec.rules[1].ports[0].endPort: ...``). Parsing applies the CRDs' defaults, so
+an object read from a file means the same as one the API server has defaulted, and it
+checks everything the CRDs' schemas and CEL rules check (manifests/crds/generate.py
+builds those schemas from the constants below).
+
+Field names are CN2's; the objects are accepted under this project's API group and under
+CN2's own (``core.contrail.juniper.net``, versions ``v1alpha1`` and ``v4``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .state import DEFAULT_JMIRROR_PORT, DeliveryMode, Direction
+
+# --- API groups and kinds -------------------------------------------------------------
+
+GROUP = "mirror.cn2mirror.io"
+CN2_GROUP = "core.contrail.juniper.net"
+GROUP_VERSIONS = {GROUP: ("v1alpha1",), CN2_GROUP: ("v1alpha1", "v4")}
+
+KIND_MD = "MirrorDestination"
+KIND_CSP = "ContrailSecurityPolicy"
+KIND_GCSP = "GlobalContrailSecurityPolicy"
+KIND_POD = "Pod"
+KIND_NAMESPACE = "Namespace"
+MIRROR_KINDS = (KIND_MD, KIND_CSP, KIND_GCSP)
+NAMESPACED_KINDS = frozenset({KIND_CSP, KIND_POD})
+
+# apiVersions accepted per kind, in order of preference when one object is given under
+# several (this project's group first, then CN2's storage version).
+API_VERSIONS: dict[str, tuple[str, ...]] = {
+    KIND_POD: ("v1",),
+    KIND_NAMESPACE: ("v1",),
+    **{
+        kind: tuple(f"{g}/{v}" for g in (GROUP, CN2_GROUP) for v in reversed(GROUP_VERSIONS[g]))
+        for kind in MIRROR_KINDS
+    },
+}
+
+# --- CN2's labels and annotations, and this project's own --------------------------------
+
+LABEL_ANALYZER_SELECTOR = "core.juniper.net/analyzer-pod-selector"  # on a MirrorDestination
+LABEL_ANALYZER_POD = "core.juniper.net/analyzer-pod"  # on analyzer pods
+ANN_ANALYZER_INTERFACE = "core.juniper.net/analyzer-interface"  # pod annotation or cni-args
+ANN_MIRROR_DESTINATION = "core.juniper.net/mirror-destination"  # pod annotation or cni-args
+ANN_MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
+ANN_MULTUS_STATUS = "k8s.v1.cni.cncf.io/network-status"
+ANN_MAC = "cn2mirror.io/mac"  # the default interface's MAC, when no network-status gives it
+ANN_HOST_INTERFACE = "cn2mirror.io/host-interface"  # host side of the default interface
+LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
+
+# --- Enumerations, defaults and ranges (the CRDs use these) ------------------------------
+
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPv6": 58}
+PORTLESS_PROTOCOLS = frozenset({"ICMP", "ICMPv6"})  # an extension: NetworkPolicy has neither
+DEFAULT_PROTOCOL = "TCP"
+ACTIONS = ("pass", "deny")  # accepted for CN2 compatibility; cn2mirror only mirrors
+DEFAULT_ACTION = "pass"
+NEXT_HOP_DYNAMIC = "dynamic"
+NEXT_HOP_STATIC = "static"
+NEXT_HOP_MODES = (NEXT_HOP_DYNAMIC, NEXT_HOP_STATIC)
+DIRECTIONS = tuple(d.value for d in Direction)
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+DEFAULT_JUNIPER_HEADER = True
+DEFAULT_UDP_PORT = DEFAULT_JMIRROR_PORT  # CN2's own default is 8099; see reference/jmirror.md
+DEFAULT_DIRECTION = Direction.BOTH
+DEFAULT_NEXT_HOP_MODE = NEXT_HOP_DYNAMIC
+
+PORT_MIN, PORT_MAX = 1, 65535
+VXLAN_ID_MIN, VXLAN_ID_MAX = 0, (1 << 24) - 1
+VLAN_ID_MIN, VLAN_ID_MAX = 1, 4094
+
+# DNS-1123 subdomain: the names of MirrorDestinations (and of every Kubernetes object).
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+NAME_MAX_LENGTH = 253
+# IANA service name, as a named container port: lower-case letters, digits and inner
+# hyphens, at least one letter (written without look-ahead, which the API server's RE2
+# lacks). The rule against two hyphens in a row is checked in Python only.
+PORT_NAME_PATTERN = r"^([0-9][-0-9]*)?[a-z]([-a-z0-9]*[a-z0-9])?$"
+PORT_NAME_MAX_LENGTH = 15
+MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+
+
+class ModelError(ValueError):
+    """An object that cannot be parsed; the message starts with the offending field."""
+
+
+# --- Parsed objects ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaticNextHop:
+    vtep_ip: str
+    vxlan_id: int
+    vtep_mac: str | None = None
+
+
+@dataclass(frozen=True)
+class MirrorDestination:
+    name: str
+    api_version: str = API_VERSIONS[KIND_MD][0]
+    analyzer_selector: str | None = None  # value of the analyzer-pod-selector label
+    juniper_header: bool = DEFAULT_JUNIPER_HEADER
+    udp_port: int = DEFAULT_UDP_PORT
+    traffic_direction: Direction = DEFAULT_DIRECTION
+    next_hop_mode: str = DEFAULT_NEXT_HOP_MODE
+    static_next_hop: StaticNextHop | None = None
+    nic_assisted_mirroring: bool = False
+    nic_assisted_vlan_id: int | None = None
+    external_analyzer: bool = False
+    analyzer_ip: str | None = None
+
+    @property
+    def mode(self) -> DeliveryMode:
+        # Validation leaves at most one of NIC assistance and a static next hop set.
+        if self.nic_assisted_mirroring:
+            return DeliveryMode.VLAN
+        if self.next_hop_mode == NEXT_HOP_STATIC:
+            return DeliveryMode.VXLAN
+        return DeliveryMode.JMIRROR if self.juniper_header else DeliveryMode.L2
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One matchExpressions entry of a label selector."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        return self.key not in labels or labels[self.key] not in self.values  # NotIn
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A Kubernetes label selector; the empty selector matches everything."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: str  # normalized (host bits cleared)
+    excepts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A selector entry (``selectors``) or an endpoint (``endPoints``).
+
+    A missing pod selector means every pod of the scope; a missing namespace selector
+    means the policy's own namespace for a ContrailSecurityPolicy and every namespace
+    for a GlobalContrailSecurityPolicy. ``ip_block`` is never combined with selectors.
+    """
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """A Kubernetes NetworkPolicyPort; ``port`` is a number, a port name or None (all)."""
+
+    protocol: str = DEFAULT_PROTOCOL
+    port: int | str | None = None
+    end_port: int | None = None
+
+    @property
+    def protocol_number(self) -> int:
+        return PROTOCOLS[self.protocol]
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    src: tuple[Peer, ...] | None = None  # None: any address
+    dst: tuple[Peer, ...] | None = None
+    ports: tuple[PolicyPort, ...] = ()  # empty: every protocol and port
+    mirror_to: str | None = None  # rule-level secondaryActions.mirrorTo
+    action: str | None = None
+
+
+@dataclass(frozen=True)
+class SecurityPolicy:
+    """A ContrailSecurityPolicy (namespace set) or GlobalContrailSecurityPolicy (None)."""
+
+    kind: str
+    name: str
+    namespace: str | None = None
+    api_version: str = ""
+    selectors: tuple[Peer, ...] = ()  # empty: every pod of the scope
+    action: str = DEFAULT_ACTION
+    mirror_to: str | None = None  # policy-level secondaryActions.mirrorTo
+    rules: tuple[PolicyRule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The name NodeState uses: "namespace/name", or "name" for a global policy."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    name: str
+    protocol: str
+    number: int
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    name: str  # the name inside the pod
+    default: bool = True  # the cluster network's interface (else a Multus one)
+    ips: tuple[str, ...] = ()
+    mac: str | None = None
+    network: str | None = None  # the Multus network "namespace/name" of a secondary one
+    mirror_to: str | None = None  # port mirroring to this MirrorDestination
+    analyzer: bool = False  # marked as the analyzer's receiving interface
+    host_ifname: str | None = None
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    node: str | None = None
+    phase: str | None = None
+    host_network: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    interfaces: tuple[PodInterface, ...] = ()  # the default one first, then Multus order
+    container_ports: tuple[ContainerPort, ...] = ()
+    # Annotation problems: reported as errors on the pod, the rest of it is still used.
+    problems: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def terminal(self) -> bool:
+        """A finished pod: its addresses may already belong to another pod."""
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """status.podIPs: the addresses of the default interface."""
+        return self.interfaces[0].ips if self.interfaces else ()
+
+    def analyzer_interface(self) -> PodInterface:
+        """The interface marked with core.juniper.net/analyzer-interface, else the default."""
+        return next((i for i in self.interfaces if i.analyzer), self.interfaces[0])
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+# --- Field access helpers ----------------------------------------------------------------
+
+
+def _fail(path: str, message: str) -> ModelError:
+    return ModelError(f"{path}: {message}" if path else message)
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _fail(path, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def _typed(m: Mapping[str, Any], key: str, path: str, kind: type, default: Any = None) -> Any:
+    """m[key] checked to be of ``kind`` (bool is not an int here), or default if absent."""
+    value = m.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _fail(_join(path, key), f"must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _in_range(value: int | None, lo: int, hi: int, path: str) -> int | None:
+    if value is not None and not lo <= value <= hi:
+        raise _fail(path, f"must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _enum(value: str | None, allowed: tuple[str, ...], path: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise _fail(path, f"must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _ip(value: str | None, path: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _fail(path, f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def _cidr(value: str, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise _fail(path, f"{value!r} is not a CIDR") from None
+
+
+def _mac(value: str | None, path: str) -> str | None:
+    if value is None:
+        return None
+    if not re.match(MAC_PATTERN, value):
+        raise _fail(path, f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    return value.lower()
+
+
+def _name(value: str | None, path: str) -> str | None:
+    if value is not None and (len(value) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, value)):
+        raise _fail(path, f"{value!r} is not a valid object name")
+    return value
+
+
+def _metadata(obj: Mapping[str, Any], kind: str) -> tuple[str, str | None, Mapping[str, Any]]:
+    """(name, namespace, metadata); namespace "default" when a namespaced object has none."""
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = _typed(meta, "name", "metadata", str)
+    if not name:
+        raise _fail("metadata.name", "is required")
+    namespace = None
+    if kind in NAMESPACED_KINDS:
+        namespace = _typed(meta, "namespace", "metadata", str) or "default"
+    return name, namespace, meta
+
+
+def _api_version(obj: Mapping[str, Any], kind: str) -> str:
+    version = obj.get("apiVersion")
+    if version not in API_VERSIONS[kind]:
+        raise _fail("apiVersion", f"{kind} is served as {', '.join(API_VERSIONS[kind])}, "
+                    f"not {version!r}")
+    return version
+
+
+def _string_map(value: Any, path: str) -> dict[str, str]:
+    m = _mapping(value, path)
+    for k, v in m.items():
+        if not isinstance(v, str):
+            raise _fail(_join(path, str(k)), f"must be a string, not {type(v).__name__}")
+    return {str(k): v for k, v in m.items()}
+
+
+# --- MirrorDestination -------------------------------------------------------------------
+
+
+def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
+    name, _, meta = _metadata(obj, KIND_MD)
+    api_version = _api_version(obj, KIND_MD)
+    labels = _string_map(meta.get("labels"), "metadata.labels")
+    spec = _mapping(obj.get("spec"), "spec")
+    p = "spec"
+
+    juniper_header = _typed(spec, "juniperHeader", p, bool, DEFAULT_JUNIPER_HEADER)
+    udp_port = _typed(spec, "udpPort", p, int, DEFAULT_UDP_PORT)
+    _in_range(udp_port, PORT_MIN, PORT_MAX, "spec.udpPort")
+    direction = _typed(spec, "trafficDirection", p, str, DEFAULT_DIRECTION.value)
+    _enum(direction, DIRECTIONS, "spec.trafficDirection")
+    mode = _typed(spec, "nextHopMode", p, str, DEFAULT_NEXT_HOP_MODE)
+    _enum(mode, NEXT_HOP_MODES, "spec.nextHopMode")
+    nic = _typed(spec, "nicAssistedMirroring", p, bool, False)
+    vlan = _typed(spec, "nicAssistedVlanID", p, int)
+    _in_range(vlan, VLAN_ID_MIN, VLAN_ID_MAX, "spec.nicAssistedVlanID")
+    external = _typed(spec, "externalAnalyzer", p, bool, False)
+    analyzer_ip = _ip(_typed(spec, "analyzerIP", p, str), "spec.analyzerIP")
+
+    static = None
+    if "staticNextHopHeader" in spec:
+        static = _static_next_hop(spec["staticNextHopHeader"], "spec.staticNextHopHeader")
+
+    # The same rules as the CRD's x-kubernetes-validations (manifests/crds/generate.py).
+    if mode == NEXT_HOP_STATIC:
+        if static is None:
+            raise _fail(p, "nextHopMode static requires staticNextHopHeader")
+        if juniper_header:
+            raise _fail(p, "nextHopMode static carries the raw frame in VXLAN: "
+                        "it requires juniperHeader false")
+    if external and analyzer_ip is None:
+        raise _fail(p, "externalAnalyzer requires analyzerIP")
+    if nic and vlan is None:
+        raise _fail(p, "nicAssistedMirroring requires nicAssistedVlanID")
+    if nic and mode == NEXT_HOP_STATIC:
+        raise _fail(p, "nicAssistedMirroring and nextHopMode static are exclusive")
+    if external and (nic or mode == NEXT_HOP_STATIC):
+        raise _fail(p, "externalAnalyzer cannot be combined with nextHopMode static "
+                    "or nicAssistedMirroring")
+
+    return MirrorDestination(
+        name=name,
+        api_version=api_version,
+        analyzer_selector=labels.get(LABEL_ANALYZER_SELECTOR),
+        juniper_header=juniper_header,
+        udp_port=udp_port,
+        traffic_direction=Direction(direction),
+        next_hop_mode=mode,
+        static_next_hop=static if mode == NEXT_HOP_STATIC else None,
+        nic_assisted_mirroring=nic,
+        nic_assisted_vlan_id=vlan,
+        external_analyzer=external,
+        analyzer_ip=analyzer_ip,
+    )
+
+
+def _static_next_hop(value: Any, path: str) -> StaticNextHop:
+    m = _mapping(value, path)
+    vtep_ip = _ip(_typed(m, "vTEPDestinationIP", path, str), _join(path, "vTEPDestinationIP"))
+    vxlan_id = _typed(m, "vxlanID", path, int)
+    if vtep_ip is None:
+        raise _fail(_join(path, "vTEPDestinationIP"), "is required")
+    if vxlan_id is None:
+        raise _fail(_join(path, "vxlanID"), "is required")
+    _in_range(vxlan_id, VXLAN_ID_MIN, VXLAN_ID_MAX, _join(path, "vxlanID"))
+    vtep_mac = _mac(_typed(m, "vTEPDestinationMac", path, str), _join(path, "vTEPDestinationMac"))
+    return StaticNextHop(vtep_ip=vtep_ip, vxlan_id=vxlan_id, vtep_mac=vtep_mac)
+
+
+# --- Policies ----------------------------------------------------------------------------
+
+
+def parse_policy(obj: Mapping[str, Any]) -> SecurityPolicy:
+    """A ContrailSecurityPolicy or GlobalContrailSecurityPolicy, by ``obj["kind"]``."""
+    kind = obj.get("kind")
+    if kind not in (KIND_CSP, KIND_GCSP):
+        raise _fail("kind", f"must be {KIND_CSP} or {KIND_GCSP}, not {kind!r}")
+    name, namespace, _ = _metadata(obj, kind)
+    api_version = _api_version(obj, kind)
+    spec = _mapping(obj.get("spec"), "spec")
+
+    selectors = []
+    for i, entry in enumerate(_list(spec.get("selectors"), "spec.selectors")):
+        path = f"spec.selectors[{i}]"
+        entry = _mapping(entry, path)
+        if "ipBlock" in entry:
+            raise _fail(_join(path, "ipBlock"), "selectors pick pods: ipBlock is not allowed")
+        if kind == KIND_CSP and entry.get("namespaceSelector") is not None:
+            raise _fail(_join(path, "namespaceSelector"),
+                        "only a GlobalContrailSecurityPolicy selects pods in other namespaces")
+        selectors.append(_peer(entry, path, allow_empty=True))
+
+    rules = tuple(
+        _rule(r, f"spec.rules[{i}]") for i, r in enumerate(_list(spec.get("rules"), "spec.rules"))
+    )
+    return SecurityPolicy(
+        kind=kind,
+        name=name,
+        namespace=namespace,
+        api_version=api_version,
+        selectors=tuple(selectors),
+        action=_enum(_typed(spec, "action", "spec", str, DEFAULT_ACTION), ACTIONS, "spec.action"),
+        mirror_to=_mirror_to(spec, "spec"),
+        rules=rules,
+    )
+
+
+def _mirror_to(m: Mapping[str, Any], path: str) -> str | None:
+    path = _join(path, "secondaryActions")
+    actions = _mapping(m.get("secondaryActions"), path)
+    return _name(_typed(actions, "mirrorTo", path, str), _join(path, "mirrorTo"))
+
+
+def _rule(value: Any, path: str) -> PolicyRule:
+    m = _mapping(value, path)
+    ports = tuple(
+        _port(p, f"{path}.ports[{i}]") for i, p in enumerate(_list(m.get("ports"), f"{path}.ports"))
+    )
+    return PolicyRule(
+        src=_endpoints(m.get("srcEP"), _join(path, "srcEP")),
+        dst=_endpoints(m.get("dstEP"), _join(path, "dstEP")),
+        ports=ports,
+        mirror_to=_mirror_to(m, path),
+        action=_enum(_typed(m, "action", path, str), ACTIONS, _join(path, "action")),
+    )
+
+
+def _endpoints(value: Any, path: str) -> tuple[Peer, ...] | None:
+    """A missing endpoint set, or one with no endPoints, is ANY (None)."""
+    m = _mapping(value, path)
+    path = _join(path, "endPoints")
+    peers = tuple(_peer(e, f"{path}[{i}]") for i, e in enumerate(_list(m.get("endPoints"), path)))
+    return peers or None
+
+
+def _peer(value: Any, path: str, allow_empty: bool = False) -> Peer:
+    m = _mapping(value, path)
+    pods = _selector(m.get("podSelector"), _join(path, "podSelector"))
+    namespaces = _selector(m.get("namespaceSelector"), _join(path, "namespaceSelector"))
+    block = None
+    if m.get("ipBlock") is not None:
+        if pods is not None or namespaces is not None:
+            raise _fail(path, "ipBlock cannot be combined with podSelector or namespaceSelector")
+        block = _ip_block(m["ipBlock"], _join(path, "ipBlock"))
+    elif pods is None and namespaces is None and not allow_empty:
+        raise _fail(path, "an endpoint needs podSelector, namespaceSelector or ipBlock")
+    return Peer(pod_selector=pods, namespace_selector=namespaces, ip_block=block)
+
+
+def _selector(value: Any, path: str) -> LabelSelector | None:
+    if value is None:
+        return None
+    m = _mapping(value, path)
+    labels = _string_map(m.get("matchLabels"), _join(path, "matchLabels"))
+    expressions = []
+    for i, e in enumerate(_list(m.get("matchExpressions"), _join(path, "matchExpressions"))):
+        epath = f"{path}.matchExpressions[{i}]"
+        e = _mapping(e, epath)
+        key = _typed(e, "key", epath, str)
+        if not key:
+            raise _fail(_join(epath, "key"), "is required")
+        op = _typed(e, "operator", epath, str)
+        if op is None:
+            raise _fail(_join(epath, "operator"), "is required")
+        _enum(op, SELECTOR_OPERATORS, _join(epath, "operator"))
+        values = _list(e.get("values"), _join(epath, "values"))
+        if any(not isinstance(v, str) for v in values):
+            raise _fail(_join(epath, "values"), "must be strings")
+        if op in ("In", "NotIn") and not values:
+            raise _fail(epath, f"operator {op} needs values")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise _fail(epath, f"operator {op} takes no values")
+        expressions.append(Requirement(key=key, operator=op, values=tuple(values)))
+    return LabelSelector(match_labels=tuple(sorted(labels.items())),
+                         match_expressions=tuple(expressions))
+
+
+def _ip_block(value: Any, path: str) -> IPBlock:
+    m = _mapping(value, path)
+    cidr = _typed(m, "cidr", path, str)
+    if cidr is None:
+        raise _fail(_join(path, "cidr"), "is required")
+    net = _cidr(cidr, _join(path, "cidr"))
+    excepts = []
+    for i, e in enumerate(_list(m.get("except"), _join(path, "except"))):
+        epath = f"{path}.except[{i}]"
+        if not isinstance(e, str):
+            raise _fail(epath, f"must be a string, not {type(e).__name__}")
+        sub = _cidr(e, epath)
+        if sub.version != net.version or not sub.subnet_of(net):
+            raise _fail(epath, f"{e} is not inside {cidr}")
+        excepts.append(str(sub))
+    return IPBlock(cidr=str(net), excepts=tuple(sorted(set(excepts))))
+
+
+def _port(value: Any, path: str) -> PolicyPort:
+    m = _mapping(value, path)
+    protocol = _typed(m, "protocol", path, str, DEFAULT_PROTOCOL)
+    _enum(protocol, tuple(PROTOCOLS), _join(path, "protocol"))
+    port = m.get("port")
+    end_port = _typed(m, "endPort", path, int)
+    _in_range(end_port, PORT_MIN, PORT_MAX, _join(path, "endPort"))
+    if isinstance(port, bool) or not isinstance(port, int | str | None):
+        raise _fail(_join(path, "port"), f"must be a number or a name, not {type(port).__name__}")
+    if isinstance(port, int):
+        _in_range(port, PORT_MIN, PORT_MAX, _join(path, "port"))
+    if isinstance(port, str):
+        bad = (len(port) > PORT_NAME_MAX_LENGTH or "--" in port
+               or not re.match(PORT_NAME_PATTERN, port))
+        if bad:
+            raise _fail(_join(path, "port"), f"{port!r} is not a port number or port name")
+    if protocol in PORTLESS_PROTOCOLS and port is not None:
+        raise _fail(path, f"{protocol} takes no port")
+    if end_port is not None:
+        if not isinstance(port, int):
+            raise _fail(_join(path, "endPort"), "needs a numeric port")
+        if end_port < port:
+            raise _fail(_join(path, "endPort"), f"must not be below port ({port})")
+    return PolicyPort(protocol=protocol, port=port, end_port=end_port)
+
+
+# --- Pods and namespaces -----------------------------------------------------------------
+
+
+def parse_namespace(obj: Mapping[str, Any]) -> Namespace:
+    name, _, meta = _metadata(obj, KIND_NAMESPACE)
+    labels = _string_map(meta.get("labels"), "metadata.labels")
+    # Kubernetes sets this label itself; a namespace read from a file may lack it.
+    labels.setdefault(LABEL_NAMESPACE_NAME, name)
+    return Namespace(name=name, labels=labels)
+
+
+def implicit_namespace(name: str) -> Namespace:
+    """A namespace that pods live in but that no Namespace object describes."""
+    return Namespace(name=name, labels={LABEL_NAMESPACE_NAME: name})
+
+
+def parse_pod(obj: Mapping[str, Any]) -> Pod:
+    """A pod; malformed annotations become ``problems``, not a failure."""
+    name, namespace, meta = _metadata(obj, KIND_POD)
+    problems: list[str] = []
+    labels = {}
+    for k, v in _mapping(meta.get("labels"), "metadata.labels").items():
+        if isinstance(v, str):
+            labels[str(k)] = v
+        else:
+            problems.append(f"label {k}: value must be a string")
+    annotations = {
+        str(k): v for k, v in _mapping(meta.get("annotations"), "metadata.annotations").items()
+    }
+    spec = _mapping(obj.get("spec"), "spec")
+    status = _mapping(obj.get("status"), "status")
+
+    statuses = _network_status(annotations.get(ANN_MULTUS_STATUS), problems)
+    default_status = next((s for s in statuses if s.get("default") is True), {})
+    default = PodInterface(
+        name=default_status.get("interface") or "eth0",
+        default=True,
+        ips=_pod_ips(status, default_status, problems),
+        mac=_annotated_mac(annotations, problems) or _status_mac(default_status, problems),
+        mirror_to=_annotated_name(annotations, ANN_MIRROR_DESTINATION, "annotation", problems),
+        analyzer=_is_true(annotations.get(ANN_ANALYZER_INTERFACE)),
+        host_ifname=_opt_str(annotations.get(ANN_HOST_INTERFACE)),
+    )
+    interfaces = [default]
+    for i, entry in _networks(annotations.get(ANN_MULTUS_NETWORKS), problems):
+        # Multus names an interface it was not told about after its position in the list.
+        ifname = _opt_str(entry.get("interface")) or f"net{i + 1}"
+        if any(x.name == ifname for x in interfaces):
+            problems.append(f"{ANN_MULTUS_NETWORKS}: interface {ifname} appears twice")
+            continue
+        st = next((s for s in statuses if s.get("interface") == ifname), {})
+        args = entry.get("cni-args") if isinstance(entry.get("cni-args"), Mapping) else {}
+        where = f"{ANN_MULTUS_NETWORKS} entry {i} cni-args"
+        interfaces.append(PodInterface(
+            name=ifname,
+            default=False,
+            ips=_status_ips(st, problems),
+            mac=_status_mac(st, problems),
+            network=f"{entry.get('namespace') or namespace}/{entry['name']}",
+            mirror_to=_annotated_name(args, ANN_MIRROR_DESTINATION, where, problems),
+            analyzer=_is_true(args.get(ANN_ANALYZER_INTERFACE)),
+        ))
+    marked = [i.name for i in interfaces if i.analyzer]
+    if len(marked) > 1:
+        problems.append(f"several interfaces are marked {ANN_ANALYZER_INTERFACE}: "
+                        f"{', '.join(marked)}; {marked[0]} receives")
+
+    return Pod(
+        namespace=namespace,
+        name=name,
+        node=_opt_str(spec.get("nodeName")),
+        phase=_opt_str(status.get("phase")),
+        host_network=spec.get("hostNetwork") is True,
+        labels=labels,
+        interfaces=tuple(interfaces),
+        container_ports=_container_ports(spec),
+        problems=tuple(problems),
+    )
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _is_true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _annotated_name(m: Mapping[str, Any], key: str, where: str, problems: list[str]) -> str | None:
+    value = m.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.match(NAME_PATTERN, value):
+        problems.append(f"{where} {key}: {value!r} is not a MirrorDestination name")
+        return None
+    return value
+
+
+def _annotated_mac(annotations: Mapping[str, Any], problems: list[str]) -> str | None:
+    value = annotations.get(ANN_MAC)
+    if value is None:
+        return None
+    try:
+        return _mac(str(value), f"annotation {ANN_MAC}")
+    except ModelError as e:
+        problems.append(str(e))
+        return None
+
+
+def _status_mac(entry: Mapping[str, Any], problems: list[str]) -> str | None:
+    value = entry.get("mac")
+    if not value:
+        return None
+    try:
+        return _mac(str(value), f"{ANN_MULTUS_STATUS} interface {entry.get('interface')} mac")
+    except ModelError as e:
+        problems.append(str(e))
+        return None
+
+
+def _valid_ips(values: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    ips: list[str] = []
+    for v in values if isinstance(values, list) else []:
+        try:
+            ip = str(ipaddress.ip_address(v))
+        except ValueError:
+            problems.append(f"{where}: {v!r} is not an IP address")
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _pod_ips(status: Mapping[str, Any], default_status: Mapping[str, Any],
+             problems: list[str]) -> tuple[str, ...]:
+    """status.podIPs (both families), else status.podIP, else the network-status default."""
+    entries = status.get("podIPs")
+    if isinstance(entries, list) and entries:
+        values = [e.get("ip") if isinstance(e, Mapping) else e for e in entries]
+        return _valid_ips(values, "status.podIPs", problems)
+    if status.get("podIP"):
+        return _valid_ips([status["podIP"]], "status.podIP", problems)
+    return _status_ips(default_status, problems)
+
+
+def _status_ips(entry: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
+    where = f"{ANN_MULTUS_STATUS} interface {entry.get('interface')} ips"
+    return _valid_ips(entry.get("ips"), where, problems)
+
+
+def _json_list(value: Any, key: str, problems: list[str]) -> list[Mapping[str, Any]] | None:
+    try:
+        data = json.loads(value)
+    except (TypeError, ValueError) as e:
+        problems.append(f"annotation {key}: invalid JSON: {e}")
+        return None
+    if not isinstance(data, list) or not all(isinstance(x, Mapping) for x in data):
+        problems.append(f"annotation {key}: must be a JSON list of objects")
+        return None
+    return data
+
+
+def _network_status(value: Any, problems: list[str]) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    return _json_list(value, ANN_MULTUS_STATUS, problems) or []
+
+
+def _networks(value: Any, problems: list[str]) -> list[tuple[int, Mapping[str, Any]]]:
+    """Multus network selections with their positions: a JSON list, or "a, ns/b@net5"."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+        entries = []
+        for part in value.split(","):
+            ref, _, ifname = part.strip().partition("@")
+            ns, _, name = ref.rpartition("/")
+            if not re.match(NAME_PATTERN, name) or (ns and not re.match(NAME_PATTERN, ns)):
+                problems.append(f"annotation {ANN_MULTUS_NETWORKS}: {part.strip()!r} is not "
+                                f"a network name")
+                name = ""  # reported; left out below, keeping the others' positions
+            entries.append({"name": name, "namespace": ns or None, "interface": ifname or None})
+        data: list[Mapping[str, Any]] = entries
+    else:
+        data = _json_list(value, ANN_MULTUS_NETWORKS, problems) or []
+    valid = []
+    for i, entry in enumerate(data):
+        if isinstance(entry.get("name"), str) and entry["name"]:
+            valid.append((i, entry))
+        elif isinstance(value, str) and value.lstrip().startswith("["):
+            problems.append(f"annotation {ANN_MULTUS_NETWORKS}: entry {i} has no name")
+    return valid
+
+
+def _container_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
+    ports = set()
+    for c in spec.get("containers") or []:
+        for p in (c.get("ports") or []) if isinstance(c, Mapping) else []:
+            if not isinstance(p, Mapping):
+                continue
+            name, number = p.get("name"), p.get("containerPort")
+            if isinstance(name, str) and isinstance(number, int) and not isinstance(number, bool):
+                ports.add(ContainerPort(name, p.get("protocol") or DEFAULT_PROTOCOL, number))
+    return tuple(sorted(ports, key=lambda p: (p.name, p.protocol, p.number)))
+
+
+# --- Dispatch ----------------------------------------------------------------------------
+
+
+def object_name(obj: Mapping[str, Any]) -> str:
+    """"namespace/name" or "name" for error reports; never fails."""
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    name = meta.get("name") if isinstance(meta.get("name"), str) else "<unnamed>"
+    if obj.get("kind") in NAMESPACED_KINDS:
+        ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else "default"
+        return f"{ns}/{name}"
+    return name
+
+
+def parse_object(obj: Mapping[str, Any]) -> MirrorDestination | SecurityPolicy | Pod | Namespace:
+    kind = obj.get("kind")
+    if kind == KIND_MD:
+        return parse_mirror_destination(obj)
+    if kind in (KIND_CSP, KIND_GCSP):
+        return parse_policy(obj)
+    if kind == KIND_POD:
+        return parse_pod(obj)
+    if kind == KIND_NAMESPACE:
+        return parse_namespace(obj)
+    raise _fail("kind", f"{kind!r} is not a kind cn2mirror reads")

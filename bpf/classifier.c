@@ -1,0 +1,429 @@
+/* Pod-interface classifier: TC ingress (out of the pod) and egress (into the pod) of the
+ * pod's host-side interface.
+ *
+ * For every packet: port mirroring (no flow lookup), then flow mirroring: the flow table
+ * caches the verdict of the flow's first packet, evaluated against the rules in the maps.
+ * Each copy is a clone handed to the mirror port with its (interface, rule) in skb->mark;
+ * the production packet's mark is restored and it always continues with TC_ACT_UNSPEC,
+ * unchanged, so the CNI's own programs still run after us.
+ */
+
+struct parsed {
+    struct flow_key key;     /* canonical: lower (addr, port) side first */
+    __u32 src[4], dst[4];    /* as seen in this packet, network order */
+    __u16 sport, dport;      /* network order; 0 when the packet has none */
+    __u8 proto;
+    __u8 family;
+    __u8 tcp_syn_only;       /* SYN without ACK: certainly the flow's first packet */
+    __u8 ok;                 /* an IP packet we could read the addresses of */
+    __u8 src_is_lo;          /* this packet travels from the key's lower side */
+};
+
+/* Returns a pointer to len bytes at off: straight into the packet when they are in the
+ * linear area, else copied into buf. NULL when the packet is shorter. */
+static __always_inline void *header(struct __sk_buff *skb, __u32 off, void *buf, __u32 len)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    if (off > 0xFFFF)
+        return NULL;
+    if (data + off + len <= data_end)
+        return data + off;
+    if (bpf_skb_load_bytes(skb, off, buf, len) < 0)
+        return NULL;
+    return buf;
+}
+
+static __always_inline int is_ipv6_ext(__u8 nh)
+{
+    return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
+           nh == IPPROTO_FRAGMENT || nh == IPPROTO_AH;
+}
+
+/* Ports of TCP, UDP and SCTP (same place), ICMP echo identifiers as both ports (so the
+ * request and its reply share a flow); zero for everything else. */
+static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct parsed *p)
+{
+    __u8 buf[14];
+    if (p->proto == IPPROTO_TCP) {
+        __u8 *h = header(skb, off, buf, 14);
+        if (!h)
+            return;
+        p->sport = *(__u16 *)&h[0];
+        p->dport = *(__u16 *)&h[2];
+        p->tcp_syn_only = (h[13] & 0x12) == 0x02;
+    } else if (p->proto == IPPROTO_UDP || p->proto == IPPROTO_SCTP ||
+               p->proto == IPPROTO_UDPLITE) {
+        __u8 *h = header(skb, off, buf, 4);
+        if (!h)
+            return;
+        p->sport = *(__u16 *)&h[0];
+        p->dport = *(__u16 *)&h[2];
+    } else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+        __u8 *h = header(skb, off, buf, 6);
+        if (!h)
+            return;
+        __u8 type = h[0];
+        if ((p->proto == IPPROTO_ICMP && (type == 8 || type == 0)) ||
+            (p->proto == IPPROTO_ICMPV6 && (type == 128 || type == 129))) {
+            p->sport = *(__u16 *)&h[4];
+            p->dport = p->sport;
+        }
+    }
+}
+
+static __always_inline void parse(struct __sk_buff *skb, struct parsed *p)
+{
+    __u8 buf[40];
+    __u32 off = ETH_HLEN;
+    __u16 proto = skb->protocol;  /* the frame's type, after any offloaded VLAN tag */
+    __u16 *eth_proto = header(skb, 12, buf, 2);
+    if (!eth_proto)
+        return;
+    proto = *eth_proto;
+    /* Up to two VLAN tags in the packet itself (offloaded tags are not in the data). */
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+            break;
+        __u16 *inner = header(skb, off + 2, buf, 2);
+        if (!inner)
+            return;
+        proto = *inner;
+        off += 4;
+    }
+
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = header(skb, off, buf, sizeof(*ip));
+        if (!ip || ip->version != 4 || ip->ihl < 5)
+            return;
+        p->family = AF_INET4;
+        p->proto = ip->protocol;
+        p->src[0] = ip->saddr;
+        p->dst[0] = ip->daddr;
+        p->ok = 1;
+        /* A non-first fragment has no ports: it is evaluated with ports 0 (it matches
+         * rules without port restrictions) and forms its own flow entry. */
+        if (ip->frag_off & bpf_htons(0x1FFF))
+            return;
+        parse_l4(skb, off + ip->ihl * 4, p);
+    } else if (proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = header(skb, off, buf, sizeof(*ip6));
+        if (!ip6 || ip6->version != 6)
+            return;
+        p->family = AF_INET6;
+        __builtin_memcpy(p->src, &ip6->saddr, 16);
+        __builtin_memcpy(p->dst, &ip6->daddr, 16);
+        p->ok = 1;
+        __u8 nh = ip6->nexthdr;
+        off += sizeof(*ip6);
+        /* Walk up to six extension headers to the transport header. */
+#pragma unroll
+        for (int i = 0; i < 6; i++) {
+            if (!is_ipv6_ext(nh))
+                break;
+            __u8 *ext = header(skb, off, buf, 8);
+            if (!ext) {
+                nh = IPPROTO_NONE;
+                break;
+            }
+            if (nh == IPPROTO_FRAGMENT) {
+                __u16 frag = *(__u16 *)&ext[2];
+                nh = ext[0];
+                off += 8;
+                if (frag & bpf_htons(0xFFF8)) {  /* non-first fragment: no ports */
+                    p->proto = nh;
+                    return;
+                }
+                continue;
+            }
+            __u32 len = nh == IPPROTO_AH ? (ext[1] + 2) * 4 : (ext[1] + 1) * 8;
+            nh = ext[0];
+            off += len;
+        }
+        p->proto = nh;
+        if (!is_ipv6_ext(nh))
+            parse_l4(skb, off, p);
+    }
+}
+
+/* Fill the canonical key: both directions of a connection give the same key. */
+static __always_inline void make_key(struct parsed *p, __u16 ifslot)
+{
+    int src_lower = 0;
+    int decided = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (!decided && p->src[i] != p->dst[i]) {
+            src_lower = bpf_ntohl(p->src[i]) < bpf_ntohl(p->dst[i]);
+            decided = 1;
+        }
+    }
+    if (!decided)
+        src_lower = bpf_ntohs(p->sport) <= bpf_ntohs(p->dport);
+    struct flow_key *k = &p->key;
+    p->src_is_lo = src_lower;
+    if (src_lower) {
+        __builtin_memcpy(k->addr_lo, p->src, 16);
+        __builtin_memcpy(k->addr_hi, p->dst, 16);
+        k->port_lo = p->sport;
+        k->port_hi = p->dport;
+    } else {
+        __builtin_memcpy(k->addr_lo, p->dst, 16);
+        __builtin_memcpy(k->addr_hi, p->src, 16);
+        k->port_lo = p->dport;
+        k->port_hi = p->sport;
+    }
+    k->proto = p->proto;
+    k->family = p->family;
+    k->ifslot = ifslot;
+}
+
+/* ------------------------------------------------------------------ rule evaluation */
+/* The rules a flow matches are the AND of four bitmaps: the interface's (policies that
+ * apply to the pod), the source address's, the destination address's and the
+ * (protocol, port)'s, each found with one lookup. Bits are ordered by policy, then rule,
+ * so the lowest matching bit of a policy is its first matching rule; the rest of that
+ * policy is then skipped. Summary bits mark the non-zero words, so only words that can
+ * match are read: the cost follows the number of candidate words, not of rules.
+ *
+ * The walk keeps its scalars in a per-CPU map value rather than on the stack: values
+ * read back from a map are unknown to the verifier, so after the bounds checks every
+ * path reaches the loop head in the same state and the verifier prunes them. */
+struct eval_scratch {
+    __u64 cand[SUMMARY_WORDS];  /* candidate words per summary word */
+    __u64 cur;                  /* candidate words left in summary word `sw` */
+    __u64 bits;                 /* matching bits left in the current word */
+    __u32 sw;
+    __u32 word;
+    __u32 skip_below;           /* first rule slot not yet decided by its policy */
+    __u32 n;
+    __u32 overflow;
+    __u32 pad;
+    __u32 rules[MAX_FLOW_DESTS];
+};
+BPF_PERCPU_ARRAY(eval_scratch_map, struct eval_scratch, 1);
+
+struct eval_bitmaps {
+    struct match_bits *src, *dst, *port;
+    struct iface_entry *ifc;
+};
+
+/* Bits of `word` at or above rule slot `slot`, without branches. */
+static __always_inline __u64 mask_from(__u32 word, __u32 slot)
+{
+    __s64 d = (__s64)slot - (__s64)word * 64;
+    d &= ~(d >> 63);                       /* below the word: every bit */
+    __u64 past = (__u64)((63 - d) >> 63);  /* 1 when the slot is past the word */
+    return (~0ULL << (d & 63)) & (past - 1);
+}
+
+/* Steps: one per candidate word, one per policy that decided, one per summary word. */
+#define EVAL_STEPS (RULE_WORDS + 64 + SUMMARY_WORDS)
+
+static __always_inline void eval_walk(struct eval_scratch *s, struct eval_bitmaps *b)
+{
+    for (int i = 0; i < EVAL_STEPS; i++) {
+        if (!s->bits) {
+            if (!s->cur) {
+                __u32 sw = s->sw + 1;
+                if (sw >= SUMMARY_WORDS)
+                    return;  /* no candidates left: done */
+                s->sw = sw;
+                s->cur = s->cand[sw];
+                continue;
+            }
+            /* The next candidate word. */
+            __u64 low = s->cur & -s->cur;
+            s->cur ^= low;
+            __u32 sw = s->sw;
+            if (sw >= SUMMARY_WORDS)
+                return;
+            __u32 w = sw * 64 + bit_index(low);
+            if (w >= RULE_WORDS)
+                return;
+            s->word = w;
+            s->bits = b->src->bits[w] & b->dst->bits[w] & b->port->bits[w] &
+                      b->ifc->bits[w] & mask_from(w, s->skip_below);
+            continue;
+        }
+        __u64 low = s->bits & -s->bits;
+        __u32 slot = s->word * 64 + bit_index(low);
+        s->bits ^= low;
+        struct rule_entry *r = rules.lookup(&slot);
+        if (!r)
+            continue;
+        if (r->flags & RULE_MIRRORS) {
+            __u32 n = s->n;
+            if (n < MAX_FLOW_DESTS) {
+                s->rules[n] = slot;
+                s->n = n + 1;
+            } else {
+                s->overflow++;
+            }
+        }
+        /* The first matching rule of a policy decides: skip the rest of the policy. */
+        s->skip_below = r->policy_end;
+        s->bits &= mask_from(s->word, r->policy_end);
+    }
+}
+
+static __always_inline struct match_bits *lookup_addr(int src_side, __u8 family, __u32 *addr)
+{
+    if (family == AF_INET4) {
+        struct lpm_v4_key k = {.prefixlen = 32};
+        __builtin_memcpy(k.addr, addr, 4);
+        return src_side ? src_v4.lookup(&k) : dst_v4.lookup(&k);
+    }
+    struct lpm_v6_key k = {.prefixlen = 128};
+    __builtin_memcpy(k.addr, addr, 16);
+    return src_side ? src_v6.lookup(&k) : dst_v6.lookup(&k);
+}
+
+/* Evaluate one orientation (src -> dst : dport) of a flow; results accumulate in s. */
+static __always_inline void evaluate(struct eval_scratch *s, struct iface_entry *ifc,
+                                     __u8 family, __u32 *src, __u32 *dst, __u8 proto,
+                                     __u16 dport)
+{
+    struct eval_bitmaps b = {.ifc = ifc};
+    b.src = lookup_addr(1, family, src);
+    b.dst = lookup_addr(0, family, dst);
+    struct lpm_port_key pk = {.prefixlen = 24};
+    pk.data[0] = proto;
+    __builtin_memcpy(&pk.data[1], &dport, 2);
+    b.port = ports.lookup(&pk);
+    if (!b.src || !b.dst || !b.port)
+        return;
+#pragma unroll
+    for (int j = 0; j < SUMMARY_WORDS; j++)
+        s->cand[j] = b.src->summary[j] & b.dst->summary[j] & b.port->summary[j] &
+                     ifc->summary[j];
+    s->sw = 0;
+    s->cur = s->cand[0];
+    s->bits = 0;
+    s->skip_below = 0;
+    eval_walk(s, &b);
+}
+
+/* ------------------------------------------------------------------ copies */
+static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifindex,
+                                      __u16 ifslot, __u32 rule_slot)
+{
+    __u32 saved = skb->mark;
+    skb->mark = CLONE_TAG | ((__u32)ifslot << CLONE_IFSLOT_SHIFT) | (rule_slot & CLONE_RULE_MASK);
+    long err = bpf_clone_redirect(skb, mirror_ifindex, 0);
+    skb->mark = saved;
+    struct counters *c = stats_rule.lookup(&rule_slot);
+    if (c) {
+        if (err)
+            c->drops[DROP_CLONE_FAILED]++;
+        else
+            c->cloned++;
+    }
+}
+
+static __always_inline int is_copy_stream(struct parsed *p)
+{
+    if (p->proto != IPPROTO_UDP)
+        return 0;
+    struct analyzer_key k = {.port = p->dport, .family = p->family};
+    __builtin_memcpy(k.addr, p->dst, 16);
+    return analyzers.lookup(&k) != NULL;
+}
+
+static __always_inline int classify(struct __sk_buff *skb, int dir)
+{
+    if (skb->mark == COPY_MARK)
+        return TC_ACT_UNSPEC;  /* one of our own copies passing by: never mirror it */
+    __u32 ifindex = skb->ifindex;
+    struct iface_entry *ifc = interfaces.lookup(&ifindex);
+    if (!ifc)
+        return TC_ACT_UNSPEC;
+    __u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->mirror_ifindex)
+        return TC_ACT_UNSPEC;
+    __u16 ifslot = ifc->ifslot;
+    __u32 port_rule = ifc->port_rule[dir & 1];
+    if (!(ifc->flags & IFACE_HAS_POLICIES) && !port_rule)
+        return TC_ACT_UNSPEC;
+
+    struct parsed p = {};
+    parse(skb, &p);
+    /* Copies on their way to an analyzer (from another node) are never mirrored. */
+    if (p.ok && is_copy_stream(&p))
+        return TC_ACT_UNSPEC;
+
+    if (port_rule)
+        send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule);
+
+    if (!(ifc->flags & IFACE_HAS_POLICIES) || !p.ok)
+        return TC_ACT_UNSPEC;
+
+    make_key(&p, ifslot);
+    struct flow_entry *fe = flows.lookup(&p.key);
+    __u64 now = bpf_ktime_get_ns();
+    if (!fe || fe->generation != cfg->generation) {
+        /* First packet of the flow, or the policy changed since: evaluate. */
+        __u32 zero = 0;
+        struct eval_scratch *s = eval_scratch_map.lookup(&zero);
+        if (!s)
+            return TC_ACT_UNSPEC;
+        s->n = 0;
+        s->overflow = 0;
+        evaluate(s, ifc, p.family, p.src, p.dst, p.proto, p.dport);
+        /* Seen mid-connection (not a TCP SYN) and nothing matched this way round: the
+         * packet may be a reply, so try the flow's other orientation too. */
+        if (s->n == 0 && s->overflow == 0 && !p.tcp_syn_only)
+            evaluate(s, ifc, p.family, p.dst, p.src, p.proto, p.sport);
+        struct flow_entry fresh = {};
+        fresh.generation = cfg->generation;
+        __u32 n_rules = s->n;
+        fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
+        __builtin_memcpy(fresh.rules, s->rules, sizeof(fresh.rules));
+        __u32 overflow = s->overflow;
+        fresh.flags = (overflow ? FLOW_OVERFLOW : 0) |
+                      (p.src_is_lo ? FLOW_INITIATOR_LO : 0);
+        if (fe) {
+            fresh.first_seen_ns = fe->first_seen_ns;
+            fresh.packets = fe->packets;
+            fresh.bytes = fe->bytes;
+            fresh.flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (fe->flags & FLOW_INITIATOR_LO);
+        } else {
+            fresh.first_seen_ns = now;
+        }
+        fresh.last_seen_ns = now;
+        flows.update(&p.key, &fresh);
+        fe = flows.lookup(&p.key);
+        if (!fe)
+            return TC_ACT_UNSPEC;
+        if (overflow) {
+            __u32 slot = ifslot;
+            struct counters *c = stats_iface.lookup(&slot);
+            if (c)
+                c->drops[DROP_FLOW_LIMIT] += overflow;
+        }
+    }
+    fe->last_seen_ns = now;
+    __u32 n = fe->n_rules;
+    if (!n)
+        return TC_ACT_UNSPEC;
+    fe->packets++;
+    fe->bytes += skb->len;
+#pragma unroll
+    for (int i = 0; i < MAX_FLOW_DESTS; i++) {
+        if (i < n)
+            send_copy(skb, cfg->mirror_ifindex, ifslot, fe->rules[i]);
+    }
+    return TC_ACT_UNSPEC;
+}
+
+int classify_from_pod(struct __sk_buff *skb)
+{
+    return classify(skb, DIR_EGRESS);
+}
+
+int classify_to_pod(struct __sk_buff *skb)
+{
+    return classify(skb, DIR_INGRESS);
+}

@@ -1,0 +1,350 @@
+/* The mirror port: a veth pair owned by cn2mirror.
+ *
+ * Clones enter its sending end (mirror-tx). That end has TSO, GSO and tx checksumming
+ * off, so the kernel cuts GSO super-packets into wire-size segments with finished
+ * checksums before they cross to the receiving end (mirror-rx). There, mirror_wrap runs
+ * on TC ingress: it reads the (interface, rule) the classifier put in skb->mark, wraps
+ * the copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), cuts it
+ * to the path MTU, and redirects it on. Nothing on this path touches production packets.
+ *
+ * analyzer_port_rx (XDP on mirror-tx) drops anything that tries to come in through the
+ * mirror port: like a JUNOSe analyzer port, it only sends.
+ */
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* The kernel's signature (bcc 0.26 declares it with one argument too few). */
+static long (*redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+                              __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+struct jmirror_v4 {
+    struct iphdr ip;
+    struct udphdr udp;
+    __be32 mid;
+    __be32 sid;
+} __attribute__((packed));
+
+struct jmirror_v6 {
+    struct ipv6hdr ip;
+    struct udphdr udp;
+    __be32 mid;
+    __be32 sid;
+} __attribute__((packed));
+
+struct csum_buf {
+    __u8 b[520];  /* 512 and slack the verifier can see past the padding */
+};
+BPF_PERCPU_ARRAY(csum_scratch, struct csum_buf, 1);
+
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+    sum = (sum & 0xFFFFFFFF) + (sum >> 32);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    return ~sum & 0xFFFF;
+}
+
+/* Whole 512-byte chunks (the most bpf_csum_diff takes) and then the tail: copies of up
+ * to 10 KB, which the agent guarantees by capping the MTU of IPv6 jmirror destinations. */
+#define CSUM_CHUNKS 20
+
+static __always_inline __s64 csum_payload(struct __sk_buff *skb, __u32 off, __u32 end,
+                                          __s64 sum)
+{
+    __u32 zero = 0;
+    struct csum_buf *cb = csum_scratch.lookup(&zero);
+    if (!cb)
+        return sum;
+    for (int i = 0; i < CSUM_CHUNKS; i++) {
+        if (off + 512 > end)
+            break;
+        if (bpf_skb_load_bytes(skb, off, cb->b, 512) < 0)
+            return sum;
+        sum = bpf_csum_diff(0, 0, (__be32 *)cb->b, 512, sum);
+        off += 512;
+    }
+    __u32 tail = (end - off) & 0x1FF;
+    if (tail) {
+        __u32 padded = (tail + 3) & 0x3FC;  /* at most 512; the buffer has slack */
+        *(__u32 *)&cb->b[(padded - 4) & 0x1FC] = 0;  /* zero-pad a partial last word */
+        if (bpf_skb_load_bytes(skb, off, cb->b, tail) < 0)
+            return sum;
+        sum = bpf_csum_diff(0, 0, (__be32 *)cb->b, padded, sum);
+    }
+    return sum;
+}
+
+static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
+                                       int drop, __u32 bytes, int truncated)
+{
+    struct counters *cs[3] = {
+        stats_rule.lookup(&rule_slot),
+        stats_iface.lookup(&ifslot),
+        stats_dest.lookup(&dest_slot),
+    };
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        struct counters *c = cs[i];
+        if (!c)
+            continue;
+        if (drop >= 0) {
+            if (drop < N_DROPS)
+                c->drops[drop]++;
+        } else {
+            c->packets++;
+            c->bytes += bytes;
+            c->truncated += truncated;
+        }
+    }
+}
+
+static __always_inline void count_node(int drop)
+{
+    __u32 zero = 0;
+    struct counters *c = stats_node.lookup(&zero);
+    if (c && drop >= 0 && drop < N_DROPS)
+        c->drops[drop]++;
+}
+
+/* Cut the copy so that its L3 part, once `overhead` bytes of headers are added, fits
+ * `mtu`. A copy is cut, never dropped, for being too large; the cut is counted. */
+static __always_inline int fit_mtu(struct __sk_buff *skb, __u32 l2_len, __u32 overhead,
+                                   __u32 mtu, int *truncated)
+{
+    if (!mtu)
+        return 0;
+    __u32 room = mtu > overhead ? mtu - overhead : 0;
+    if (skb->len > l2_len + room) {
+        if (bpf_skb_change_tail(skb, l2_len + room, 0) < 0)
+            return -1;
+        *truncated = 1;
+    }
+    return 0;
+}
+
+/* Remove VLAN tags: jmirror carries the packet from its IP header on. */
+static __always_inline void strip_vlans(struct __sk_buff *skb)
+{
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        __u16 proto = 0;
+        if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+            return;
+        if (!skb->vlan_present && proto != bpf_htons(ETH_P_8021Q) &&
+            proto != bpf_htons(ETH_P_8021AD))
+            return;
+        if (bpf_skb_vlan_pop(skb) < 0)
+            return;
+    }
+}
+
+static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 *src,
+                                       __u32 *dst, __u16 port, __u32 l3_len)
+{
+    struct bpf_fib_lookup fib = {};
+    fib.family = family == AF_INET4 ? AF_INET : AF_INET6;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = bpf_htons(port);
+    fib.dport = bpf_htons(port);
+    fib.tot_len = l3_len;
+    fib.ifindex = skb->ifindex;
+    if (family == AF_INET4) {
+        fib.ipv4_src = src[0];
+        fib.ipv4_dst = dst[0];
+    } else {
+        __builtin_memcpy(fib.ipv6_src, src, 16);
+        __builtin_memcpy(fib.ipv6_dst, dst, 16);
+    }
+    long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+    skb->mark = COPY_MARK;
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+        if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 ||
+            bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
+            return -DROP_WRAP_FAILED;
+        return bpf_redirect(fib.ifindex, 0);
+    }
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+        /* Next hop known, neighbour not yet resolved: let the kernel resolve it. */
+        struct bpf_redir_neigh nh = {};
+        if (family == AF_INET4) {
+            nh.nh_family = AF_INET;
+            nh.ipv4_nh = fib.ipv4_dst;
+        } else {
+            nh.nh_family = AF_INET6;
+            __builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+        }
+        return redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+    return -DROP_NO_ROUTE;
+}
+
+static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry *d,
+                                        __u32 mirror_id, __u32 session_id, int *truncated)
+{
+    strip_vlans(skb);
+    __u16 proto = 0;
+    if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+        return -DROP_WRAP_FAILED;
+    if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
+        return -DROP_NOT_IP;
+    int v6 = d->mode == MODE_JMIRROR6;
+    __u32 overhead = v6 ? OUTER_IPV6_OVERHEAD : OUTER_IPV4_OVERHEAD;
+    if (fit_mtu(skb, ETH_HLEN, overhead, d->mtu, truncated) < 0)
+        return -DROP_WRAP_FAILED;
+    __u32 inner_len = skb->len - ETH_HLEN;
+    __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+                  (v6 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
+    if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, flags) < 0)
+        return -DROP_WRAP_FAILED;
+    __u16 udp_len = inner_len + sizeof(struct udphdr) + 8;
+    __u32 mid = bpf_htonl(mirror_id & JMIRROR_MID_MASK);  /* version 0 in the top bits */
+    __u32 sid = bpf_htonl(session_id);
+    if (!v6) {
+        struct jmirror_v4 h = {};
+        h.ip.version = 4;
+        h.ip.ihl = 5;
+        h.ip.ttl = 255;
+        h.ip.protocol = IPPROTO_UDP;
+        h.ip.tot_len = bpf_htons(inner_len + OUTER_IPV4_OVERHEAD);
+        h.ip.saddr = d->src_addr[0];
+        h.ip.daddr = d->dst_addr[0];
+        h.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+        h.udp.source = bpf_htons(d->udp_port);
+        h.udp.dest = bpf_htons(d->udp_port);
+        h.udp.len = bpf_htons(udp_len);
+        h.udp.check = 0;  /* jmirror over IPv4 sends no UDP checksum */
+        h.mid = mid;
+        h.sid = sid;
+        if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
+            return -DROP_WRAP_FAILED;
+        __u16 eth_proto = bpf_htons(ETH_P_IP);
+        bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
+        return send_routed(skb, AF_INET4, d->src_addr, d->dst_addr, d->udp_port,
+                           inner_len + OUTER_IPV4_OVERHEAD);
+    }
+    struct jmirror_v6 h = {};
+    h.ip.version = 6;
+    h.ip.hop_limit = 255;
+    h.ip.nexthdr = IPPROTO_UDP;
+    h.ip.payload_len = bpf_htons(udp_len);
+    __builtin_memcpy(&h.ip.saddr, d->src_addr, 16);
+    __builtin_memcpy(&h.ip.daddr, d->dst_addr, 16);
+    h.udp.source = bpf_htons(d->udp_port);
+    h.udp.dest = bpf_htons(d->udp_port);
+    h.udp.len = bpf_htons(udp_len);
+    h.mid = mid;
+    h.sid = sid;
+    if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
+        return -DROP_WRAP_FAILED;
+    __u16 eth_proto = bpf_htons(ETH_P_IPV6);
+    bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
+    /* IPv6 requires a UDP checksum: pseudo-header, then UDP header and payload. */
+    __be32 pseudo[10] = {};
+    __builtin_memcpy(pseudo, d->src_addr, 16);
+    __builtin_memcpy(&pseudo[4], d->dst_addr, 16);
+    pseudo[8] = bpf_htonl(udp_len);
+    pseudo[9] = bpf_htonl(IPPROTO_UDP);
+    __s64 sum = bpf_csum_diff(0, 0, pseudo, sizeof(pseudo), 0);
+    sum = csum_payload(skb, ETH_HLEN + 40, ETH_HLEN + 40 + udp_len, sum);
+    __u16 check = csum_fold(sum);
+    if (check == 0)
+        check = 0xFFFF;
+    if (bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &check, 2, 0) < 0)
+        return -DROP_WRAP_FAILED;
+    return send_routed(skb, AF_INET6, d->src_addr, d->dst_addr, d->udp_port,
+                       inner_len + OUTER_IPV6_OVERHEAD);
+}
+
+static __always_inline int has_mac(struct dest_entry *d)
+{
+    return d->mac[0] | d->mac[1] | d->mac[2] | d->mac[3] | d->mac[4] | d->mac[5];
+}
+
+int mirror_wrap(struct __sk_buff *skb)
+{
+    __u32 mark = skb->mark;
+    if ((mark & CLONE_TAG_MASK) != CLONE_TAG) {
+        count_node(DROP_FOREIGN);
+        return TC_ACT_SHOT;
+    }
+    __u32 rule_slot = mark & CLONE_RULE_MASK;
+    __u32 ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
+    struct rule_entry *r = rules.lookup(&rule_slot);
+    __u32 dest_slot = r ? r->dest : 0;
+    struct dest_entry *d = destinations.lookup(&dest_slot);
+    if (!r || !d || d->mode == MODE_NONE) {
+        count_copy(rule_slot, ifslot, dest_slot, DROP_NO_DESTINATION, 0, 0);
+        return TC_ACT_SHOT;
+    }
+    __u32 *sid = sessions.lookup(&ifslot);
+    int truncated = 0;
+    int rc;
+    switch (d->mode) {
+    case MODE_JMIRROR4:
+    case MODE_JMIRROR6:
+        rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &truncated);
+        break;
+    case MODE_L2:
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0 ||
+            bpf_skb_store_bytes(skb, 0, d->mac, 6, 0) < 0) {
+            rc = -DROP_WRAP_FAILED;
+            break;
+        }
+        skb->mark = COPY_MARK;
+        rc = bpf_redirect(d->out_ifindex, 0);
+        break;
+    case MODE_VXLAN: {
+        struct bpf_tunnel_key key = {};
+        __u64 tflags = 0;
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0) {
+            rc = -DROP_WRAP_FAILED;
+            break;
+        }
+        key.tunnel_id = d->vni;
+        key.tunnel_ttl = 64;
+        if (d->flags & 1) {  /* VTEP is IPv6 */
+            __builtin_memcpy(key.remote_ipv6, d->dst_addr, 16);
+            tflags = BPF_F_TUNINFO_IPV6;
+        } else {
+            key.remote_ipv4 = bpf_ntohl(d->dst_addr[0]);
+        }
+        if ((has_mac(d) && bpf_skb_store_bytes(skb, 0, d->mac, 6, 0) < 0) ||
+            bpf_skb_set_tunnel_key(skb, &key, sizeof(key), tflags) < 0) {
+            rc = -DROP_WRAP_FAILED;
+            break;
+        }
+        skb->mark = COPY_MARK;
+        rc = bpf_redirect(d->out_ifindex, 0);
+        break;
+    }
+    case MODE_VLAN:
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0 ||
+            bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), d->vlan_id) < 0) {
+            rc = -DROP_WRAP_FAILED;
+            break;
+        }
+        skb->mark = COPY_MARK;
+        rc = bpf_redirect(d->out_ifindex, 0);
+        break;
+    default:
+        rc = -DROP_NO_DESTINATION;
+    }
+    if (rc == TC_ACT_REDIRECT) {
+        count_copy(rule_slot, ifslot, dest_slot, -1, skb->len, truncated);
+        return rc;
+    }
+    count_copy(rule_slot, ifslot, dest_slot, rc < 0 ? -rc : DROP_REDIRECT_FAILED, 0, 0);
+    return TC_ACT_SHOT;
+}
+
+int analyzer_port_rx(struct xdp_md *ctx)
+{
+    count_node(DROP_RX_BLOCKED);
+    return XDP_DROP;
+}
