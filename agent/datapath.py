@@ -112,14 +112,18 @@ class Datapath:
                 self.progs = {
                     "classify_from_pod": self.bpf.load_func("classify_from_pod", BPF.SCHED_CLS),
                     "classify_to_pod": self.bpf.load_func("classify_to_pod", BPF.SCHED_CLS),
+                    "eval_continue": self.bpf.load_func("eval_continue", BPF.SCHED_CLS),
                     "mirror_wrap": self.bpf.load_func("mirror_wrap", BPF.SCHED_CLS),
                     "analyzer_port_rx": self.bpf.load_func("analyzer_port_rx", BPF.XDP),
                 }
             except Exception as e:
                 raise DatapathError(f"the kernel rejected a BPF program: {e}") from e
+        self.bpf.get_table("eval_progs")[C.c_int(0)] = C.c_int(self.progs["eval_continue"].fd)
         for name, fn in self.progs.items():
             obj_pin(fn.fd, f"{self.pin_root}/prog_{name}")
         for spec in layout.map_specs(self.max_flow_dests):
+            if spec.kind == "prog":
+                continue
             table = self.bpf.get_table(spec.name)
             self.maps[spec.name] = BpfMap(table.get_fd(), C.sizeof(spec.key),
                                           C.sizeof(spec.value),
@@ -213,13 +217,15 @@ class Datapath:
     def attach(self, ifname: str) -> Attachment:
         """Attach the classifier to both directions of a pod's host-side interface.
         Either both directions are attached or neither is."""
-        idx = self.ifindex(ifname)
+        return self.attach_index(self.ifindex(ifname), ifname)
+
+    def attach_index(self, idx: int, ifname: str = "") -> Attachment:
         self._attach_tc(idx, "classify_from_pod", TC_INGRESS)
         try:
             self._attach_tc(idx, "classify_to_pod", TC_EGRESS)
         except Exception as e:
             self._detach_tc(idx, TC_INGRESS)
-            raise DatapathError(f"attaching to {ifname} failed: {e}") from e
+            raise DatapathError(f"attaching to {ifname or idx} failed: {e}") from e
         return Attachment(ifname, idx)
 
     def detach(self, ifindex: int) -> None:

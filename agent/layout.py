@@ -249,6 +249,10 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         MapSpec("stats_iface", "percpu_array", u32, Counters, MAX_INTERFACES),
         MapSpec("stats_dest", "percpu_array", u32, Counters, MAX_DESTINATIONS),
         MapSpec("stats_node", "percpu_array", u32, Counters, 1),
+        # The rule walk's continuation program (pinned: an unpinned program array is
+        # emptied when its last user reference closes, which would stop evaluation when
+        # the agent exits).
+        MapSpec("eval_progs", "prog", u32, u32, 1),
     )
 
 

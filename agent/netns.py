@@ -9,6 +9,7 @@ network namespace, with setns, for the calls that are per-namespace: netlink soc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,8 +18,14 @@ NETNS_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
-    os.setns(fd, CLONE_NEWNET)
+    # os.setns arrives only with Python 3.12; Debian 12 has 3.11.
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 @contextlib.contextmanager

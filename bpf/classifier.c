@@ -191,6 +191,10 @@ static __always_inline void make_key(struct parsed *p, __u16 ifslot)
  * read back from a map are unknown to the verifier, so after the bounds checks every
  * path reaches the loop head in the same state and the verifier prunes them. */
 struct eval_scratch {
+    struct parsed p;            /* the packet being evaluated */
+    __u32 ifindex;
+    __u32 orientation;          /* 0: as the packet travels; 1: reversed */
+    __u32 started;              /* the walk of this orientation has begun */
     __u64 cand[SUMMARY_WORDS];  /* candidate words per summary word */
     __u64 cur;                  /* candidate words left in summary word `sw` */
     __u64 bits;                 /* matching bits left in the current word */
@@ -218,17 +222,21 @@ static __always_inline __u64 mask_from(__u32 word, __u32 slot)
     return (~0ULL << (d & 63)) & (past - 1);
 }
 
-/* Steps: one per candidate word, one per policy that decided, one per summary word. */
-#define EVAL_STEPS (RULE_WORDS + 64 + SUMMARY_WORDS)
+/* Steps per program run. The walk continues in the next run (a tail call of
+ * eval_continue into itself) until it is done: one step per candidate word, one per
+ * policy that decided, one per summary word, so at most RULE_WORDS + 64 + SUMMARY_WORDS
+ * per orientation, well inside the 33 tail calls the kernel allows. */
+#define EVAL_STEPS 96
 
-static __always_inline void eval_walk(struct eval_scratch *s, struct eval_bitmaps *b)
+/* Returns 1 when the walk is done, 0 when it needs another run. */
+static __always_inline int eval_walk(struct eval_scratch *s, struct eval_bitmaps *b)
 {
     for (int i = 0; i < EVAL_STEPS; i++) {
         if (!s->bits) {
             if (!s->cur) {
                 __u32 sw = s->sw + 1;
                 if (sw >= SUMMARY_WORDS)
-                    return;  /* no candidates left: done */
+                    return 1;  /* no candidates left: done */
                 s->sw = sw;
                 s->cur = s->cand[sw];
                 continue;
@@ -238,10 +246,10 @@ static __always_inline void eval_walk(struct eval_scratch *s, struct eval_bitmap
             s->cur ^= low;
             __u32 sw = s->sw;
             if (sw >= SUMMARY_WORDS)
-                return;
+                return 1;
             __u32 w = sw * 64 + bit_index(low);
             if (w >= RULE_WORDS)
-                return;
+                return 1;
             s->word = w;
             s->bits = b->src->bits[w] & b->dst->bits[w] & b->port->bits[w] &
                       b->ifc->bits[w] & mask_from(w, s->skip_below);
@@ -266,6 +274,7 @@ static __always_inline void eval_walk(struct eval_scratch *s, struct eval_bitmap
         s->skip_below = r->policy_end;
         s->bits &= mask_from(s->word, r->policy_end);
     }
+    return 0;
 }
 
 static __always_inline struct match_bits *lookup_addr(int src_side, __u8 family, __u32 *addr)
@@ -280,29 +289,35 @@ static __always_inline struct match_bits *lookup_addr(int src_side, __u8 family,
     return src_side ? src_v6.lookup(&k) : dst_v6.lookup(&k);
 }
 
-/* Evaluate one orientation (src -> dst : dport) of a flow; results accumulate in s. */
-static __always_inline void evaluate(struct eval_scratch *s, struct iface_entry *ifc,
-                                     __u8 family, __u32 *src, __u32 *dst, __u8 proto,
-                                     __u16 dport)
+/* The four bitmaps of the orientation being evaluated; 0 when one is missing (then
+ * nothing can match that way round). */
+static __always_inline int eval_bitmaps(struct eval_scratch *s, struct eval_bitmaps *b)
 {
-    struct eval_bitmaps b = {.ifc = ifc};
-    b.src = lookup_addr(1, family, src);
-    b.dst = lookup_addr(0, family, dst);
+    struct parsed *p = &s->p;
+    __u32 ifindex = s->ifindex;
+    b->ifc = interfaces.lookup(&ifindex);
+    int rev = s->orientation;
+    b->src = lookup_addr(1, p->family, rev ? p->dst : p->src);
+    b->dst = lookup_addr(0, p->family, rev ? p->src : p->dst);
     struct lpm_port_key pk = {.prefixlen = 24};
-    pk.data[0] = proto;
+    pk.data[0] = p->proto;
+    __u16 dport = rev ? p->sport : p->dport;
     __builtin_memcpy(&pk.data[1], &dport, 2);
-    b.port = ports.lookup(&pk);
-    if (!b.src || !b.dst || !b.port)
-        return;
+    b->port = ports.lookup(&pk);
+    return b->ifc && b->src && b->dst && b->port;
+}
+
+/* Start the walk of the current orientation. */
+static __always_inline void eval_start(struct eval_scratch *s, struct eval_bitmaps *b)
+{
 #pragma unroll
     for (int j = 0; j < SUMMARY_WORDS; j++)
-        s->cand[j] = b.src->summary[j] & b.dst->summary[j] & b.port->summary[j] &
-                     ifc->summary[j];
+        s->cand[j] = b->src->summary[j] & b->dst->summary[j] & b->port->summary[j] &
+                     b->ifc->summary[j];
     s->sw = 0;
     s->cur = s->cand[0];
     s->bits = 0;
     s->skip_below = 0;
-    eval_walk(s, &b);
 }
 
 /* ------------------------------------------------------------------ copies */
@@ -319,6 +334,23 @@ static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifinde
             c->drops[DROP_CLONE_FAILED]++;
         else
             c->cloned++;
+    }
+}
+
+/* The copies of one packet of an evaluated flow. */
+static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifindex,
+                                        __u16 ifslot, struct flow_entry *fe)
+{
+    fe->last_seen_ns = bpf_ktime_get_ns();
+    __u32 n = fe->n_rules;
+    if (!n)
+        return;
+    fe->packets++;
+    fe->bytes += skb->len;
+#pragma unroll
+    for (int i = 0; i < MAX_FLOW_DESTS; i++) {
+        if (i < n)
+            send_copy(skb, mirror_ifindex, ifslot, fe->rules[i]);
     }
 }
 
@@ -362,59 +394,85 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
 
     make_key(&p, ifslot);
     struct flow_entry *fe = flows.lookup(&p.key);
-    __u64 now = bpf_ktime_get_ns();
     if (!fe || fe->generation != cfg->generation) {
-        /* First packet of the flow, or the policy changed since: evaluate. */
+        /* First packet of the flow, or the policy changed since: evaluate it, in
+         * eval_continue (a tail call, so that the walk gets its own verifier budget). */
         __u32 zero = 0;
         struct eval_scratch *s = eval_scratch_map.lookup(&zero);
         if (!s)
             return TC_ACT_UNSPEC;
+        s->p = p;
+        s->ifindex = ifindex;
+        s->orientation = 0;
         s->n = 0;
         s->overflow = 0;
-        evaluate(s, ifc, p.family, p.src, p.dst, p.proto, p.dport);
-        /* Seen mid-connection (not a TCP SYN) and nothing matched this way round: the
-         * packet may be a reply, so try the flow's other orientation too. */
-        if (s->n == 0 && s->overflow == 0 && !p.tcp_syn_only)
-            evaluate(s, ifc, p.family, p.dst, p.src, p.proto, p.sport);
-        struct flow_entry fresh = {};
-        fresh.generation = cfg->generation;
-        __u32 n_rules = s->n;
-        fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
-        __builtin_memcpy(fresh.rules, s->rules, sizeof(fresh.rules));
-        __u32 overflow = s->overflow;
-        fresh.flags = (overflow ? FLOW_OVERFLOW : 0) |
-                      (p.src_is_lo ? FLOW_INITIATOR_LO : 0);
-        if (fe) {
-            fresh.first_seen_ns = fe->first_seen_ns;
-            fresh.packets = fe->packets;
-            fresh.bytes = fe->bytes;
-            fresh.flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (fe->flags & FLOW_INITIATOR_LO);
-        } else {
-            fresh.first_seen_ns = now;
-        }
-        fresh.last_seen_ns = now;
-        flows.update(&p.key, &fresh);
-        fe = flows.lookup(&p.key);
-        if (!fe)
-            return TC_ACT_UNSPEC;
-        if (overflow) {
-            __u32 slot = ifslot;
-            struct counters *c = stats_iface.lookup(&slot);
-            if (c)
-                c->drops[DROP_FLOW_LIMIT] += overflow;
-        }
-    }
-    fe->last_seen_ns = now;
-    __u32 n = fe->n_rules;
-    if (!n)
+        s->started = 0;
+        eval_progs.call(skb, 0);
+        /* Only reached when the continuation is missing (agent mid-restart). */
+        count_node(DROP_NO_DESTINATION);
         return TC_ACT_UNSPEC;
-    fe->packets++;
-    fe->bytes += skb->len;
-#pragma unroll
-    for (int i = 0; i < MAX_FLOW_DESTS; i++) {
-        if (i < n)
-            send_copy(skb, cfg->mirror_ifindex, ifslot, fe->rules[i]);
     }
+    mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe);
+    return TC_ACT_UNSPEC;
+}
+
+/* Continue (or start) the rule walk of the flow in the scratch area; when it is done,
+ * cache the verdict in the flow table and send this packet's copies. */
+int eval_continue(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct eval_scratch *s = eval_scratch_map.lookup(&zero);
+    struct config *cfg = config.lookup(&zero);
+    if (!s || !cfg)
+        return TC_ACT_UNSPEC;
+    struct eval_bitmaps b = {};
+    int have = eval_bitmaps(s, &b);
+    if (have && !s->started) {
+        eval_start(s, &b);  /* first run of this orientation */
+        s->started = 1;
+    }
+    int done = have ? eval_walk(s, &b) : 1;
+    if (!done) {
+        eval_progs.call(skb, 0);
+        return TC_ACT_UNSPEC;  /* out of tail calls: the flow is re-evaluated next packet */
+    }
+    /* Seen mid-connection (not a TCP SYN) and nothing matched this way round: the
+     * packet may be a reply, so try the flow's other orientation too. */
+    if (s->orientation == 0 && s->n == 0 && s->overflow == 0 && !s->p.tcp_syn_only) {
+        s->orientation = 1;
+        s->started = 0;
+        eval_progs.call(skb, 0);
+        return TC_ACT_UNSPEC;
+    }
+    struct flow_key key = s->p.key;
+    __u64 now = bpf_ktime_get_ns();
+    struct flow_entry fresh = {};
+    fresh.generation = cfg->generation;
+    __u32 n_rules = s->n;
+    fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
+    __builtin_memcpy(fresh.rules, s->rules, sizeof(fresh.rules));
+    __u32 overflow = s->overflow;
+    fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
+    fresh.first_seen_ns = now;
+    struct flow_entry *old = flows.lookup(&key);
+    if (old) {
+        /* Re-evaluated after a policy change: keep the flow's history. */
+        fresh.first_seen_ns = old->first_seen_ns;
+        fresh.packets = old->packets;
+        fresh.bytes = old->bytes;
+        fresh.flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (old->flags & FLOW_INITIATOR_LO);
+    }
+    fresh.last_seen_ns = now;
+    flows.update(&key, &fresh);
+    if (overflow) {
+        __u32 slot = key.ifslot;
+        struct counters *c = stats_iface.lookup(&slot);
+        if (c)
+            c->drops[DROP_FLOW_LIMIT] += overflow;
+    }
+    struct flow_entry *fe = flows.lookup(&key);
+    if (fe && cfg->mirror_ifindex)
+        mirror_flow(skb, cfg->mirror_ifindex, key.ifslot, fe);
     return TC_ACT_UNSPEC;
 }
 

@@ -15,11 +15,13 @@
 #define ETH_P_8021AD 0x88A8
 #endif
 
-static __always_inline void count(void *map_lookup_result, int drop_reason)
+/* A node-wide drop (one that belongs to no rule, interface or destination). */
+static __always_inline void count_node(int drop)
 {
-    struct counters *c = map_lookup_result;
-    if (c && drop_reason >= 0 && drop_reason < N_DROPS)
-        c->drops[drop_reason]++;
+    __u32 zero = 0;
+    struct counters *c = stats_node.lookup(&zero);
+    if (c && drop >= 0 && drop < N_DROPS)
+        c->drops[drop]++;
 }
 
 /* Index of the single set bit of v, without branches (BPF has no ctz, and every branch

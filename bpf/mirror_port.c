@@ -104,14 +104,6 @@ static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest
     }
 }
 
-static __always_inline void count_node(int drop)
-{
-    __u32 zero = 0;
-    struct counters *c = stats_node.lookup(&zero);
-    if (c && drop >= 0 && drop < N_DROPS)
-        c->drops[drop]++;
-}
-
 /* Cut the copy so that its L3 part, once `overhead` bytes of headers are added, fits
  * `mtu`. A copy is cut, never dropped, for being too large; the cut is counted. */
 static __always_inline int fit_mtu(struct __sk_buff *skb, __u32 l2_len, __u32 overhead,

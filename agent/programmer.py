@@ -1,0 +1,369 @@
+"""From a node's desired state to the contents of the BPF maps, and the diff that writes them.
+
+``plan()`` is pure: a NodeState plus what the node's tables resolved (ifindexes,
+addresses, MTUs) gives the exact bytes every managed map must hold, and the slot tables
+that map numbers back to names. ``MapWriter`` compares that with what is in the maps and
+writes only the difference, then bumps the generation so that cached flow verdicts are
+re-evaluated on their next packet.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+from . import layout as L
+from .state import Destination, Direction, EndpointSet, NodeState, PortRange
+
+log = logging.getLogger(__name__)
+
+MANAGED_MAPS = ("interfaces", "sessions", "rules", "destinations", "src_v4", "dst_v4",
+                "src_v6", "dst_v6", "ports", "analyzers")
+ARRAY_MAPS = ("sessions", "rules", "destinations")  # entries are zeroed, not deleted
+
+
+class PlanError(ValueError):
+    """The state does not fit the datapath (too many rules, interfaces, destinations)."""
+
+
+@dataclass(frozen=True)
+class ResolvedDestination:
+    """A destination as this node reaches it (from its routes and neighbours)."""
+
+    mode: L.Mode
+    dst_addr: str | None = None  # analyzer or VTEP
+    src_addr: str | None = None  # this node's address towards it
+    udp_port: int = 0
+    mtu: int = 1500
+    out_ifindex: int = 0
+    mac: str | None = None
+    vni: int = 0
+    vlan_id: int = 0
+    problem: str | None = None  # why copies to it cannot be delivered now, if so
+
+
+@dataclass
+class Plan:
+    """Exact map contents, plus the names behind every number."""
+
+    maps: dict[str, dict[bytes, bytes]]
+    rule_slots: dict[int, tuple[str, int]] = field(default_factory=dict)  # slot -> (owner, i)
+    dest_slots: dict[str, int] = field(default_factory=dict)
+    ifslots: dict[str, int] = field(default_factory=dict)  # interface key -> slot
+
+
+# ---------------------------------------------------------------------------- helpers
+def _addr_words(addr: str | None) -> bytes:
+    """An address as the datapath stores it: 16 bytes, IPv4 in the first four."""
+    if not addr:
+        return bytes(16)
+    ip = ipaddress.ip_address(addr)
+    return ip.packed.ljust(16, b"\0")
+
+
+def _mac_bytes(mac: str | None) -> bytes:
+    if not mac:
+        return bytes(6)
+    parts = mac.replace("-", ":").split(":")
+    if len(parts) != 6:
+        raise PlanError(f"bad MAC address {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def _bitmap_value(bits: int) -> bytes:
+    """MatchBits bytes for a rule bitmap (bit i = rule slot i)."""
+    words = bits.to_bytes(L.RULE_WORDS * 8, "little")
+    summary = 0
+    for w in range(L.RULE_WORDS):
+        if words[w * 8: w * 8 + 8] != b"\0" * 8:
+            summary |= 1 << w
+    return summary.to_bytes(L.SUMMARY_WORDS * 8, "little") + words
+
+
+def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The fewest (value, prefix length) blocks of the 16-bit port space covering lo..hi."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size >>= 1
+        out.append((lo, 16 - size.bit_length() + 1))
+        lo += size
+    return out
+
+
+class _PrefixCover:
+    """Which rules cover a prefix, for one trie: prefixes (value, length) over `width` bits.
+
+    A rule covers a key prefix when one of its blocks contains the key and none of that
+    block's exceptions does. Every block and exception becomes a key; the longest-prefix
+    match then gives, for any address, exactly the rules whose sets contain it.
+    """
+
+    def __init__(self, width: int):
+        self.width = width
+        self.blocks: dict[tuple[int, int], list[tuple[int, list[tuple[int, int]]]]] = {}
+        self.keys: set[tuple[int, int]] = set()
+
+    def _norm(self, value: int, plen: int) -> tuple[int, int]:
+        shift = self.width - plen
+        return (value >> shift << shift, plen)
+
+    def add(self, slot: int, value: int, plen: int, excepts=()) -> None:
+        key = self._norm(value, plen)
+        exc = [self._norm(v, p) for v, p in excepts]
+        self.blocks.setdefault(key, []).append((slot, exc))
+        self.keys.add(key)
+        self.keys.update(exc)
+
+    @staticmethod
+    def _contains(outer: tuple[int, int], inner: tuple[int, int], width: int) -> bool:
+        (ov, op), (iv, ip) = outer, inner
+        return op <= ip and (iv >> (width - op) if op else 0) == (ov >> (width - op) if op
+                                                                   else 0)
+
+    def bitmaps(self) -> dict[tuple[int, int], int]:
+        out = {}
+        for key in self.keys:
+            value, plen = key
+            bits = 0
+            for length in range(plen + 1):
+                anc = self._norm(value, length)
+                for slot, excepts in self.blocks.get(anc, ()):
+                    if not any(self._contains(e, key, self.width) for e in excepts):
+                        bits |= 1 << slot
+            out[key] = bits
+        return out
+
+
+def _lpm_key(cls, plen: int, value: int, nbytes: int) -> bytes:
+    k = cls()
+    k.prefixlen = plen
+    raw = value.to_bytes(nbytes, "big")
+    C.memmove(C.addressof(k) + 4, raw, nbytes)
+    return bytes(k)
+
+
+# ---------------------------------------------------------------------------- plan
+def plan(state: NodeState, ifindexes: dict[str, int],
+         destinations: dict[str, ResolvedDestination], ifslots: dict[str, int]) -> Plan:
+    """The maps' contents for `state`.
+
+    ifindexes: interface key -> host-side ifindex (interfaces without one are skipped);
+    destinations: name -> how this node reaches it; ifslots: interface key -> slot, the
+    allocation to keep (new interfaces get free slots).
+    """
+    maps: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
+    result = Plan(maps)
+
+    # Destination slots: 1.. by name (0 means none).
+    names = sorted(destinations)
+    if len(names) >= L.MAX_DESTINATIONS:
+        raise PlanError(f"{len(names)} destinations; the datapath holds "
+                        f"{L.MAX_DESTINATIONS - 1}")
+    for slot, name in enumerate(names, start=1):
+        d = destinations[name]
+        result.dest_slots[name] = slot
+        e = L.DestEntry()
+        e.mode = int(d.mode)  # even with a problem: its copies are then counted as drops
+        e.udp_port = d.udp_port
+        e.vlan_id = d.vlan_id
+        e.vni = d.vni
+        e.out_ifindex = d.out_ifindex
+        e.mtu = d.mtu
+        C.memmove(C.addressof(e) + L.DestEntry.src_addr.offset, _addr_words(d.src_addr), 16)
+        C.memmove(C.addressof(e) + L.DestEntry.dst_addr.offset, _addr_words(d.dst_addr), 16)
+        C.memmove(C.addressof(e) + L.DestEntry.mac.offset, _mac_bytes(d.mac), 6)
+        if d.mode == L.Mode.VXLAN and d.dst_addr and ":" in d.dst_addr:
+            e.flags = 1  # IPv6 VTEP
+        maps["destinations"][_u32(slot)] = bytes(e)
+        # Traffic to the analyzer is a stream of copies: never mirror it.
+        if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):
+            ak = L.AnalyzerKey()
+            C.memmove(C.addressof(ak), _addr_words(d.dst_addr), 16)
+            port = d.udp_port if d.mode != L.Mode.VXLAN else L.VXLAN_PORT
+            ak.port = int.from_bytes(port.to_bytes(2, "big"), "little")
+            ak.family = L.AF_INET6 if ":" in d.dst_addr else L.AF_INET4
+            maps["analyzers"][bytes(ak)] = b"\x01"
+
+    # Rule slots: 1.. in policy order, rule order; then port mirrors.
+    covers = {name: _PrefixCover(w) for name, w in
+              (("src_v4", 32), ("dst_v4", 32), ("src_v6", 128), ("dst_v6", 128),
+               ("ports", 24))}
+    iface_bits: dict[str, int] = {}
+    slot = 1
+    for policy in state.policies:
+        first = slot
+        for rule in policy.rules:
+            if slot >= L.MAX_RULES:
+                raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
+            result.rule_slots[slot] = (policy.name, rule.index)
+            _add_endpoints(covers, "src", rule.src, slot)
+            _add_endpoints(covers, "dst", rule.dst, slot)
+            _add_ports(covers["ports"], rule.ports, slot)
+            slot += 1
+        end = slot
+        for s in range(first, end):
+            rule = policy.rules[s - first]
+            r = L.RuleEntry()
+            r.mirror_id = rule.mirror_id
+            r.policy_end = end
+            dslot = result.dest_slots.get(rule.destination or "", 0)
+            if dslot:
+                r.dest = dslot
+                r.flags = L.RULE_MIRRORS
+            maps["rules"][_u32(s)] = bytes(r)
+        bits = ((1 << end) - 1) ^ ((1 << first) - 1)
+        for key in policy.interfaces:
+            iface_bits[key] = iface_bits.get(key, 0) | bits
+
+    for name, cover in covers.items():
+        cls, nbytes = ((L.LpmPortKey, 3) if name == "ports" else
+                       (L.LpmV4Key, 4) if name.endswith("v4") else (L.LpmV6Key, 16))
+        for (value, plen), bits in cover.bitmaps().items():
+            maps[name][_lpm_key(cls, plen, value, nbytes)] = _bitmap_value(bits)
+
+    # Interfaces: keep their slots, give new ones the lowest free.
+    used = {s for k, s in ifslots.items() if k in ifindexes}
+    for iface in sorted(state.interfaces, key=lambda i: i.key):
+        if iface.key not in ifindexes:
+            continue
+        islot = ifslots.get(iface.key)
+        if not islot:
+            islot = next(s for s in range(1, L.MAX_INTERFACES + 1) if s not in used)
+            if islot >= L.MAX_INTERFACES:
+                raise PlanError(f"more than {L.MAX_INTERFACES - 1} interfaces on this node")
+            used.add(islot)
+        result.ifslots[iface.key] = islot
+        e = L.InterfaceEntry()
+        e.ifslot = islot
+        e.session_id = iface.session_id
+        for pm in iface.port_mirrors:
+            if slot >= L.MAX_RULES:
+                raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
+            dslot = result.dest_slots.get(pm.destination, 0)
+            r = L.RuleEntry(mirror_id=pm.mirror_id, dest=dslot, policy_end=slot + 1,
+                            flags=L.RULE_MIRRORS if dslot else 0)
+            maps["rules"][_u32(slot)] = bytes(r)
+            result.rule_slots[slot] = (f"port:{iface.key}:{pm.destination}", 0)
+            for d in (L.Dir.EGRESS, L.Dir.INGRESS):
+                want = Direction.EGRESS if d == L.Dir.EGRESS else Direction.INGRESS
+                if pm.direction.covers(want) and not e.port_rule[d]:
+                    e.port_rule[d] = slot
+            slot += 1
+        bits = iface_bits.get(iface.key, 0)
+        if bits:
+            e.flags |= L.IFACE_HAS_POLICIES
+            raw = _bitmap_value(bits)
+            C.memmove(C.addressof(e) + L.InterfaceEntry.summary.offset, raw, len(raw))
+        maps["interfaces"][_u32(ifindexes[iface.key])] = bytes(e)
+        maps["sessions"][_u32(islot)] = _u32(iface.session_id)
+    return result
+
+
+def _u32(v: int) -> bytes:
+    return int(v).to_bytes(4, "little")
+
+
+def _add_endpoints(covers, side: str, endpoints: EndpointSet, slot: int) -> None:
+    if endpoints is None:  # ANY
+        covers[f"{side}_v4"].add(slot, 0, 0)
+        covers[f"{side}_v6"].add(slot, 0, 0)
+        return
+    for block in endpoints:
+        net = block.network()
+        fam = "v4" if net.version == 4 else "v6"
+        excepts = []
+        for e in block.excepts:
+            en = ipaddress.ip_network(e, strict=False)
+            if en.version == net.version:
+                excepts.append((int(en.network_address), en.prefixlen))
+        covers[f"{side}_{fam}"].add(slot, int(net.network_address), net.prefixlen, excepts)
+
+
+def _add_ports(cover: _PrefixCover, ports: tuple[PortRange, ...], slot: int) -> None:
+    if not ports:
+        cover.add(slot, 0, 0)  # every protocol, every port
+        return
+    for pr in ports:
+        if pr.port_lo is None:
+            cover.add(slot, pr.protocol << 16, 8)
+            continue
+        hi = pr.port_hi if pr.port_hi is not None else pr.port_lo
+        for value, plen in port_prefixes(pr.port_lo, hi):
+            cover.add(slot, (pr.protocol << 16) | value, 8 + plen)
+
+
+# ---------------------------------------------------------------------------- writing
+class MapWriter:
+    """Writes plans into the maps, touching only entries that differ."""
+
+    def __init__(self, maps: dict, adopt: bool = True):
+        self.maps = maps
+        self.written: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
+        if adopt:
+            for m in MANAGED_MAPS:
+                zero = bytes(maps[m].value_size)
+                self.written[m] = {k: v for k, v in maps[m].items() if v != zero}
+
+    def current_ifslots(self) -> dict[int, int]:
+        """ifindex -> interface slot, as found in the maps (for adoption after restart)."""
+        out = {}
+        for k, v in self.written["interfaces"].items():
+            e = L.InterfaceEntry.from_buffer_copy(v)
+            out[int.from_bytes(k, "little")] = e.ifslot
+        return out
+
+    def apply(self, p: Plan) -> int:
+        """Write the plan; returns the number of entries written or removed."""
+        changes = 0
+        # New and changed entries first, so that nothing referenced is missing...
+        order = ("destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
+                 "analyzers", "sessions", "interfaces")
+        for m in order:
+            want, have = p.maps[m], self.written[m]
+            for k, v in want.items():
+                if have.get(k) != v:
+                    self.maps[m].update(k, v)
+                    have[k] = v
+                    changes += 1
+        # ...then what is no longer wanted, interfaces first (they reference the rest).
+        for m in reversed(order):
+            want, have = p.maps[m], self.written[m]
+            for k in [k for k in have if k not in want]:
+                if m in ARRAY_MAPS:
+                    self.maps[m].update(k, bytes(self.maps[m].value_size))
+                else:
+                    self.maps[m].delete(k)
+                del have[k]
+                changes += 1
+        if changes:
+            self.bump_generation()
+        return changes
+
+    def bump_generation(self) -> None:
+        cfg = self.config()
+        cfg.generation = (cfg.generation + 1) & 0xFFFFFFFF
+        self.maps["config"].update(_u32(0), bytes(cfg))
+
+    def config(self) -> L.Config:
+        raw = self.maps["config"].lookup(_u32(0))
+        return L.Config.from_buffer_copy(raw)
+
+    def set_mirror_port(self, ifindex: int) -> None:
+        cfg = self.config()
+        if cfg.mirror_ifindex != ifindex:
+            cfg.mirror_ifindex = ifindex
+            self.maps["config"].update(_u32(0), bytes(cfg))
+
+
+def destination_mode(d: Destination) -> L.Mode:
+    from .state import DeliveryMode
+
+    if d.mode == DeliveryMode.JMIRROR:
+        ip = ipaddress.ip_address(d.analyzer_ip) if d.analyzer_ip else None
+        return L.Mode.JMIRROR6 if ip and ip.version == 6 else L.Mode.JMIRROR4
+    return {DeliveryMode.L2: L.Mode.L2, DeliveryMode.VXLAN: L.Mode.VXLAN,
+            DeliveryMode.VLAN: L.Mode.VLAN}[d.mode]
