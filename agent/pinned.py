@@ -1,0 +1,130 @@
+"""Reading a node's pinned maps from any process (CLI, metrics), without compiling.
+
+Every map of layout.map_specs() is pinned as <pin root>/<name>. The CLI's `show`
+commands and the agent's /metrics read them through here, so they work while the agent
+runs and after it has died.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import layout as L
+from .bpfsys import BpfMap
+
+COUNTER_FIELDS = ("cloned", "packets", "bytes", "truncated")
+
+
+class NotPinned(FileNotFoundError):
+    """Nothing (or not everything) is pinned under the pin root."""
+
+
+@dataclass
+class CounterTotals:
+    cloned: int = 0
+    packets: int = 0
+    bytes: int = 0
+    truncated: int = 0
+    drops: dict[str, int] | None = None
+
+    def as_dict(self) -> dict:
+        return {"cloned": self.cloned, "packets": self.packets, "bytes": self.bytes,
+                "truncated": self.truncated, "drops": dict(self.drops or {})}
+
+
+def sum_counters(per_cpu: list[bytes]) -> CounterTotals:
+    """Add up one slot's per-CPU Counters."""
+    t = CounterTotals(drops={d.name.lower(): 0 for d in L.Drop})
+    for raw in per_cpu:
+        c = L.Counters.from_buffer_copy(raw)
+        for f in COUNTER_FIELDS:
+            setattr(t, f, getattr(t, f) + getattr(c, f))
+        for d in L.Drop:
+            t.drops[d.name.lower()] += c.drops[d]
+    return t
+
+
+class PinnedMaps:
+    """Read access to the maps pinned under `pin_root`."""
+
+    def __init__(self, pin_root: str, max_flow_dests: int | None = None):
+        self.pin_root = pin_root.rstrip("/")
+        if not os.path.isdir(self.pin_root):
+            raise NotPinned(f"no pin root at {self.pin_root}: is the agent running, and "
+                            "is --pin-root the agent's?")
+        self._maps: dict[str, BpfMap] = {}
+        flows_path = f"{self.pin_root}/flows"
+        if not os.path.exists(flows_path):
+            raise NotPinned(f"nothing of cn2mirror is pinned under {self.pin_root}")
+        self.max_flow_dests = max_flow_dests or self._flow_dests_from_pin(flows_path)
+        self.specs = {s.name: s for s in L.map_specs(self.max_flow_dests)}
+
+    @staticmethod
+    def _flow_dests_from_pin(path: str) -> int:
+        """The flow entry's size tells how many destinations a flow holds."""
+        from .bpfsys import lib, obj_get
+
+        class MapInfo(C.Structure):
+            _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
+                        ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
+                        ("map_flags", C.c_uint32), ("name", C.c_char * 16),
+                        ("rest", C.c_uint8 * 64)]
+
+        fd = obj_get(path)
+        try:
+            info = MapInfo()
+            size = C.c_uint32(C.sizeof(info))
+            lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size))
+        finally:
+            os.close(fd)
+        fixed = C.sizeof(L.FlowEntry) - 4 * L.DEFAULT_MAX_FLOW_DESTS
+        return max(1, (info.value_size - fixed) // 4)
+
+    def map(self, name: str) -> BpfMap:
+        if name not in self._maps:
+            spec = self.specs[name]
+            path = f"{self.pin_root}/{name}"
+            try:
+                self._maps[name] = BpfMap.pinned(path, C.sizeof(spec.key), C.sizeof(spec.value),
+                                                 percpu=spec.kind.startswith("percpu"))
+            except FileNotFoundError as e:
+                raise NotPinned(f"map {name} is not pinned at {path}") from e
+        return self._maps[name]
+
+    # ---------------------------------------------------------------- typed reads
+    def config(self) -> L.Config:
+        return L.Config.from_buffer_copy(self.map("config").lookup(bytes(4)))
+
+    def counters(self, kind: str, slot: int) -> CounterTotals:
+        """kind: rule, iface, dest or node."""
+        raw = self.map(f"stats_{kind}").lookup(int(slot).to_bytes(4, "little"))
+        return sum_counters(raw or [])
+
+    def interfaces(self) -> Iterator[tuple[int, L.InterfaceEntry]]:
+        for k, v in self.map("interfaces").items():
+            yield int.from_bytes(k, "little"), L.InterfaceEntry.from_buffer_copy(v)
+
+    def rules(self) -> Iterator[tuple[int, L.RuleEntry]]:
+        zero = bytes(C.sizeof(L.RuleEntry))
+        for k, v in self.map("rules").items():
+            if v != zero:
+                yield int.from_bytes(k, "little"), L.RuleEntry.from_buffer_copy(v)
+
+    def destinations(self) -> Iterator[tuple[int, L.DestEntry]]:
+        zero = bytes(C.sizeof(L.DestEntry))
+        for k, v in self.map("destinations").items():
+            if v != zero:
+                yield int.from_bytes(k, "little"), L.DestEntry.from_buffer_copy(v)
+
+    def flows(self) -> Iterator[tuple[L.FlowKey, C.Structure]]:
+        entry = self.specs["flows"].value
+        for k, v in self.map("flows").items():
+            yield L.FlowKey.from_buffer_copy(k), entry.from_buffer_copy(v)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            os.close(m.fd)
+        self._maps.clear()
