@@ -110,7 +110,7 @@ class Datapath:
                 raise DatapathError(f"compiling the BPF programs failed: {e}") from e
             try:
                 self.progs = {
-                    "classify_from_pod": self.bpf.load_func("classify_from_pod", BPF.SCHED_CLS),
+                    "classify_from_pod": self.bpf.load_func(b"classify_from_pod", BPF.SCHED_CLS),
                     "classify_to_pod": self.bpf.load_func("classify_to_pod", BPF.SCHED_CLS),
                     "eval_continue": self.bpf.load_func("eval_continue", BPF.SCHED_CLS),
                     "mirror_wrap": self.bpf.load_func("mirror_wrap", BPF.SCHED_CLS),
@@ -118,13 +118,13 @@ class Datapath:
                 }
             except Exception as e:
                 raise DatapathError(f"the kernel rejected a BPF program: {e}") from e
-        self.bpf.get_table("eval_progs")[C.c_int(0)] = C.c_int(self.progs["eval_continue"].fd)
+        self.bpf.get_table(b"eval_progs")[C.c_int(0)] = C.c_int(self.progs["eval_continue"].fd)
         for name, fn in self.progs.items():
             obj_pin(fn.fd, f"{self.pin_root}/prog_{name}")
         for spec in layout.map_specs(self.max_flow_dests):
             if spec.kind == "prog":
                 continue
-            table = self.bpf.get_table(spec.name)
+            table = self.bpf.get_table(spec.name.encode())
             self.maps[spec.name] = BpfMap(table.get_fd(), C.sizeof(spec.key),
                                           C.sizeof(spec.value),
                                           percpu=spec.kind.startswith("percpu"))
@@ -167,7 +167,7 @@ class Datapath:
         from bcc import BPF
 
         with entered(self.netns):
-            BPF.attach_xdp(MIRROR_TX, self.progs["analyzer_port_rx"], XDP_FLAGS_SKB_MODE)
+            BPF.attach_xdp(MIRROR_TX.encode(), self.progs["analyzer_port_rx"], XDP_FLAGS_SKB_MODE)
 
     def teardown_mirror_port(self) -> None:
         ipr = iproute(self.netns)

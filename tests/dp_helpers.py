@@ -1,0 +1,145 @@
+"""Shared pieces of the datapath tests: a node in a throwaway namespace, state builders,
+reading flows and counters back from the maps."""
+
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import subprocess
+import uuid
+
+from cn2mirror.agent import layout as L
+from cn2mirror.agent.bpfsys import test_run
+from cn2mirror.agent.netns import entered
+from cn2mirror.agent.node import Node
+from cn2mirror.agent.pinned import sum_counters
+from cn2mirror.agent.state import (
+    Cidr,
+    DeliveryMode,
+    Destination,
+    Direction,
+    Interface,
+    NodeState,
+    Policy,
+    PortMirror,
+    PortRange,
+    Rule,
+)
+
+TC_ACT_UNSPEC = -1
+POD_IF = "vpod"  # the fake pod's host-side interface in the packet-test namespace
+ANALYZER = "198.18.200.10"
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class PacketNode:
+    """A Node in its own namespace with one fake pod interface, for BPF_PROG_TEST_RUN."""
+
+    def __init__(self, max_flow_dests: int = L.DEFAULT_MAX_FLOW_DESTS):
+        self.tag = uuid.uuid4().hex[:6]
+        self.netns = f"cn2m-pkt-{self.tag}"
+        self.pin_root = f"/sys/fs/bpf/cn2m-test-{self.tag}"
+        ip("netns", "add", self.netns)
+        try:
+            ip("-n", self.netns, "link", "set", "lo", "up")
+            ip("-n", self.netns, "link", "add", POD_IF, "type", "veth", "peer", "name", "vpeer")
+            ip("-n", self.netns, "link", "add", "an0", "type", "veth", "peer", "name", "an1")
+            for dev in (POD_IF, "vpeer", "an0", "an1"):
+                ip("-n", self.netns, "link", "set", dev, "up")
+            ip("-n", self.netns, "addr", "add", "198.18.200.1/24", "dev", "an0")
+            self.node = Node(self.pin_root, netns=self.netns, max_flow_dests=max_flow_dests)
+            self.node.start()
+            self.ifindex = self.node.datapath.ifindex(POD_IF)
+        except BaseException:
+            self.close()
+            raise
+
+    def apply(self, state: NodeState):
+        return self.node.apply(state)
+
+    def run(self, prog: str, packet: bytes, mark: int = 0) -> tuple[int, bytes]:
+        """Run a classifier on a packet as if it crossed the fake pod interface."""
+        with entered(self.netns):
+            rc, out, _ = test_run(self.node.datapath.prog_fd(prog), packet,
+                                  ifindex=self.ifindex, mark=mark)
+        return rc, out
+
+    def from_pod(self, packet: bytes, mark: int = 0) -> tuple[int, bytes]:
+        return self.run("classify_from_pod", packet, mark)
+
+    def to_pod(self, packet: bytes) -> tuple[int, bytes]:
+        return self.run("classify_to_pod", packet)
+
+    # ------------------------------------------------------------------ reading back
+    def flows(self) -> list[tuple[L.FlowKey, C.Structure]]:
+        m = self.node.datapath.maps["flows"]
+        entry = L.flow_entry_type(self.node.datapath.max_flow_dests)
+        return [(L.FlowKey.from_buffer_copy(k), entry.from_buffer_copy(v)) for k, v in m.items()]
+
+    def flow_rules(self, a: str, b: str) -> list[tuple[str, int]] | None:
+        """(policy, rule index) the flow between addresses a and b is mirrored by."""
+        want = {ipaddress.ip_address(a).packed.ljust(16, b"\0"),
+                ipaddress.ip_address(b).packed.ljust(16, b"\0")}
+        slots = self.node.last.plan.rule_slots
+        for key, entry in self.flows():
+            if {bytes(key.addr_lo), bytes(key.addr_hi)} == want:
+                return [slots[entry.rules[i]] for i in range(entry.n_rules)]
+        return None
+
+    def counters(self, kind: str, slot: int):
+        raw = self.node.datapath.maps[f"stats_{kind}"].lookup(slot.to_bytes(4, "little"))
+        return sum_counters(raw)
+
+    def rule_slot(self, policy: str, index: int) -> int:
+        return next(s for s, (p, i) in self.node.last.plan.rule_slots.items()
+                    if p == policy and i == index)
+
+    def close(self) -> None:
+        node = getattr(self, "node", None)
+        if node is not None:
+            try:
+                node.stop(cleanup=True)
+            except Exception:
+                pass
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        subprocess.run(["rm", "-rf", self.pin_root], capture_output=True)
+
+
+# ---------------------------------------------------------------------- state builders
+def analyzer(name: str = "an", ip_addr: str = ANALYZER, port: int = 30030) -> Destination:
+    return Destination(name, DeliveryMode.JMIRROR, analyzer_ip=ip_addr, udp_port=port)
+
+
+def pod_iface(session: int = 7, port_mirrors=()) -> Interface:
+    return Interface("demo/web", session_id=session, host_ifname=POD_IF,
+                     port_mirrors=tuple(port_mirrors))
+
+
+def blocks(*cidrs: str) -> tuple[Cidr, ...]:
+    return tuple(Cidr(c) for c in cidrs)
+
+
+def rule(policy: str, index: int, *, src=None, dst=None, ports=(), dest: str | None = "an",
+         mirror_id: int | None = None) -> Rule:
+    return Rule(policy, index, src, dst, tuple(ports), dest,
+                mirror_id if mirror_id is not None else 1000 + index)
+
+
+def policy(name: str, *rules: Rule) -> Policy:
+    return Policy(name, tuple(rules), frozenset({"demo/web/eth0"}))
+
+
+def state(*policies: Policy, dests=None, iface: Interface | None = None) -> NodeState:
+    return NodeState("node1", interfaces=(iface or pod_iface(),), policies=tuple(policies),
+                     destinations=tuple(dests or (analyzer(),)))
+
+
+def tcp_ports(lo: int, hi: int | None = None) -> PortRange:
+    return PortRange(6, lo, hi if hi is not None else lo)
+
+
+__all__ = ["PacketNode", "analyzer", "pod_iface", "blocks", "rule", "policy", "state",
+           "tcp_ports", "PortMirror", "Direction", "PortRange", "Cidr", "TC_ACT_UNSPEC"]

@@ -1,0 +1,334 @@
+"""The classifier in the kernel, packet by packet (BPF_PROG_TEST_RUN).
+
+Every test runs the real compiled programs on scapy-built packets and checks the verdict
+(always TC_ACT_UNSPEC), that the packet comes back bit-identical, the flow entry the
+program cached, and the counters.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.sctp import SCTP
+
+from cn2mirror.agent import layout as L
+
+from .dp_helpers import (
+    TC_ACT_UNSPEC,
+    Cidr,
+    Direction,
+    PacketNode,
+    PortMirror,
+    PortRange,
+    analyzer,
+    blocks,
+    pod_iface,
+    policy,
+    rule,
+    state,
+    tcp_ports,
+)
+
+pytestmark = [pytest.mark.bpf]
+
+POD, PEER = "198.18.10.2", "198.18.20.5"
+POD6, PEER6 = "2001:2:0:10::2", "2001:2:0:20::5"
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+@pytest.fixture(scope="module")
+def pn():
+    node = PacketNode()
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def fresh(pn):
+    """Clear the flow table between tests (verdicts are per test)."""
+    m = pn.node.datapath.maps["flows"]
+    for k in list(m.keys()):
+        m.delete(k)
+    return pn
+
+
+def syn(src=POD, dst=PEER, sport=40000, dport=80):
+    return bytes(ETH / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
+
+
+def ack(src, dst, sport, dport):
+    return bytes(ETH / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="A"))
+
+
+def run_unchanged(pn, pkt: bytes, direction: str = "from") -> None:
+    rc, out = (pn.from_pod if direction == "from" else pn.to_pod)(pkt)
+    assert rc == TC_ACT_UNSPEC
+    assert out == pkt
+
+
+# ---------------------------------------------------------------------- verdicts
+def test_matching_flow_is_mirrored_both_directions_share_the_verdict(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, dst=blocks("198.18.20.0/24"),
+                                         ports=[tcp_ports(80)]))))
+    slot = pn.rule_slot("demo/p", 0)
+    before = pn.counters("rule", slot).cloned
+    run_unchanged(pn, syn())
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    # The reply, into the pod, finds the same entry: mirrored too.
+    run_unchanged(pn, ack(PEER, POD, 80, 40000), "to")
+    assert len(pn.flows()) == 1
+    assert pn.counters("rule", slot).cloned == before + 2
+    (key, entry), = pn.flows()
+    assert entry.packets == 2 and entry.flags & L.FLOW_INITIATOR_LO
+
+
+def test_flow_no_rule_selects_is_cached_but_not_mirrored(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    slot = pn.rule_slot("demo/p", 0)
+    before = pn.counters("rule", slot).cloned
+    run_unchanged(pn, syn(dport=443))
+    assert pn.flow_rules(POD, PEER) == []
+    assert pn.counters("rule", slot).cloned == before
+
+
+def test_first_matching_rule_of_a_policy_decides(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p",
+                          rule("demo/p", 0, ports=[tcp_ports(80)], dest=None),
+                          rule("demo/p", 1))))
+    run_unchanged(pn, syn(dport=80))
+    assert pn.flow_rules(POD, PEER) == []  # rule 0 matched first and mirrors nothing
+    run_unchanged(pn, syn(dst="198.18.20.6", dport=81))
+    assert pn.flow_rules(POD, "198.18.20.6") == [("demo/p", 1)]
+
+
+def test_policies_add_up(fresh):
+    pn = fresh
+    pn.apply(state(policy("a/p", rule("a/p", 0, ports=[tcp_ports(80)])),
+                   policy("b/q", rule("b/q", 0, dst=blocks("198.18.20.5/32"), dest="an2")),
+                   dests=(analyzer(), analyzer("an2", "198.18.200.11"))))
+    run_unchanged(pn, syn())
+    assert pn.flow_rules(POD, PEER) == [("a/p", 0), ("b/q", 0)]
+
+
+def test_cidr_except_and_port_ranges(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule(
+        "demo/p", 0, dst=(Cidr("198.18.0.0/16", ("198.18.20.0/24",)),),
+        ports=[tcp_ports(8000, 8100)]))))
+    run_unchanged(pn, syn(dst="198.18.30.1", dport=8050))
+    assert pn.flow_rules(POD, "198.18.30.1") == [("demo/p", 0)]
+    run_unchanged(pn, syn(dst="198.18.20.5", dport=8050))  # in the except block
+    assert pn.flow_rules(POD, "198.18.20.5") == []
+    run_unchanged(pn, syn(dst="198.18.30.2", dport=8101))  # past endPort
+    assert pn.flow_rules(POD, "198.18.30.2") == []
+    run_unchanged(pn, syn(dst="198.18.30.3", dport=8100))  # endPort itself
+    assert pn.flow_rules(POD, "198.18.30.3") == [("demo/p", 0)]
+
+
+def test_protocols_udp_sctp_icmp(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p",
+                          rule("demo/p", 0, ports=[PortRange(17, 53, 53)]),
+                          rule("demo/p", 1, ports=[PortRange(132, 9000, 9000)]),
+                          rule("demo/p", 2, ports=[PortRange(1)]))))
+    run_unchanged(pn, bytes(ETH / IP(src=POD, dst=PEER) / UDP(sport=5000, dport=53)))
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    run_unchanged(pn, bytes(ETH / IP(src=POD, dst="198.18.20.6") / SCTP(sport=1, dport=9000)))
+    assert pn.flow_rules(POD, "198.18.20.6") == [("demo/p", 1)]
+    run_unchanged(pn, bytes(ETH / IP(src=POD, dst="198.18.20.7") / ICMP(id=77)))
+    assert pn.flow_rules(POD, "198.18.20.7") == [("demo/p", 2)]
+    # The echo reply shares the request's flow (the identifier is both "ports").
+    run_unchanged(pn, bytes(ETH / IP(src="198.18.20.7", dst=POD) / ICMP(type=0, id=77)), "to")
+    assert sum(1 for k, _ in pn.flows() if k.proto == 1) == 1
+
+
+def test_ipv6_with_extension_headers(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, dst=blocks("2001:2:0:20::/64"),
+                                         ports=[tcp_ports(443)]))))
+    pkt = bytes(ETH / IPv6(src=POD6, dst=PEER6) / IPv6ExtHdrHopByHop() /
+                IPv6ExtHdrRouting(addresses=[]) / TCP(sport=1234, dport=443, flags="S"))
+    run_unchanged(pn, pkt)
+    assert pn.flow_rules(POD6, PEER6) == [("demo/p", 0)]
+
+
+def test_vlan_tagged_packets_are_parsed(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    pkt = bytes(ETH / Dot1Q(vlan=12) / IP(src=POD, dst=PEER) / TCP(sport=1, dport=80, flags="S"))
+    run_unchanged(pn, pkt)
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+
+
+def test_non_first_fragments_match_only_rules_without_ports(fresh):
+    pn = fresh
+    pn.apply(state(policy("a/p", rule("a/p", 0, ports=[tcp_ports(80)])),
+                   policy("b/q", rule("b/q", 0, dst=blocks("198.18.20.0/24")))))
+    frag = bytes(ETH / IP(src=POD, dst=PEER, proto=6, frag=100) / (b"x" * 40))
+    run_unchanged(pn, frag)
+    assert pn.flow_rules(POD, PEER) == [("b/q", 0)]
+    frag6 = bytes(ETH / IPv6(src=POD6, dst=PEER6) / IPv6ExtHdrFragment(offset=10, nh=6) /
+                  (b"y" * 40))
+    pn.apply(state(policy("a/p", rule("a/p", 0, ports=[tcp_ports(80)])),
+                   policy("b/q", rule("b/q", 0, dst=blocks("2001:2:0:20::/64")))))
+    run_unchanged(pn, frag6)
+    assert pn.flow_rules(POD6, PEER6) == [("b/q", 0)]
+
+
+def test_reply_seen_first_is_matched_in_reverse_but_a_syn_is_not(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, src=blocks(f"{POD}/32"),
+                                         ports=[tcp_ports(80)]))))
+    # Mid-connection: the server's packet towards the pod is the first we see.
+    run_unchanged(pn, ack(PEER, POD, 80, 40001), "to")
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    # A SYN is certainly the first packet: no reverse guess.
+    run_unchanged(pn, bytes(ETH / IP(src="198.18.20.9", dst=POD) /
+                            TCP(sport=80, dport=40002, flags="S")), "to")
+    assert pn.flow_rules(POD, "198.18.20.9") == []
+
+
+def test_policy_change_applies_to_existing_flows(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    run_unchanged(pn, syn())
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(8080)]))))
+    run_unchanged(pn, ack(POD, PEER, 40000, 80))
+    assert pn.flow_rules(POD, PEER) == []
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    run_unchanged(pn, ack(POD, PEER, 40000, 80))
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    (key, entry), = pn.flows()
+    assert entry.packets == 2  # the flow's history survives re-evaluation
+
+
+def test_reapplying_the_same_state_writes_nothing(fresh):
+    pn = fresh
+    st_ = state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)])))
+    pn.apply(st_)
+    assert pn.apply(st_).changes == 0
+
+
+def test_port_mirroring_follows_direction(fresh):
+    pn = fresh
+    iface = pod_iface(port_mirrors=[PortMirror("an", Direction.EGRESS, 4242)])
+    pn.apply(state(dests=(analyzer(),), iface=iface))
+    slot = next(s for s, (o, _) in pn.node.last.plan.rule_slots.items() if o.startswith("port:"))
+    before = pn.counters("rule", slot).cloned
+    run_unchanged(pn, syn())
+    assert pn.counters("rule", slot).cloned == before + 1
+    run_unchanged(pn, ack(PEER, POD, 80, 40000), "to")  # into the pod: not selected
+    assert pn.counters("rule", slot).cloned == before + 1
+    assert pn.flows() == []  # no policy: no flow evaluation at all
+
+
+def test_port_mirroring_copies_non_ip_frames_too(fresh):
+    pn = fresh
+    iface = pod_iface(port_mirrors=[PortMirror("an", Direction.BOTH, 4242)])
+    pn.apply(state(dests=(analyzer(),), iface=iface))
+    slot = next(s for s, (o, _) in pn.node.last.plan.rule_slots.items() if o.startswith("port:"))
+    before = pn.counters("rule", slot).cloned
+    arp = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x0806) / (b"\x00" * 28))
+    run_unchanged(pn, arp)
+    assert pn.counters("rule", slot).cloned == before + 1
+
+
+def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0))))
+    slot = pn.rule_slot("demo/p", 0)
+    before = pn.counters("rule", slot).cloned
+    # A packet carrying the copy mark (one of our copies passing this interface).
+    rc, out = pn.from_pod(syn(), mark=L.COPY_MARK)
+    assert rc == TC_ACT_UNSPEC and out == syn()
+    # A jmirror stream to a known analyzer (a copy from another node).
+    to_analyzer = bytes(ETH / IP(src=POD, dst="198.18.200.10") / UDP(sport=30030,
+                                                                      dport=30030))
+    run_unchanged(pn, to_analyzer)
+    assert pn.counters("rule", slot).cloned == before
+    assert pn.flows() == []
+
+
+def test_flow_destination_limit_counts_overflow():
+    pn = PacketNode(max_flow_dests=1)
+    try:
+        pn.apply(state(policy("a/p", rule("a/p", 0)), policy("b/q", rule("b/q", 0))))
+        run_unchanged(pn, syn())
+        assert pn.flow_rules(POD, PEER) == [("a/p", 0)]
+        ifslot = pn.node.last.plan.ifslots["demo/web/eth0"]
+        assert pn.counters("iface", ifslot).drops["flow_limit"] == 1
+        (_, entry), = pn.flows()
+        assert entry.flags & L.FLOW_OVERFLOW
+    finally:
+        pn.close()
+
+
+def test_thousands_of_rules_first_match_and_continuation(fresh):
+    """10,000 rules in 2,500 policies: the walk spans several tail calls and still finds
+    exactly the rules a reference evaluation finds."""
+    pn = fresh
+    policies = []
+    for p in range(2500):
+        name = f"ns/p{p:04d}"
+        rules = [rule(name, 0, dst=blocks(f"198.19.{p // 250}.{p % 250}/32"),
+                      ports=[tcp_ports(80)], mirror_id=1 + p * 4),
+                 rule(name, 1, dst=blocks("198.19.0.0/16"), ports=[tcp_ports(81)],
+                      dest=None if p % 2 else "an", mirror_id=2 + p * 4),
+                 rule(name, 2, ports=[tcp_ports(9000, 9100)], dest=None, mirror_id=3 + p * 4),
+                 rule(name, 3, src=blocks("198.18.10.0/24"), mirror_id=4 + p * 4)]
+        policies.append(policy(name, *rules))
+    pn.apply(state(*policies))
+    # To the last policy's /32 on port 80: rule 0 of p2499 decides for that policy, and
+    # every other policy decides with its rule 3 (src matches): first four mirror.
+    run_unchanged(pn, syn(dst="198.19.9.249", dport=80))
+    got = pn.flow_rules(POD, "198.19.9.249")
+    assert got == [("ns/p0000", 3), ("ns/p0001", 3), ("ns/p0002", 3), ("ns/p0003", 3)]
+    # Port 9050: rule 2 (mirrors nothing) decides in every policy: not mirrored at all.
+    run_unchanged(pn, syn(dst="198.19.0.1", dport=9050))
+    assert pn.flow_rules(POD, "198.19.0.1") == []
+
+
+# ---------------------------------------------------------------------- any packet
+packets = st.one_of(
+    st.binary(min_size=0, max_size=200),
+    st.builds(lambda ln, b: syn()[:ln] + b, st.integers(0, 60), st.binary(max_size=20)),
+    st.builds(lambda ihl, frag, proto, pay: bytes(
+        ETH / IP(src=POD, dst=PEER, ihl=ihl, frag=frag, proto=proto) / pay),
+        st.integers(0, 15), st.integers(0, 8191), st.integers(0, 255),
+        st.binary(max_size=64)),
+    st.builds(lambda nh, pay: bytes(ETH / IPv6(src=POD6, dst=PEER6, nh=nh) / pay),
+              st.sampled_from([0, 43, 44, 60, 51, 6, 17, 58, 132, 59]),
+              st.binary(max_size=64)),
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pkt=packets, to_pod=st.booleans())
+def test_any_packet_passes_unchanged(pn, pkt, to_pod):
+    pkt = pkt.ljust(14, b"\0")
+    # BPF_PROG_TEST_RUN itself refuses frames shorter than an Ethernet header and IP
+    # frames whose IP header is cut short (EINVAL before any program runs).
+    ethertype = pkt[12:14]
+    assume(not (ethertype == b"\x08\x00" and len(pkt) < 34))
+    assume(not (ethertype == b"\x86\xdd" and len(pkt) < 54))
+    if not pn.node.last or not pn.node.last.plan.rule_slots:
+        pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(1, 65535)]),
+                              rule("demo/p", 1)),
+                       iface=pod_iface(port_mirrors=[PortMirror("an", Direction.BOTH, 9)])))
+    rc, out = (pn.to_pod if to_pod else pn.from_pod)(pkt)
+    assert rc == TC_ACT_UNSPEC
+    assert out == pkt
