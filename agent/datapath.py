@@ -147,8 +147,11 @@ class Datapath:
                 sysctl(self.netns, f"net.ipv6.conf.{name}.addr_gen_mode", 1)
                 sysctl(self.netns, f"net.ipv6.conf.{name}.accept_ra", 0)
                 ipr.link("set", index=idx, mtu=MIRROR_MTU)
-            ipr.link("set", index=tx, flags=0x80, change=0x80)  # IFF_NOARP
-            ipr.link("set", index=rx, flags=0x80, change=0x80)
+            # IFF_NOARP on, IFF_MULTICAST off: no ARP, IGMP or MLD of the port's own.
+            for idx in (tx, rx):
+                ipr.link("set", index=idx, flags=0x80, change=0x80 | 0x1000)
+            # The sending end needs no IPv6 at all (no MLD reports wandering into rx).
+            sysctl(self.netns, f"net.ipv6.conf.{MIRROR_TX}.disable_ipv6", 1)
             sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.forwarding", 1)
             sysctl(self.netns, f"net.ipv6.conf.{MIRROR_RX}.forwarding", 1)
             ipr.link("set", index=tx, state="up")

@@ -83,8 +83,8 @@ FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port
 FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
 FLOW_OVERFLOW = 4  # more rules matched than the flow could take
 
-AF_INET4 = 4
-AF_INET6 = 6
+FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
+FAMILY_V6 = 6
 
 
 # ---------------------------------------------------------------------------- structs
@@ -100,7 +100,7 @@ class FlowKey(C.Structure):
         ("port_lo", u16),  # network order
         ("port_hi", u16),
         ("proto", u8),
-        ("family", u8),  # AF_INET4 or AF_INET6
+        ("family", u8),  # FAMILY_V4 or FAMILY_V6
         ("ifslot", u16),
     ]
 
@@ -318,8 +318,8 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "FLOW_INITIATOR_LO": FLOW_INITIATOR_LO,
         "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
         "FLOW_OVERFLOW": FLOW_OVERFLOW,
-        "AF_INET4": AF_INET4,
-        "AF_INET6": AF_INET6,
+        "FAMILY_V4": FAMILY_V4,
+        "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,
     }
     for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):

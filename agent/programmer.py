@@ -185,7 +185,7 @@ def plan(state: NodeState, ifindexes: dict[str, int],
             C.memmove(C.addressof(ak), _addr_words(d.dst_addr), 16)
             port = d.udp_port if d.mode != L.Mode.VXLAN else L.VXLAN_PORT
             ak.port = int.from_bytes(port.to_bytes(2, "big"), "little")
-            ak.family = L.AF_INET6 if ":" in d.dst_addr else L.AF_INET4
+            ak.family = L.FAMILY_V6 if ":" in d.dst_addr else L.FAMILY_V4
             maps["analyzers"][bytes(ak)] = b"\x01"
 
     # Rule slots: 1.. in policy order, rule order; then port mirrors.

@@ -17,14 +17,25 @@ struct parsed {
     __u8 tcp_syn_only;       /* SYN without ACK: certainly the flow's first packet */
     __u8 ok;                 /* an IP packet we could read the addresses of */
     __u8 src_is_lo;          /* this packet travels from the key's lower side */
+    __u8 quoted_udp;         /* an ICMP error quoting a UDP datagram: */
+    __u16 quoted_dport;      /*   its destination port, network order */
+    __u32 quoted_dst[4];     /*   and address */
 };
 
 /* Returns a pointer to len bytes at off: straight into the packet when they are in the
  * linear area, else copied into buf. NULL when the packet is shorter. */
+/* skb->data and skb->data_end as direct context loads: left to itself, clang may form
+ * a pointer into the context first, which the verifier refuses. */
+#define CTX_LOAD(skb, field) ({                                                 \
+    void *v_;                                                                   \
+    asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(v_)                           \
+                 : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, field))); \
+    v_; })
+
 static __always_inline void *header(struct __sk_buff *skb, __u32 off, void *buf, __u32 len)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
+    void *data = CTX_LOAD(skb, data);
+    void *data_end = CTX_LOAD(skb, data_end);
     if (off > 0xFFFF)
         return NULL;
     if (data + off + len <= data_end)
@@ -38,6 +49,31 @@ static __always_inline int is_ipv6_ext(__u8 nh)
 {
     return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
            nh == IPPROTO_FRAGMENT || nh == IPPROTO_AH;
+}
+
+/* An ICMP error quotes the packet it answers. When that packet was a UDP datagram, note
+ * where it went: an error about a copy sent to an analyzer is part of the copy stream. */
+static __always_inline void parse_quoted(struct __sk_buff *skb, __u32 off, struct parsed *p)
+{
+    __u8 buf[44];
+    if (p->family == FAMILY_V4) {
+        struct iphdr *ip = header(skb, off, buf, sizeof(*ip));
+        if (!ip || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
+            return;
+        p->quoted_dst[0] = ip->daddr;
+        __u16 *ports = header(skb, off + ip->ihl * 4, buf, 4);
+        if (!ports)
+            return;
+        p->quoted_dport = ports[1];
+        p->quoted_udp = 1;
+    } else {
+        __u8 *ip6 = header(skb, off, buf, 44);
+        if (!ip6 || ip6[6] != IPPROTO_UDP)
+            return;
+        __builtin_memcpy(p->quoted_dst, &ip6[24], 16);
+        p->quoted_dport = *(__u16 *)&ip6[42];
+        p->quoted_udp = 1;
+    }
 }
 
 /* Ports of TCP, UDP and SCTP (same place), ICMP echo identifiers as both ports (so the
@@ -68,6 +104,9 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct pa
             (p->proto == IPPROTO_ICMPV6 && (type == 128 || type == 129))) {
             p->sport = *(__u16 *)&h[4];
             p->dport = p->sport;
+        } else if ((p->proto == IPPROTO_ICMP && (type == 3 || type == 11 || type == 12)) ||
+                   (p->proto == IPPROTO_ICMPV6 && type >= 1 && type <= 4)) {
+            parse_quoted(skb, off + 8, p);
         }
     }
 }
@@ -97,7 +136,7 @@ static __always_inline void parse(struct __sk_buff *skb, struct parsed *p)
         struct iphdr *ip = header(skb, off, buf, sizeof(*ip));
         if (!ip || ip->version != 4 || ip->ihl < 5)
             return;
-        p->family = AF_INET4;
+        p->family = FAMILY_V4;
         p->proto = ip->protocol;
         p->src[0] = ip->saddr;
         p->dst[0] = ip->daddr;
@@ -111,7 +150,7 @@ static __always_inline void parse(struct __sk_buff *skb, struct parsed *p)
         struct ipv6hdr *ip6 = header(skb, off, buf, sizeof(*ip6));
         if (!ip6 || ip6->version != 6)
             return;
-        p->family = AF_INET6;
+        p->family = FAMILY_V6;
         __builtin_memcpy(p->src, &ip6->saddr, 16);
         __builtin_memcpy(p->dst, &ip6->daddr, 16);
         p->ok = 1;
@@ -279,7 +318,7 @@ static __always_inline int eval_walk(struct eval_scratch *s, struct eval_bitmaps
 
 static __always_inline struct match_bits *lookup_addr(int src_side, __u8 family, __u32 *addr)
 {
-    if (family == AF_INET4) {
+    if (family == FAMILY_V4) {
         struct lpm_v4_key k = {.prefixlen = 32};
         __builtin_memcpy(k.addr, addr, 4);
         return src_side ? src_v4.lookup(&k) : dst_v4.lookup(&k);
@@ -354,12 +393,19 @@ static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifin
     }
 }
 
+/* Copies on their way to an analyzer, and the analyzer's ICMP errors about them. */
 static __always_inline int is_copy_stream(struct parsed *p)
 {
-    if (p->proto != IPPROTO_UDP)
+    struct analyzer_key k = {.family = p->family};
+    if (p->proto == IPPROTO_UDP) {
+        k.port = p->dport;
+        __builtin_memcpy(k.addr, p->dst, 16);
+    } else if (p->quoted_udp) {
+        k.port = p->quoted_dport;
+        __builtin_memcpy(k.addr, p->quoted_dst, 16);
+    } else {
         return 0;
-    struct analyzer_key k = {.port = p->dport, .family = p->family};
-    __builtin_memcpy(k.addr, p->dst, 16);
+    }
     return analyzers.lookup(&k) != NULL;
 }
 

@@ -140,13 +140,13 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
                                        __u32 *dst, __u16 port, __u32 l3_len)
 {
     struct bpf_fib_lookup fib = {};
-    fib.family = family == AF_INET4 ? AF_INET : AF_INET6;
+    fib.family = family == FAMILY_V4 ? AF_INET : AF_INET6;
     fib.l4_protocol = IPPROTO_UDP;
     fib.sport = bpf_htons(port);
     fib.dport = bpf_htons(port);
     fib.tot_len = l3_len;
     fib.ifindex = skb->ifindex;
-    if (family == AF_INET4) {
+    if (family == FAMILY_V4) {
         fib.ipv4_src = src[0];
         fib.ipv4_dst = dst[0];
     } else {
@@ -164,7 +164,7 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
     if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
         /* Next hop known, neighbour not yet resolved: let the kernel resolve it. */
         struct bpf_redir_neigh nh = {};
-        if (family == AF_INET4) {
+        if (family == FAMILY_V4) {
             nh.nh_family = AF_INET;
             nh.ipv4_nh = fib.ipv4_dst;
         } else {
@@ -217,7 +217,7 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
             return -DROP_WRAP_FAILED;
         __u16 eth_proto = bpf_htons(ETH_P_IP);
         bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
-        return send_routed(skb, AF_INET4, d->src_addr, d->dst_addr, d->udp_port,
+        return send_routed(skb, FAMILY_V4, d->src_addr, d->dst_addr, d->udp_port,
                            inner_len + OUTER_IPV4_OVERHEAD);
     }
     struct jmirror_v6 h = {};
@@ -249,7 +249,7 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
         check = 0xFFFF;
     if (bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &check, 2, 0) < 0)
         return -DROP_WRAP_FAILED;
-    return send_routed(skb, AF_INET6, d->src_addr, d->dst_addr, d->udp_port,
+    return send_routed(skb, FAMILY_V6, d->src_addr, d->dst_addr, d->udp_port,
                        inner_len + OUTER_IPV6_OVERHEAD);
 }
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
     IPv6,
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
@@ -258,8 +259,17 @@ def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):
     to_analyzer = bytes(ETH / IP(src=POD, dst="198.18.200.10") / UDP(sport=30030,
                                                                       dport=30030))
     run_unchanged(pn, to_analyzer)
+    # The analyzer's ICMP error about a copy (quoting it) is part of the same stream.
+    error = bytes(ETH / IP(src="198.18.200.10", dst=POD) / ICMP(type=3, code=3) /
+                  IP(src=POD, dst="198.18.200.10") / UDP(sport=30030, dport=30030))
+    run_unchanged(pn, error, "to")
+    error6 = bytes(ETH / IPv6(src=PEER6, dst=POD6) / ICMPv6DestUnreach() /
+                   IPv6(src=POD6, dst=PEER6) / UDP(sport=1, dport=53))
     assert pn.counters("rule", slot).cloned == before
     assert pn.flows() == []
+    # An ICMP error about anything else is ordinary traffic.
+    run_unchanged(pn, error6, "to")
+    assert pn.counters("rule", slot).cloned == before + 1
 
 
 def test_flow_destination_limit_counts_overflow():

@@ -1,0 +1,469 @@
+"""Prometheus /metrics, /healthz and /readyz for the node agent (stdlib only).
+
+The exposition is the Prometheus text format 0.0.4, written here: a few counters, gauges
+and one histogram do not need a client library. Collectors are anything with a
+``collect() -> Iterable[Family]``; the registry asks each one at every scrape, so values
+are read when they are asked for (the BPF counters straight from the pinned maps).
+
+Datapath metrics come from the maps pinned under the pin root (agent/pinned.py) and the
+names file the runtime writes at <state_dir>/names.json (agent.node.describe): slots
+become policy, rule, destination and interface names. Counters are per slot; when the
+runtime gives a slot to another rule its counters carry on from where they were, so a
+series can look reset (rate() copes with that).
+
+/healthz is the liveness check: it fails only when a part of the agent has died (a
+registered health check says so), never because the API server is away. /readyz is the
+readiness check: the source is in sync with the API server and the datapath applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_ADDRESS = ":9464"
+Labels = dict[str, str]
+
+
+# --- Exposition ----------------------------------------------------------------------------
+
+
+@dataclass
+class Family:
+    """One metric family: its samples are (name suffix, labels, value)."""
+
+    name: str
+    kind: str  # counter, gauge or histogram
+    help: str
+    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
+
+    def add(self, value: float, labels: Labels | None = None, suffix: str = "") -> Family:
+        self.samples.append((suffix, dict(labels or {}), value))
+        return self
+
+
+class Collector(Protocol):
+    def collect(self) -> Iterable[Family]: ...
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render(families: Iterable[Family]) -> str:
+    """Families in the Prometheus text format; one family per name (first one wins)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for f in families:
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        out.append(f"# HELP {f.name} {f.help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        out.append(f"# TYPE {f.name} {f.kind}")
+        for suffix, labels, value in f.samples:
+            name = f.name + suffix
+            if labels:
+                text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+                out.append(f"{name}{{{text}}} {_number(value)}")
+            else:
+                out.append(f"{name} {_number(value)}")
+    return "\n".join(out) + "\n"
+
+
+class Counter:
+    """A counter with labels: ``inc(**labels)``; its name should end in _total."""
+
+    def __init__(self, name: str, help: str, labelnames: tuple[str, ...] = ()):
+        self.name, self.help, self.labelnames = name, help, labelnames
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        if not labelnames:
+            self._values[()] = 0
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(tuple(str(labels[n]) for n in self.labelnames), 0)
+
+    def collect(self) -> Iterable[Family]:
+        f = Family(self.name, "counter", self.help)
+        with self._lock:
+            for key, v in sorted(self._values.items()):
+                f.add(v, dict(zip(self.labelnames, key, strict=True)))
+        yield f
+
+
+class Gauge(Counter):
+    def set(self, value: float, **labels: str) -> None:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        with self._lock:
+            self._values[key] = value
+
+    def collect(self) -> Iterable[Family]:
+        for f in super().collect():
+            f.kind = "gauge"
+            yield f
+
+
+class Histogram:
+    DEFAULT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = DEFAULT_BUCKETS):
+        self.name, self.help, self.buckets = name, help, tuple(sorted(buckets))
+        self._counts = [0] * len(self.buckets)
+        self._sum = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            self._count += 1
+            for i, b in enumerate(self.buckets):
+                if value <= b:
+                    self._counts[i] += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def collect(self) -> Iterable[Family]:
+        f = Family(self.name, "histogram", self.help)
+        with self._lock:
+            for b, c in zip(self.buckets, self._counts, strict=True):
+                f.add(c, {"le": _number(float(b))}, "_bucket")
+            f.add(self._count, {"le": "+Inf"}, "_bucket")
+            f.add(self._sum, None, "_sum")
+            f.add(self._count, None, "_count")
+        yield f
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._collectors: list[Collector] = []
+        self._lock = threading.Lock()
+
+    def register(self, collector: Collector) -> Collector:
+        with self._lock:
+            self._collectors.append(collector)
+        return collector
+
+    def unregister(self, collector: Collector) -> None:
+        with self._lock:
+            if collector in self._collectors:
+                self._collectors.remove(collector)
+
+    def collect(self) -> list[Family]:
+        with self._lock:
+            collectors = list(self._collectors)
+        families: list[Family] = []
+        for c in collectors:
+            try:
+                families.extend(c.collect())
+            except Exception as e:  # one broken collector must not hide the others
+                log.warning("metrics collector %s failed: %s", type(c).__name__, e)
+                families.append(Family("cn2mirror_collector_errors", "gauge",
+                                       "1 for a collector that failed at this scrape.")
+                                .add(1, {"collector": type(c).__name__}))
+        return families
+
+    def render(self) -> str:
+        return render(self.collect())
+
+
+# --- The agent's own metrics -------------------------------------------------------------
+
+
+class SyncMetrics:
+    """Control-plane timings from the runtime's reconcile reports (one ``observe`` each)."""
+
+    def __init__(self) -> None:
+        self.duration = Histogram(
+            "cn2mirror_sync_duration_seconds",
+            "Time one reconcile took: compile, apply to the maps, write the names files.")
+        self.latency = Histogram(
+            "cn2mirror_sync_latency_seconds",
+            "From a changed snapshot's arrival at the runtime to its maps written.")
+        self.syncs = Counter("cn2mirror_syncs_total", "Reconciles of the datapath, by result.",
+                             ("result",))
+        self.last = Gauge("cn2mirror_last_sync_timestamp_seconds",
+                          "Unix time of the last successful reconcile.")
+        self.errors = Gauge("cn2mirror_object_errors",
+                            "Objects the last compile could not apply (see status and Events).")
+        self.problems = Gauge("cn2mirror_datapath_problems",
+                              "Interfaces and destinations the last apply could not set up.")
+
+    def observe(self, seconds: float, ok: bool = True, latency: float | None = None,
+                errors: int | None = None, problems: int | None = None) -> None:
+        self.duration.observe(seconds)
+        if latency is not None:
+            self.latency.observe(latency)
+        self.syncs.inc(result="ok" if ok else "error")
+        if ok:
+            self.last.set(time.time())
+        if errors is not None:
+            self.errors.set(errors)
+        if problems is not None:
+            self.problems.set(problems)
+
+    def collect(self) -> Iterable[Family]:
+        for part in (self.duration, self.latency, self.syncs, self.last, self.errors,
+                     self.problems):
+            yield from part.collect()
+
+
+class ProcessCollector:
+    """Resident memory and CPU time of this process (from /proc)."""
+
+    def collect(self) -> Iterable[Family]:
+        rss = 0
+        with contextlib.suppress(OSError):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+        t = os.times()
+        yield Family("process_resident_memory_bytes", "gauge", "Resident memory size.").add(rss)
+        yield Family("process_cpu_seconds_total", "counter", "User and system CPU time.").add(
+            t.user + t.system)
+
+
+# --- The datapath's counters -----------------------------------------------------------------
+
+
+COUNTER_HELP = {
+    "packets": ("mirrored_packets_total", "Copies delivered to the analyzer."),
+    "bytes": ("mirrored_bytes_total", "Bytes of the copies delivered (after truncation)."),
+    "truncated": ("truncated_packets_total", "Copies cut to fit the path to the analyzer."),
+    "cloned": ("cloned_packets_total", "Packets cloned towards the mirror port."),
+}
+SCOPES = ("rule", "interface", "destination")
+SCOPE_MAP = {"rule": "rule", "interface": "iface", "destination": "dest"}
+
+
+class DatapathCollector:
+    """Per-rule, per-interface and per-destination counters from the pinned maps."""
+
+    def __init__(self, pin_root: str, state_dir: str):
+        self.pin_root = pin_root
+        self.names_path = os.path.join(state_dir, "names.json")
+        self._maps = None
+        self._names: dict = {}
+        self._names_mtime = 0.0
+
+    def names(self) -> dict:
+        try:
+            mtime = os.stat(self.names_path).st_mtime
+        except OSError:
+            return {}
+        if mtime != self._names_mtime:
+            try:
+                with open(self.names_path) as f:
+                    self._names = json.load(f)
+                self._names_mtime = mtime
+            except (OSError, ValueError) as e:
+                log.debug("cannot read %s: %s", self.names_path, e)
+        return self._names
+
+    def _open(self):
+        from .pinned import PinnedMaps
+
+        if self._maps is None:
+            self._maps = PinnedMaps(self.pin_root)
+        return self._maps
+
+    def _labels(self, scope: str, slot: str, entry: dict) -> Labels:
+        if scope == "rule":
+            return {"policy": entry.get("policy") or "",
+                    "rule": "" if entry.get("rule") is None else str(entry["rule"]),
+                    "port_mirror": entry.get("port_mirror") or "",
+                    "destination": entry.get("destination") or "",
+                    "mirror_id": "" if entry.get("mirror_id") is None else str(entry["mirror_id"])}
+        if scope == "interface":
+            return {"interface": entry.get("key") or "", "pod": entry.get("pod") or "",
+                    "session_id": "" if entry.get("session_id") is None
+                    else str(entry["session_id"])}
+        return {"destination": entry.get("name") or "", "mode": entry.get("mode") or ""}
+
+    def collect(self) -> Iterable[Family]:
+        from .layout import Drop
+        from .pinned import NotPinned
+
+        up = Family("cn2mirror_datapath_up", "gauge",
+                    "1 when the pinned maps can be read.")
+        try:
+            maps = self._open()
+        except (NotPinned, OSError) as e:
+            log.debug("datapath metrics: %s", e)
+            yield up.add(0)
+            return
+        names = self.names()
+        reasons = [d.name.lower() for d in Drop]
+        families: dict[str, Family] = {}
+
+        def family(name: str, help: str) -> Family:
+            if name not in families:
+                families[name] = Family(name, "counter", help)
+            return families[name]
+
+        try:
+            for scope in SCOPES:
+                entries = names.get({"rule": "rules", "interface": "interfaces",
+                                     "destination": "destinations"}[scope]) or {}
+                for slot, entry in sorted(entries.items(), key=lambda kv: int(kv[0])):
+                    totals = maps.counters(SCOPE_MAP[scope], int(slot))
+                    labels = self._labels(scope, slot, entry)
+                    for attr, (suffix, help) in COUNTER_HELP.items():
+                        if attr == "cloned" and scope != "rule":
+                            continue
+                        family(f"cn2mirror_{scope}_{suffix}", help).add(
+                            getattr(totals, attr), labels)
+                    drops = family(f"cn2mirror_{scope}_dropped_packets_total",
+                                   "Copies not delivered, by reason.")
+                    for r in reasons:
+                        drops.add((totals.drops or {}).get(r, 0), {**labels, "reason": r})
+            node = maps.counters("node", 0)
+            nd = family("cn2mirror_node_dropped_packets_total",
+                        "Copies or packets the node's mirror port dropped, by reason.")
+            for r in reasons:
+                nd.add((node.drops or {}).get(r, 0), {"reason": r})
+        except OSError as e:
+            # The agent restarted and re-pinned: open the maps again at the next scrape.
+            self.close()
+            log.debug("datapath metrics: %s", e)
+            yield up.add(0)
+            return
+        yield up.add(1)
+        yield from families.values()
+        info = Family("cn2mirror_datapath_problem", "gauge",
+                      "Objects this node could not apply, with the reason (value 1).")
+        for obj, why in sorted((names.get("problems") or {}).items()):
+            info.add(1, {"object": obj, "reason": why[:200]})
+        yield info
+
+    def close(self) -> None:
+        if self._maps is not None:
+            with contextlib.suppress(Exception):
+                self._maps.close()
+            self._maps = None
+
+
+# --- HTTP server -------------------------------------------------------------------------------
+
+Check = Callable[[], bool]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """":9464" -> ("0.0.0.0", 9464); "[::]:9464" and "127.0.0.1:0" work too."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz on a thread of its own."""
+
+    def __init__(self, registry: Registry, address: str = DEFAULT_ADDRESS,
+                 health_checks: dict[str, Check] | None = None,
+                 ready_checks: dict[str, Check] | None = None):
+        self.registry = registry
+        self.address = address
+        self.health_checks = dict(health_checks or {})
+        self.ready_checks = dict(ready_checks or {})
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _results(self, checks: dict[str, Check]) -> tuple[bool, str]:
+        lines, ok = [], True
+        for name, check in sorted(checks.items()):
+            try:
+                passed = bool(check())
+            except Exception as e:
+                passed = False
+                name = f"{name} ({e})"
+            ok &= passed
+            lines.append(f"[{'+' if passed else '-'}]{name} {'ok' if passed else 'failed'}")
+        lines.append("ok" if ok else "failed")
+        return ok, "\n".join(lines) + "\n"
+
+    def start(self) -> MetricsServer:
+        outer = self
+        host, port = parse_address(self.address)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: str, ctype: str = "text/plain; charset=utf-8"):
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    return self._send(200, outer.registry.render(), CONTENT_TYPE)
+                if path in ("/healthz", "/livez"):
+                    ok, text = outer._results(outer.health_checks)
+                    return self._send(200 if ok else 503, text)
+                if path == "/readyz":
+                    ok, text = outer._results({**outer.health_checks, **outer.ready_checks})
+                    return self._send(200 if ok else 503, text)
+                return self._send(404, "not found: try /metrics, /healthz or /readyz\n")
+
+            do_HEAD = do_GET
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._server = Server((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name="cn2mirror-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

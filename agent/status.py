@@ -1,0 +1,686 @@
+"""Object status and Events, written by one agent of the cluster at a time.
+
+Every node compiles the same objects, so one agent is enough to tell users what became
+of them. ``LeaderElector`` elects it with a coordination.k8s.io/v1 Lease in the agents'
+namespace (client-go's algorithm: expiry judged by the local clock from when the lease
+record last changed, optimistic concurrency on the Lease's resourceVersion, a leader
+that cannot renew within ``renew_deadline`` stops acting before anyone else may take
+over after ``lease_duration``). ``StatusWriter`` writes, while leader:
+
+- MirrorDestination status: the chosen analyzer (pod, IP, MAC, interface, mode) and a
+  Ready condition whose message also names the analyzer's node; or Ready False with the
+  reason it cannot be used;
+- ContrailSecurityPolicy / GlobalContrailSecurityPolicy status: Ready True "Accepted"
+  with the mirror id of each mirroring rule in the message (the ids every node puts on
+  the wire), or Ready False with the precise error;
+- one object given under both API groups: the ignored copy says so.
+
+The CRDs' status schemas have no fields for the analyzer's node or the mirror ids, so
+they go into the condition messages (fields would be pruned by the API server).
+
+Statuses are compared before writing (ignoring lastTransitionTime), so an unchanged
+object is never patched. ``EventRecorder`` emits events.k8s.io/v1 Events for errors a
+user must act on, once per object, reason and message (a repeat after
+``repeat_interval`` bumps the Event's series count instead of making a new one); an
+error that goes away and comes back makes a new Event. The leader reports errors of
+MirrorDestinations and policies; every node reports (``NodeReporter``) the errors of its
+own pods and what its datapath could not set up.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import compiler
+from .model import (
+    KIND_CSP,
+    KIND_GCSP,
+    KIND_MD,
+    KIND_POD,
+    NAMESPACED_KINDS,
+    ModelError,
+    object_name,
+    parse_object,
+)
+from .snapshot import Snapshot
+from .state import MIRROR_ID_MAX, DeliveryMode, Destination
+
+log = logging.getLogger(__name__)
+
+LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
+EVENT_GROUP, EVENT_VERSION, EVENT_PLURAL = "events.k8s.io", "v1", "events"
+CONDITION_READY = "Ready"
+MD_STATUS_FIELDS = ("analyzerPod", "analyzerIP", "analyzerInterface", "analyzerMac", "mode")
+NOTE_MAX = 1024
+
+
+def micro_time() -> str:
+    """A Kubernetes MicroTime (RFC 3339 with microseconds, UTC)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status_code(e: Exception) -> int | None:
+    return getattr(e, "status", None)
+
+
+# --- Leader election --------------------------------------------------------------------------
+
+
+class LeaderElector:
+    """Holds or waits for a Lease; ``is_leader()`` says whether to act now."""
+
+    def __init__(self, api_client: Any, namespace: str, name: str, identity: str, *,
+                 lease_duration: float = 15.0, renew_deadline: float = 10.0,
+                 retry_period: float = 2.0, request_timeout: float | None = None):
+        from kubernetes import client
+
+        if not lease_duration > renew_deadline > retry_period > 0:
+            raise ValueError("need lease_duration > renew_deadline > retry_period > 0")
+        self.api = client.CustomObjectsApi(api_client)
+        self.namespace, self.name, self.identity = namespace, name, identity
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self.request_timeout = request_timeout or max(1.0, renew_deadline / 2)
+        self._leader = False
+        self._observed: tuple | None = None
+        self._observed_at = 0.0
+        self._last_renew = 0.0
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._on_started: list[Callable[[], None]] = []
+        self._on_stopped: list[Callable[[], None]] = []
+        self.transitions = 0  # times this agent became leader
+        self.attempts_failed = 0
+        self.holder: str | None = None  # the holder last seen
+
+    def on_change(self, started: Callable[[], None] | None = None,
+                  stopped: Callable[[], None] | None = None) -> None:
+        if started:
+            self._on_started.append(started)
+        if stopped:
+            self._on_stopped.append(stopped)
+
+    def is_leader(self) -> bool:
+        """True only while the lease was renewed within renew_deadline."""
+        with self._lock:
+            if self._leader and time.monotonic() - self._last_renew > self.renew_deadline:
+                return False
+            return self._leader
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cn2mirror-lease",
+                                        daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        """Stop renewing without giving the lease up (as a hung agent would)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def stop(self, release: bool = True) -> None:
+        """Stop; with ``release``, a held lease is given up so another agent takes over
+        at once rather than after lease_duration."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.request_timeout * 2 + 1)
+        was = self._leader
+        self._set_leader(False)
+        if release and was:
+            self._release()
+
+    def _set_leader(self, leader: bool) -> None:
+        with self._lock:
+            changed = leader != self._leader
+            self._leader = leader
+        if not changed:
+            return
+        if leader:
+            self.transitions += 1
+            log.info("%s: now writing status (lease %s/%s)", self.identity, self.namespace,
+                     self.name)
+        else:
+            log.info("%s: no longer writing status", self.identity)
+        for fn in self._on_started if leader else self._on_stopped:
+            try:
+                fn()
+            except Exception:
+                log.exception("leader callback failed")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._paused.is_set():
+                held = self._try()
+                now = time.monotonic()
+                if held:
+                    with self._lock:
+                        self._last_renew = now
+                    self._set_leader(True)
+                elif self._leader and (now - self._last_renew > self.renew_deadline or
+                                       (self.holder not in (None, "", self.identity))):
+                    self._set_leader(False)
+            elif self._leader and time.monotonic() - self._last_renew > self.renew_deadline:
+                self._set_leader(False)
+            jitter = 1.0 if self._leader else 1.0 + random.random() * 0.2
+            self._stop.wait(self.retry_period * jitter)
+
+    def _get(self) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.api.get_namespaced_custom_object(
+                LEASE_GROUP, LEASE_VERSION, self.namespace, LEASE_PLURAL, self.name,
+                _request_timeout=self.request_timeout)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _try(self) -> bool:
+        """One attempt to acquire or renew; True if this agent holds the lease after it."""
+        from kubernetes.client.exceptions import ApiException
+
+        now = time.monotonic()
+        stamp = micro_time()
+        duration = int(math.ceil(self.lease_duration))
+        try:
+            lease = self._get()
+            if lease is None:
+                body = {"apiVersion": f"{LEASE_GROUP}/{LEASE_VERSION}", "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": {"holderIdentity": self.identity,
+                                 "leaseDurationSeconds": duration, "acquireTime": stamp,
+                                 "renewTime": stamp, "leaseTransitions": 0}}
+                self.api.create_namespaced_custom_object(
+                    LEASE_GROUP, LEASE_VERSION, self.namespace, LEASE_PLURAL, body,
+                    _request_timeout=self.request_timeout)
+                self._observed, self._observed_at = (self.identity, stamp, 0), now
+                self.holder = self.identity
+                return True
+            spec = lease.get("spec") or {}
+            holder = spec.get("holderIdentity") or ""
+            record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"))
+            if record != self._observed:
+                self._observed, self._observed_at = record, now
+            self.holder = holder
+            held_for = spec.get("leaseDurationSeconds") or duration
+            if holder and holder != self.identity and now < self._observed_at + held_for:
+                return False  # someone else holds it and has renewed recently
+            new_spec = {**spec, "holderIdentity": self.identity,
+                        "leaseDurationSeconds": duration, "renewTime": stamp}
+            if holder != self.identity:
+                new_spec["acquireTime"] = stamp
+                new_spec["leaseTransitions"] = (spec.get("leaseTransitions") or 0) + (
+                    1 if holder else 0)
+            body = {**lease, "spec": new_spec}  # metadata.resourceVersion: no lost update
+            self.api.replace_namespaced_custom_object(
+                LEASE_GROUP, LEASE_VERSION, self.namespace, LEASE_PLURAL, self.name, body,
+                _request_timeout=self.request_timeout)
+            self._observed = (self.identity, stamp, new_spec.get("leaseTransitions"))
+            self._observed_at = now
+            self.holder = self.identity
+            return True
+        except ApiException as e:
+            self.attempts_failed += 1
+            if e.status != 409:
+                log.debug("lease %s/%s: %s", self.namespace, self.name, e.reason)
+            return False
+        except Exception as e:  # the API server is unreachable
+            self.attempts_failed += 1
+            log.debug("lease %s/%s: %s", self.namespace, self.name, e)
+            return False
+
+    def _release(self) -> None:
+        try:
+            lease = self._get()
+            if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            spec = {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
+                    "renewTime": micro_time()}
+            self.api.replace_namespaced_custom_object(
+                LEASE_GROUP, LEASE_VERSION, self.namespace, LEASE_PLURAL, self.name,
+                {**lease, "spec": spec}, _request_timeout=self.request_timeout)
+            log.info("%s: released lease %s/%s", self.identity, self.namespace, self.name)
+        except Exception as e:
+            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, e)
+
+    def collect(self) -> Iterable:
+        from .metrics import Family
+
+        yield Family("cn2mirror_leader", "gauge",
+                     "1 while this agent writes status and Events.").add(int(self.is_leader()))
+        yield Family("cn2mirror_leader_transitions_total", "counter",
+                     "Times this agent became the status writer.").add(self.transitions)
+
+
+# --- Events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    regarding: tuple[tuple[str, str], ...]  # apiVersion, kind, name, namespace, uid
+    reason: str
+    note: str
+    type: str = "Warning"
+
+    @staticmethod
+    def about(obj: Mapping[str, Any], reason: str, note: str, type: str = "Warning"
+              ) -> EventSpec:
+        meta = obj.get("metadata") or {}
+        ref = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+               "name": meta.get("name"), "namespace": meta.get("namespace"),
+               "uid": meta.get("uid")}
+        return EventSpec(tuple(sorted((k, v) for k, v in ref.items() if v)), reason,
+                         note[:NOTE_MAX], type)
+
+    @property
+    def ref(self) -> dict[str, str]:
+        return dict(self.regarding)
+
+
+class EventRecorder:
+    """Creates events.k8s.io/v1 Events, deduplicated; see the module's documentation."""
+
+    def __init__(self, api_client: Any, component: str = "cn2mirror-agent",
+                 instance: str | None = None, repeat_interval: float = 600.0,
+                 default_namespace: str = "default"):
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.component = component
+        self.instance = instance or component
+        self.repeat_interval = repeat_interval
+        self.default_namespace = default_namespace
+        self._active: dict[str, dict[EventSpec, dict]] = defaultdict(dict)  # scope -> ...
+        self._lock = threading.Lock()
+        self.counts = {"created": 0, "updated": 0, "deduplicated": 0, "failed": 0}
+
+    def reconcile(self, scope: str, wanted: Iterable[EventSpec]) -> None:
+        """Emit what is wanted now; forget what is not (it may come back as a new Event)."""
+        wanted = list(dict.fromkeys(wanted))
+        for spec in wanted:
+            self.emit(spec, scope)
+        keep = set(wanted)
+        with self._lock:
+            active = self._active[scope]
+            for spec in [s for s in active if s not in keep]:
+                del active[spec]
+
+    def emit(self, spec: EventSpec, scope: str = "default") -> None:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._active[scope].get(spec)
+            if seen is not None and now - seen["at"] < self.repeat_interval:
+                self.counts["deduplicated"] += 1
+                return
+        try:
+            if seen is None:
+                seen = self._create(spec)
+                self.counts["created"] += 1
+            else:
+                seen["count"] += 1
+                self.api.patch_namespaced_custom_object(
+                    EVENT_GROUP, EVENT_VERSION, seen["namespace"], EVENT_PLURAL, seen["name"],
+                    {"series": {"count": seen["count"], "lastObservedTime": micro_time()}},
+                    _request_timeout=10)
+                self.counts["updated"] += 1
+        except Exception as e:
+            self.counts["failed"] += 1
+            log.warning("could not record Event %s for %s: %s", spec.reason,
+                        spec.ref.get("name"), e)
+            return
+        seen["at"] = now
+        with self._lock:
+            self._active[scope][spec] = seen
+
+    def _create(self, spec: EventSpec) -> dict:
+        ref = spec.ref
+        namespace = ref.get("namespace") or self.default_namespace
+        name = f"{ref.get('name', 'cn2mirror')}.{uuid.uuid4().hex[:12]}"
+        body = {"apiVersion": f"{EVENT_GROUP}/{EVENT_VERSION}", "kind": "Event",
+                "metadata": {"name": name, "namespace": namespace},
+                "eventTime": micro_time(), "type": spec.type, "reason": spec.reason,
+                "note": spec.note, "action": "Reconcile",
+                "reportingController": f"cn2mirror.io/{self.component}",
+                "reportingInstance": self.instance, "regarding": ref}
+        self.api.create_namespaced_custom_object(EVENT_GROUP, EVENT_VERSION, namespace,
+                                                 EVENT_PLURAL, body, _request_timeout=10)
+        return {"name": name, "namespace": namespace, "count": 1, "at": 0.0}
+
+    def collect(self) -> Iterable:
+        from .metrics import Family
+
+        f = Family("cn2mirror_events_total", "counter",
+                   "Kubernetes Events: created, updated (series), deduplicated, failed.")
+        for k, v in sorted(self.counts.items()):
+            f.add(v, {"result": k})
+        yield f
+
+
+# --- Desired status ----------------------------------------------------------------------------
+
+
+def _condition(ok: bool, reason: str, message: str, generation: Any) -> dict:
+    c = {"type": CONDITION_READY, "status": "True" if ok else "False", "reason": reason,
+         "message": message[:32768]}
+    if isinstance(generation, int):
+        c["observedGeneration"] = generation
+    return c
+
+
+def _status(obj: Mapping[str, Any], ok: bool, reason: str, message: str,
+            fields: Mapping[str, Any] | None = None) -> dict:
+    generation = (obj.get("metadata") or {}).get("generation")
+    status: dict[str, Any] = {}
+    if obj.get("kind") == KIND_MD:
+        status.update({k: None for k in MD_STATUS_FIELDS})
+        status.update(fields or {})
+    if isinstance(generation, int):
+        status["observedGeneration"] = generation
+    status["conditions"] = [_condition(ok, reason, message, generation)]
+    return status
+
+
+def _destination_fields(d: Destination, world: Any) -> tuple[dict, str]:
+    fields: dict[str, Any] = {"mode": d.mode.value}
+    if d.mode is DeliveryMode.VXLAN:
+        fields["analyzerIP"] = d.vtep_ip
+        fields["analyzerMac"] = d.vtep_mac
+        return fields, f"VXLAN VNI {d.vni} to VTEP {d.vtep_ip}"
+    if d.mode is DeliveryMode.VLAN:
+        return fields, f"tagged with VLAN {d.vlan_id} out of each node's uplink"
+    fields["analyzerIP"] = d.analyzer_ip
+    where = f"{d.analyzer_ip}:{d.udp_port}" if d.mode is DeliveryMode.JMIRROR \
+        else f"{d.analyzer_ip} (MAC {d.analyzer_mac})"
+    if d.analyzer_pod is None:
+        return fields, f"external analyzer {where}"
+    pod = next((p for p in world.pods if p.key == d.analyzer_pod), None)
+    fields["analyzerPod"] = d.analyzer_pod
+    node = "an unscheduled node"
+    if pod is not None:
+        iface = pod.analyzer_interface()
+        fields["analyzerInterface"] = iface.name
+        fields["analyzerMac"] = iface.mac
+        node = f"node {pod.node}" if pod.node else node
+    return fields, (f"analyzer pod {d.analyzer_pod} on {node}, interface "
+                    f"{fields.get('analyzerInterface', '?')}, {where}")
+
+
+def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]:
+    """(object, the status it should have) for every MirrorDestination and policy.
+
+    Uses the compiler's own parsing, analyzer choice and id assignment, so the status
+    says exactly what the nodes do.
+    """
+    world = compiler._parse(snapshot)
+    resolved: dict[str, Destination | str] = {
+        name: compiler._resolve(md, world, "") for name, md in world.destinations.items()}
+    mirror_ids = compiler.assign_ids(compiler._mirror_keys(world), MIRROR_ID_MAX)
+    policies = {(p.kind, p.key): p for p in world.policies}
+
+    copies: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for kind, objs in ((KIND_MD, snapshot.destinations), (KIND_CSP, snapshot.policies),
+                       (KIND_GCSP, snapshot.global_policies)):
+        for o in objs:
+            o = o if o.get("kind") == kind else {**o, "kind": kind}
+            copies[kind, object_name(o)].append(o)
+
+    out: list[tuple[Mapping[str, Any], dict]] = []
+    for (kind, name), objs in sorted(copies.items()):
+        objs = sorted(objs, key=lambda o, k=kind: compiler._preference(k, o))
+        chosen = objs[0]
+        for other in objs[1:]:
+            out.append((other, _status(other, False, "Duplicate", (
+                f"{kind} {name} is also given as {chosen.get('apiVersion')}; that object is "
+                f"used and this {other.get('apiVersion')} one is ignored"))))
+        try:
+            parsed = parse_object(chosen)
+        except ModelError as e:
+            out.append((chosen, _status(chosen, False, "Invalid", str(e))))
+            continue
+        except Exception as e:  # a parser bug must not stop the other statuses
+            out.append((chosen, _status(chosen, False, "Invalid", f"cannot be read: {e}")))
+            continue
+        if kind == KIND_MD:
+            r = resolved.get(parsed.name)
+            if isinstance(r, Destination):
+                fields, message = _destination_fields(r, world)
+                out.append((chosen, _status(chosen, True, "Resolved", message, fields)))
+            else:
+                out.append((chosen, _status(chosen, False, "AnalyzerUnavailable",
+                                            r or "not resolved")))
+            continue
+        policy = policies.get((kind, parsed.key))
+        if policy is None:
+            out.append((chosen, _status(chosen, False, "Invalid", "not read by the compiler")))
+            continue
+        problems = compiler._destination_problems(policy, world, resolved)
+        if problems:
+            out.append((chosen, _status(chosen, False, "DestinationUnavailable",
+                                        "; ".join(problems))))
+            continue
+        parts = []
+        for i, rule in enumerate(compiler._effective_rules(policy)):
+            dest = rule.mirror_to or policy.mirror_to
+            if dest:
+                mid = mirror_ids[compiler.rule_key(policy.key, i)]
+                parts.append(f"rule {i} to {dest} as mirror id {mid}")
+        message = "mirrors " + "; ".join(parts) if parts else "accepted; no rule mirrors"
+        out.append((chosen, _status(chosen, True, "Accepted", message)))
+    return out
+
+
+def _comparable(status: Mapping[str, Any] | None) -> dict:
+    """A status without timestamps and absent (None) fields, for comparison."""
+    status = dict(status or {})
+    out = {k: v for k, v in status.items() if v is not None and k != "conditions"}
+    out["conditions"] = sorted(
+        ({k: v for k, v in c.items() if k != "lastTransitionTime"}
+         for c in status.get("conditions") or [] if isinstance(c, Mapping)),
+        key=lambda c: str(c.get("type")))
+    return out
+
+
+def _with_times(desired: dict, current: Mapping[str, Any] | None) -> dict:
+    """Desired status with lastTransitionTime kept where a condition did not change."""
+    old = {c.get("type"): c for c in (current or {}).get("conditions") or []
+           if isinstance(c, Mapping)}
+    status = copy.deepcopy(desired)
+    for c in status.get("conditions") or []:
+        prev = old.get(c["type"])
+        if prev is not None and prev.get("status") == c["status"] and \
+                prev.get("lastTransitionTime"):
+            c["lastTransitionTime"] = prev["lastTransitionTime"]
+        else:
+            c["lastTransitionTime"] = rfc3339()
+    return status
+
+
+# --- The writer ----------------------------------------------------------------------------------
+
+
+class StatusWriter:
+    """Writes status and the leader's Events, when this agent is the leader."""
+
+    def __init__(self, api_client: Any, source: Any, elector: LeaderElector | None,
+                 events: EventRecorder | None = None, resync: float = 60.0,
+                 min_interval: float = 1.0):
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.source = source
+        self.elector = elector
+        self.events = events
+        self.resync = resync
+        # Computing every status parses the whole snapshot: on a busy cluster, at most
+        # one round per min_interval (changes meanwhile are coalesced into the next).
+        self.min_interval = min_interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._written: dict[str, tuple[str | None, dict]] = {}  # uid -> (rv after, status)
+        self.counts = {"patched": 0, "unchanged": 0, "failed": 0, "gone": 0}
+        self.rounds = 0
+        if hasattr(source, "add_listener"):
+            source.add_listener(self.notify)
+        if elector is not None:
+            elector.on_change(started=self.notify)
+
+    def notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cn2mirror-status",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.is_leader()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.resync)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if not self.leading():
+                continue
+            snapshot = self.source.snapshot()
+            if snapshot is None:
+                continue
+            try:
+                self.reconcile(snapshot)
+            except Exception:
+                log.exception("writing status failed")
+            self._stop.wait(self.min_interval)
+
+    def reconcile(self, snapshot: Snapshot) -> int:
+        """Patch every status that differs; emit Events for the errors. Returns patches."""
+        patched = 0
+        wanted_events = []
+        for obj, desired in desired_statuses(snapshot):
+            ready = desired["conditions"][0]
+            if ready["status"] == "False":
+                wanted_events.append(EventSpec.about(obj, ready["reason"], ready["message"]))
+            if not self.leading():
+                return patched  # lost the lease: stop at once
+            if self._write(obj, desired):
+                patched += 1
+        if self.events is not None and self.leading():
+            self.events.reconcile("status", wanted_events)
+        self.rounds += 1
+        return patched
+
+    def _write(self, obj: Mapping[str, Any], desired: dict) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        meta = obj.get("metadata") or {}
+        uid = meta.get("uid") or f"{obj.get('apiVersion')}/{object_name(obj)}"
+        current = obj.get("status")
+        want = _comparable(desired)
+        if _comparable(current) == want:
+            self.counts["unchanged"] += 1
+            return False
+        written = self._written.get(uid)
+        if written is not None and written[1] == want and not _newer(meta.get(
+                "resourceVersion"), written[0]):
+            self.counts["unchanged"] += 1  # written already; the cache has not caught up
+            return False
+        res = self.source.resource_for(obj.get("apiVersion"), obj.get("kind"))
+        if res is None:
+            return False
+        body = {"status": _with_times(desired, current)}
+        try:
+            if obj.get("kind") in NAMESPACED_KINDS:
+                result = self.api.patch_namespaced_custom_object_status(
+                    res.group, res.version, meta.get("namespace"), res.plural, meta["name"],
+                    body, _request_timeout=10)
+            else:
+                result = self.api.patch_cluster_custom_object_status(
+                    res.group, res.version, res.plural, meta["name"], body,
+                    _request_timeout=10)
+        except ApiException as e:
+            if e.status == 404:
+                self.counts["gone"] += 1
+                return False
+            self.counts["failed"] += 1
+            log.warning("status of %s %s: %s", obj.get("kind"), object_name(obj), e.reason)
+            return False
+        rv = ((result or {}).get("metadata") or {}).get("resourceVersion") \
+            if isinstance(result, Mapping) else None
+        self._written[uid] = (rv, want)
+        self.counts["patched"] += 1
+        return True
+
+    def collect(self) -> Iterable:
+        from .metrics import Family
+
+        f = Family("cn2mirror_status_writes_total", "counter",
+                   "Status patches of MirrorDestinations and policies, by result.")
+        for k, v in sorted(self.counts.items()):
+            f.add(v, {"result": k})
+        yield f
+
+
+def _newer(rv: str | None, than: str | None) -> bool:
+    if not rv or not than:
+        return False
+    if rv.isdigit() and than.isdigit():
+        return int(rv) > int(than)
+    return rv != than
+
+
+# --- The node's own Events -----------------------------------------------------------------------
+
+
+class NodeReporter:
+    """Events for what one node could not do: its pods' errors and datapath problems."""
+
+    def __init__(self, events: EventRecorder, node_name: str):
+        self.events = events
+        self.node_name = node_name
+
+    def report(self, state: Any, result: Any, snapshot: Snapshot | None) -> None:
+        pods = {object_name({**p, "kind": KIND_POD}): p for p in (snapshot.pods if snapshot
+                                                                   else ())}
+        dests = {object_name({**d, "kind": KIND_MD}): d for d in (snapshot.destinations
+                                                                  if snapshot else ())}
+        wanted = []
+        for e in getattr(state, "errors", ()) or ():
+            if e.kind == KIND_POD and e.name in pods:
+                wanted.append(EventSpec.about(pods[e.name], "PortMirrorError", e.reason))
+        for what, why in sorted((getattr(result, "problems", None) or {}).items()):
+            kind, _, name = what.partition(" ")
+            note = f"node {self.node_name}: {why}"
+            if kind == "Interface":
+                pod = "/".join(name.split("/")[:2])
+                if pod in pods:
+                    wanted.append(EventSpec.about(pods[pod], "InterfaceNotFound", note))
+            elif kind == KIND_MD and name in dests:
+                wanted.append(EventSpec.about(dests[name], "AnalyzerUnreachable", note))
+        self.events.reconcile("node", wanted)

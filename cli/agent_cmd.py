@@ -1,0 +1,172 @@
+"""``cn2mirror agent``: the node agent. Reads cluster objects from a source, compiles them
+for this node and keeps the datapath in step (agent/runtime.py).
+
+Sources: ``--source PATH`` (YAML files or directories, polled for changes). The
+Kubernetes API source adds its options (``--kubernetes``, ``--kubeconfig``) in
+``SOURCE_OPTIONS`` and builds its source in ``make_source``; nothing else changes.
+
+On SIGINT/SIGTERM the agent stops and leaves the datapath running: mirroring continues
+with the last applied state, and a restarted agent adopts the pinned maps and the
+attachments without a gap. ``--cleanup-on-exit`` removes everything instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from cn2mirror.agent import layout
+from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
+from cn2mirror.agent.filesource import DEFAULT_POLL_INTERVAL
+from cn2mirror.agent.node import DEFAULT_STATE_DIR
+from cn2mirror.agent.runtime import DEFAULT_RESYNC_INTERVAL
+
+log = logging.getLogger("cn2mirror.agent")
+
+ONCE_TIMEOUT = 120.0  # --once: longest wait for the source's first complete view
+
+
+class AgentError(click.ClickException):
+    """A problem the user must fix before the agent can run (exit code 1)."""
+
+    exit_code = 1
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def check_environment(netns: str | None) -> None:
+    """Root, bcc and the network namespace, checked before anything is touched."""
+    if os.geteuid() != 0:
+        raise AgentError("cn2mirror agent must run as root: it loads BPF programs, pins "
+                         "maps and attaches to interfaces (try sudo)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise AgentError("bcc is not importable: install Debian's python3-bpfcc and run "
+                         "from a venv made with --system-site-packages (make setup does "
+                         "both)") from None
+    if netns and not os.path.exists(os.path.join("/var/run/netns", netns)):
+        raise AgentError(f"unknown network namespace {netns!r} (see `ip netns list`)")
+
+
+# The options that choose where objects come from. The Kubernetes source adds its own
+# here (e.g. --kubernetes, --kubeconfig) and handles them in make_source().
+SOURCE_OPTIONS = [
+    click.option("--source", "sources", multiple=True, metavar="PATH",
+                 type=click.Path(path_type=str),
+                 help="YAML file or directory of objects (Pods, Namespaces, "
+                      "MirrorDestinations, policies); repeatable. Polled for changes."),
+    click.option("--poll-interval", type=click.FloatRange(min=0.05), metavar="SECONDS",
+                 default=DEFAULT_POLL_INTERVAL, show_default=True,
+                 help="How often --source files are checked for changes."),
+]
+
+
+def make_source(sources: tuple[str, ...], poll_interval: float, **_other):
+    """The Source the options ask for."""
+    if not sources:
+        raise click.UsageError("give at least one --source PATH")
+    from cn2mirror.agent.filesource import FileSource
+
+    return FileSource(sources, poll_interval=poll_interval)
+
+
+def _source_options(f):
+    for option in reversed(SOURCE_OPTIONS):
+        f = option(f)
+    return f
+
+
+@click.command("agent")
+@_source_options
+@click.option("--node", "node_name", envvar="NODE_NAME", metavar="NAME",
+              help="This node's name, as pods' spec.nodeName has it [default: $NODE_NAME].")
+@click.option("--netns", metavar="NAME",
+              help="Work in this named network namespace (a lab node) instead of the "
+                   "agent's own.")
+@click.option("--pin-root", default=DEFAULT_PIN_ROOT, show_default=True, metavar="DIR",
+              help="Where the BPF maps and programs are pinned (bpffs).")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+              help="Where names.json, capture-names.json and status.json are written.")
+@click.option("--max-flow-dests", type=click.IntRange(1, 32),
+              default=layout.DEFAULT_MAX_FLOW_DESTS, show_default=True,
+              help="Most copies of one flow (the vRouter allows 2).")
+@click.option("--uplink", metavar="IFNAME",
+              help="The interface NIC-assisted (VLAN) copies leave on.")
+@click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              default=DEFAULT_RESYNC_INTERVAL, show_default=True,
+              help="Re-apply the state this often (picks up late routes, neighbours).")
+@click.option("--once", is_flag=True,
+              help="Apply the current objects once and exit (the datapath keeps running).")
+@click.option("--cleanup-on-exit", is_flag=True,
+              help="On exit, detach and unpin everything (mirroring stops).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
+          uplink, resync_interval, once, cleanup_on_exit, log_level, **source_options):
+    """Run the node agent: mirror what the policies select on this node.
+
+    \b
+    Example (a lab made with `cn2mirror lab up`):
+      cn2mirror agent --node node1 --netns cn2lab-node1 \\
+          --source manifests/examples/internal-analyzer.yaml \\
+          --source /run/cn2mirror/labs/cn2lab-objects.yaml
+    """
+    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not node_name:
+        raise click.UsageError("give --node NAME or set NODE_NAME (the downward API's "
+                               "spec.nodeName)")
+    check_environment(netns)
+    source = make_source(sources, poll_interval, **source_options)
+
+    from cn2mirror.agent.datapath import DatapathError
+    from cn2mirror.agent.node import Node
+    from cn2mirror.agent.runtime import Agent
+
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink)
+            runner = Agent(source, node_name, node, state_dir, resync_interval)
+            log.info("starting on node %s%s, pins under %s", node_name,
+                     f" (network namespace {netns})" if netns else "", pin_root)
+            runner.start()
+        except (DatapathError, OSError) as e:
+            raise AgentError(f"cannot start the datapath: {e}") from None
+        try:
+            if once:
+                if not runner.wait_for(1, ONCE_TIMEOUT):
+                    raise AgentError(f"the source gave no objects within {ONCE_TIMEOUT:.0f} s")
+                report = runner.last_report
+                for p in runner.errors:
+                    click.echo(f"problem: {p}", err=True)
+                if report is None or not report.ok:
+                    raise AgentError("the state could not be applied"
+                                     + (f": {report.exception}" if report else ""))
+                if not log.isEnabledFor(logging.INFO):  # else the log said it already
+                    click.echo(report.summary(), err=True)
+            else:
+                while not stop.wait(1.0):
+                    pass
+                log.info("stopping (%s)", "removing the datapath" if cleanup_on_exit
+                         else "the datapath keeps mirroring")
+        finally:
+            runner.stop(cleanup=cleanup_on_exit)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    agent(prog_name="cn2mirror agent")

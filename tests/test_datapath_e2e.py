@@ -1,0 +1,571 @@
+"""The datapath with real traffic between network namespaces.
+
+A lab of two nodes (node1 routed like Calico, node2 reached over an underlay link) and
+an external analyzer. The agent's Node runs on node1; pods send ICMP, UDP, IPv6 and a
+bulk TCP transfer large enough for TSO super-packets. At each analyzer the copies are
+decoded with scapy and compared with the packets as they crossed the pod's interface
+(captured inside the pod), and checked once more with tshark.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.utils import rdpcap
+
+from cn2mirror.agent import jmirror
+from cn2mirror.agent import layout as L
+from cn2mirror.agent.datapath import MIRROR_RX, MIRROR_TX, DatapathError
+from cn2mirror.agent.lab import Lab, ns_sh
+from cn2mirror.agent.node import Node
+from cn2mirror.agent.pinned import sum_counters
+from cn2mirror.agent.state import (
+    DeliveryMode,
+    Destination,
+    Direction,
+    Interface,
+    NodeState,
+    Policy,
+    PortMirror,
+    PortRange,
+    Rule,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+LOCAL_AN, REMOTE_AN, EXT_AN = "198.18.1.10", "198.18.2.10", "198.19.1.10"
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab(prefix="cn2e" + uuid.uuid4().hex[:4])
+    try:
+        lab.up_default()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def node(lab):
+    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
+    n = Node(pin_root, netns=lab.nodes["node1"].netns)
+    n.start()
+    try:
+        yield n
+    finally:
+        n.stop(cleanup=True)
+        subprocess.run(["rm", "-rf", pin_root])
+
+
+class Capture:
+    """tcpdump inside a namespace, read back with scapy. With `sink`, a UDP socket on
+    that port swallows what arrives, as an analyzer would (no port-unreachable replies)."""
+
+    def __init__(self, netns: str, iface: str = "eth0", bpf_filter: str = "",
+                 sink: int | None = None):
+        self.sink = None
+        if sink:
+            code = ("import socket;s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);"
+                    f"s.setsockopt(41,26,0);s.bind(('::',{sink}))\nwhile True: s.recv(65535)")
+            self.sink = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-c", code])
+        self.path = tempfile.mktemp(suffix=".pcap", prefix="cn2m-")
+        cmd = ["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-w", self.path, "-U",
+               "--immediate-mode", "-B", "65536", "-s", "0"] + bpf_filter.split()
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        assert "listening" in line, line
+
+    def stop(self) -> list:
+        time.sleep(0.3)
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=10)
+        self.stats = err
+        pkts = rdpcap(self.path) if os.path.getsize(self.path) > 24 else []
+        return list(pkts)
+
+    def close(self) -> None:
+        for proc in (self.proc, self.sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def web_iface(lab, **kw) -> Interface:
+    web = lab.pods["web"]
+    return Interface("demo/web", session_id=kw.pop("session", 501), ips=(web.ip, web.ip6), **kw)
+
+
+def mirror_all(name: str, dest: str, mirror_id: int, ports=()) -> Policy:
+    return Policy(name, (Rule(name, 0, None, None, tuple(ports), dest, mirror_id),),
+                  frozenset({"demo/web/eth0"}))
+
+
+def jm(addr: str, name: str, port: int = 30030) -> Destination:
+    return Destination(name, DeliveryMode.JMIRROR, analyzer_ip=addr, udp_port=port)
+
+
+def copies_in(pkts, port: int = 30030):
+    """(outer IP, mid, sid, inner bytes) of every jmirror datagram in a capture."""
+    out = []
+    for p in pkts:
+        if UDP in p and p[UDP].dport == port:
+            d = jmirror.decode(bytes(p[UDP].payload))
+            out.append((p[UDP].underlayer, d.mirror_id, d.session_id, d.inner))
+    return out
+
+
+def normalized(ip_bytes: bytes) -> bytes:
+    """An IP packet with its L4 checksum zeroed: a pod's own capture can show a checksum
+    the NIC would finish (CHECKSUM_PARTIAL), while the copy carries the finished one."""
+    pkt = IP(ip_bytes) if ip_bytes[0] >> 4 == 4 else IPv6(ip_bytes)
+    for layer in (TCP, UDP):
+        if layer in pkt:
+            pkt[layer].chksum = 0
+    return bytes(pkt)
+
+
+def l4_checksum_ok(ip_bytes: bytes) -> bool:
+    pkt = IP(ip_bytes) if ip_bytes[0] >> 4 == 4 else IPv6(ip_bytes)
+    for layer in (TCP, UDP, ICMP):
+        if layer in pkt:
+            got = pkt[layer].chksum
+            del pkt[layer].chksum
+            return (IP(bytes(pkt)) if ip_bytes[0] >> 4 == 4 else IPv6(bytes(pkt)))[
+                layer].chksum == got
+    return True
+
+
+def inner(ip_bytes: bytes):
+    return IP(ip_bytes) if ip_bytes[0] >> 4 == 4 else IPv6(ip_bytes)
+
+
+def ip_of(frame) -> bytes:
+    return bytes(frame[IP] if IP in frame else frame[IPv6])
+
+
+def rx_packets(netns: str, dev: str = "eth0") -> int:
+    import json
+
+    link = json.loads(ns_sh(netns, "ip", "-j", "-s", "link", "show", dev).stdout)[0]
+    return link["stats64"]["rx"]["packets"]
+
+
+def counters(node, kind: str, slot: int):
+    return sum_counters(node.datapath.maps[f"stats_{kind}"].lookup(slot.to_bytes(4, "little")))
+
+
+def rule_slot(node, policy: str) -> int:
+    return next(s for s, (p, _) in node.last.plan.rule_slots.items() if p == policy)
+
+
+def udp_burst(lab, src_pod: str, dst_ip: str, n: int, size: int = 100, dport: int = 7000):
+    code = (f"import socket;s=socket.socket(socket.AF_INET{'6' if ':' in dst_ip else ''},"
+            f"socket.SOCK_DGRAM)\nfor i in range({n}): s.sendto(bytes([i%256])*{size},"
+            f"('{dst_ip}',{dport}))")
+    ns_sh(lab.pods[src_pod].netns, "python3", "-c", code)
+
+
+# ---------------------------------------------------------------------- jmirror
+def test_jmirror_to_analyzers_on_this_node_another_node_and_outside(lab, node):
+    """ICMP, UDP and IPv6 between client and web, mirrored at web's interface to three
+    analyzers; every copy equals the packet as it crossed web's eth0, and every packet
+    of the selected flows has its copy."""
+    state = NodeState("node1", interfaces=(web_iface(lab),),
+                      policies=(mirror_all("demo/local", "local", 11),
+                                mirror_all("demo/remote", "remote", 12),
+                                mirror_all("demo/ext", "ext", 13)),
+                      destinations=(jm(LOCAL_AN, "local"), jm(REMOTE_AN, "remote"),
+                                    jm(EXT_AN, "ext")))
+    result = node.apply(state)
+    assert result.problems == {}
+    caps = {"local": Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030),
+            "remote": Capture(lab.pods["analyzer2"].netns, bpf_filter="udp port 30030", sink=30030),
+            "ext": Capture(lab.external, bpf_filter="udp port 30030", sink=30030)}
+    at_pod = Capture(lab.pods["web"].netns, bpf_filter="icmp or icmp6 or udp port 7000")
+    try:
+        web = lab.pods["web"]
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "3", "-i", "0.1", web.ip)
+        ns_sh(lab.pods["client"].netns, "ping", "-6", "-c", "3", "-i", "0.1", web.ip6)
+        udp_burst(lab, "client", web.ip, 20)
+        seen = [s for s in (ip_of(p) for p in at_pod.stop()) if traffic_under_test(s)]
+        got = {name: c.stop() for name, c in caps.items()}
+    finally:
+        for c in (*caps.values(), at_pod):
+            c.close()
+    # Pings both ways, 20 datagrams, and the pod's port-unreachable answers to them.
+    assert len(seen) >= 3 * 2 + 3 * 2 + 20
+    expected = sorted(normalized(s) for s in seen)
+    for name, mid in (("local", 11), ("remote", 12), ("ext", 13)):
+        cps = [c for c in copies_in(got[name]) if traffic_under_test(c[3])]
+        assert {(c[1], c[2]) for c in cps} == {(mid, 501)}, name
+        assert sorted(normalized(c[3]) for c in cps) == expected, name
+        assert all(l4_checksum_ok(c[3]) for c in cps), name
+    # The remote analyzer's copies crossed the underlay from node1's underlay address.
+    assert {c[0].src for c in copies_in(got["remote"])} == {"198.19.0.1"}
+    # Every copy sent was received, and the counters say exactly how many were sent.
+    for pol, name in (("demo/local", "local"), ("demo/remote", "remote"), ("demo/ext", "ext")):
+        c = counters(node, "rule", rule_slot(node, pol))
+        assert c.packets == c.cloned == len(copies_in(got[name])) >= len(seen)
+        assert sum(c.drops.values()) == 0
+
+
+def traffic_under_test(ip_bytes: bytes) -> bool:
+    """The test's own packets: not the neighbour discovery that comes and goes."""
+    if ip_bytes[0] >> 4 == 6:
+        p = IPv6(ip_bytes)
+        return p.nh != 58 or getattr(p.payload, "type", 0) in (128, 129)
+    return True
+
+
+def test_tshark_decodes_the_copies(lab, node):
+    node.apply(NodeState("node1", interfaces=(web_iface(lab, session=777),),
+                         policies=(mirror_all("demo/p", "local", 4242),),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "2", "-i", "0.1", lab.pods["web"].ip)
+        udp_burst(lab, "client", lab.pods["web"].ip, 2)
+        cap.stop()
+        out = subprocess.run(["tshark", "-r", cap.path, "-T", "fields", "-e", "jmirror.mid",
+                              "-e", "jmirror.sid", "-e", "frame.protocols", "-E",
+                              "separator=/s"], capture_output=True, text=True, check=True)
+    finally:
+        cap.close()
+    rows = [r.split(" ") for r in out.stdout.splitlines()]
+    assert all(int(r[0], 16) == 4242 and int(r[1], 16) == 777 for r in rows)
+    inner = sorted(":".join(r[2].split(":")[4:7]) for r in rows)
+    # Echo requests and replies, web's port-unreachable answers, the datagrams.
+    assert inner == ["jmirror:ip:icmp"] * 6 + ["jmirror:ip:udp"] * 2
+
+
+def test_bulk_tcp_with_tso_is_copied_segment_by_segment(lab, node):
+    """A bulk transfer leaves the pod as 64 KB super-packets; the analyzer receives
+    wire-size segments with finished checksums that together carry every byte."""
+    an = lab.pods["analyzer"]
+    # Room for a full segment plus 36 bytes of jmirror on the way to the analyzer.
+    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
+        ns_sh(ns, "ip", "link", "set", dev, "mtu", "1600")
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "local", 21,
+                                              ports=(PortRange(6, 5201, 5201),)),),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    size = 4 * 1024 * 1024
+    rx_before = rx_packets(an.netns)
+    pattern = bytes(range(256)) * (size // 256)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.pods["web"].netns, "python3", "-c",
+         "import socket;s=socket.socket();s.setsockopt(1,2,1);s.bind(('0.0.0.0',5201));"
+         "s.listen();c,_=s.accept();n=0\nwhile True:\n d=c.recv(1<<20)\n if not d: break\n"
+         " n+=len(d)\nprint(n)"], stdout=subprocess.PIPE, text=True)
+    cap = Capture(an.netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        time.sleep(0.3)
+        ns_sh(lab.pods["client"].netns, "python3", "-c",
+              f"import socket;s=socket.create_connection(('{lab.pods['web'].ip}',5201));"
+              f"s.sendall(bytes(range(256))*{size // 256});s.close()")
+        received = int(server.communicate(timeout=30)[0])
+        pkts = cap.stop()
+    finally:
+        cap.close()
+        server.kill()
+    assert received == size
+    cps = copies_in(pkts)
+    segments = [IP(c[3]) for c in cps if IP(c[3]).dst == lab.pods["web"].ip]
+    assert len(segments) > size // 65536  # many more copies than super-packets
+    assert max(len(c[3]) for c in cps) <= 1500
+    assert all(l4_checksum_ok(c[3]) for c in cps)
+    isn = min(s[TCP].seq for s in segments if s[TCP].flags & 0x02)
+    stream = bytearray(size)
+    offsets = []
+    for s in segments:
+        data = bytes(s[TCP].payload)
+        if not data:
+            continue
+        off = (s[TCP].seq - isn - 1) % (1 << 32)
+        stream[off:off + len(data)] = data
+        offsets.append((off, len(data)))
+    # Every segment the analyzer captured carries exactly the bytes sent at its offset.
+    assert all(stream[o:o + n] == pattern[o:o + n] for o, n in offsets)
+    # The datapath sent a copy of every segment and all of them reached the analyzer's
+    # interface; the capture itself has them all unless tcpdump was too slow to keep up.
+    c = counters(node, "rule", rule_slot(node, "demo/p"))
+    # A clone is counted once as it enters the mirror port; the kernel then cuts each
+    # 64 KB super-packet into the many segments counted as sent.
+    assert c.truncated == 0 and sum(c.drops.values()) == 0 and c.packets > c.cloned
+    assert rx_packets(an.netns) - rx_before >= c.packets
+    if "\n0 packets dropped by kernel" in cap.stats:
+        assert len(cps) == c.packets
+        assert bytes(stream) == pattern
+
+
+def test_copy_too_large_for_the_path_is_truncated_and_counted(lab, node):
+    an = lab.pods["analyzer"]
+    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
+        ns_sh(ns, "ip", "link", "set", dev, "mtu", "1500")
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "local", 31,
+                                              ports=(PortRange(17, 7001, 7001),)),),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(an.netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        udp_burst(lab, "client", lab.pods["web"].ip, 3, size=1472, dport=7001)  # IP 1500
+        udp_burst(lab, "client", lab.pods["web"].ip, 2, size=1000, dport=7001)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+    lengths = sorted(len(c[3]) for c in cps)
+    assert lengths == [1028, 1028, 1464, 1464, 1464]  # cut to 1500 - 36
+    big = [IP(c[3]) for c in cps if len(c[3]) == 1464]
+    assert all(b.len == 1500 for b in big)  # the inner header still tells the real size
+    c = counters(node, "rule", rule_slot(node, "demo/p"))
+    assert c.truncated == 3 and c.packets == 5
+
+
+def test_jmirror_over_ipv6(lab, node):
+    an = lab.pods["analyzer"]
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "v6", 41),),
+                         destinations=(jm(an.ip6, "v6"),)))
+    cap = Capture(an.netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "2", "-i", "0.1", lab.pods["web"].ip)
+        udp_burst(lab, "client", lab.pods["web"].ip6, 2, size=700)
+        pkts = cap.stop()
+    finally:
+        cap.close()
+    outer = [p for p in pkts if IPv6 in p and UDP in p and p[UDP].dport == 30030]
+    assert len(outer) == 8
+    for p in outer:  # IPv6 needs a real UDP checksum: recompute and compare
+        got = p[UDP].chksum
+        q = p[IPv6].copy()
+        del q[UDP].chksum
+        assert IPv6(bytes(q))[UDP].chksum == got != 0
+    assert {jmirror.decode(bytes(p[UDP].payload)).mirror_id for p in outer} == {41}
+
+
+# ---------------------------------------------------------------------- other modes
+def test_l2_mode_sends_the_frame_to_the_analyzer_mac(lab, node):
+    an = lab.pods["analyzer"]
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "l2", 51,
+                                              ports=(PortRange(17, 7002, 7002),)),),
+                         destinations=(Destination("l2", DeliveryMode.L2,
+                                                   analyzer_mac=an.mac,
+                                                   analyzer_ip=an.ip),)))
+    cap = Capture(an.netns, bpf_filter="udp port 7002")
+    at_pod = Capture(lab.pods["web"].netns, bpf_filter="udp port 7002")
+    try:
+        udp_burst(lab, "client", lab.pods["web"].ip, 4, dport=7002)
+        got, seen = cap.stop(), at_pod.stop()
+    finally:
+        cap.close()
+        at_pod.close()
+    assert len(seen) == 4 and len(got) == 4
+    assert all(f[Ether].dst == an.mac for f in got)
+    assert sorted(normalized(ip_of(f)) for f in got) == sorted(normalized(ip_of(f))
+                                                                for f in seen)
+
+
+def test_static_vxlan_to_a_vtep(lab, node):
+    n2 = lab.nodes["node2"]
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "vx", 61,
+                                              ports=(PortRange(17, 7003, 7003),)),),
+                         destinations=(Destination("vx", DeliveryMode.VXLAN,
+                                                   vtep_ip=n2.underlay_ip,
+                                                   vtep_mac="02:00:00:00:aa:01", vni=4242),)))
+    cap = Capture(n2.netns, "ul0", "udp port 4789")
+    try:
+        udp_burst(lab, "client", lab.pods["web"].ip, 3, dport=7003)
+        got = cap.stop()
+    finally:
+        cap.close()
+    vx = [p for p in got if VXLAN in p]
+    assert len(vx) == 3
+    assert {p[VXLAN].vni for p in vx} == {4242}
+    assert all(p[VXLAN].payload[Ether].dst == "02:00:00:00:aa:01" for p in vx)
+    assert all(p[VXLAN].payload[UDP].dport == 7003 for p in vx)
+
+
+def test_nic_assisted_copies_leave_the_uplink_tagged(lab, node):
+    n2 = lab.nodes["node2"]
+    node.uplink = "ul0"
+    try:
+        node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                             policies=(mirror_all("demo/p", "nic", 71,
+                                                  ports=(PortRange(17, 7004, 7004),)),),
+                             destinations=(Destination("nic", DeliveryMode.VLAN,
+                                                       vlan_id=100),)))
+        cap = Capture(n2.netns, "ul0", "vlan 100")
+        try:
+            udp_burst(lab, "client", lab.pods["web"].ip, 3, dport=7004)
+            got = cap.stop()
+        finally:
+            cap.close()
+    finally:
+        node.uplink = None
+    tagged = [p for p in got if Dot1Q in p and p[Dot1Q].vlan == 100]
+    assert len(tagged) == 3 and all(p[UDP].dport == 7004 for p in tagged)
+
+
+# ---------------------------------------------------------------------- guarantees
+def test_unselected_flows_are_not_mirrored_and_production_is_unaffected(lab, node):
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "local", 81,
+                                              ports=(PortRange(17, 7005, 7005),)),),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        out = ns_sh(lab.pods["client"].netns, "ping", "-c", "5", "-i", "0.05",
+                    lab.pods["web"].ip).stdout
+        udp_burst(lab, "client", lab.pods["web"].ip, 5, dport=7006)  # not selected
+        udp_burst(lab, "client", lab.pods["web"].ip, 5, dport=7005)  # selected
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+    assert " 0% packet loss" in out
+    assert len(cps) == 5 and all(UDP(IP(c[3]).payload.build()).dport == 7005
+                                 or IP(c[3])[UDP].dport == 7005 for c in cps)
+
+
+def test_a_mirrored_analyzer_never_gets_copies_of_copies(lab, node):
+    """The analyzer pod is itself mirrored and, with no socket on the port, answers every
+    copy with an ICMP port-unreachable: neither the copies nor those answers come back."""
+    an = lab.pods["analyzer"]
+    an_iface = Interface("tools/analyzer", session_id=9, ips=(an.ip, an.ip6))
+    pol = Policy("demo/all", (Rule("demo/all", 0, None, None, (), "local", 91),),
+                 frozenset({"demo/web/eth0", "tools/analyzer/eth0"}))
+    node.apply(NodeState("node1", interfaces=(web_iface(lab), an_iface), policies=(pol,),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(an.netns, bpf_filter="udp port 30030")  # no sink: port unreachable
+    try:
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "3", "-i", "0.1", lab.pods["web"].ip)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+    assert not [c for c in cps if c[2] == 9 and ICMP in inner(c[3]) and
+                inner(c[3])[ICMP].type == 3]
+    echoes = [c for c in cps if ICMP in inner(c[3])]
+    assert len(echoes) == 6 and {c[2] for c in echoes} == {501}
+    assert len(cps) == len([c for c in cps if c[2] == 501])
+
+
+def test_port_mirroring_by_direction(lab, node):
+    iface = web_iface(lab, port_mirrors=(PortMirror("local", Direction.INGRESS, 99),))
+    node.apply(NodeState("node1", interfaces=(iface,), destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "3", "-i", "0.1", lab.pods["web"].ip)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+    # Into the pod only: the three requests (and nothing the pod sent).
+    assert len(cps) == 3 and all(IP(c[3]).dst == lab.pods["web"].ip for c in cps)
+    assert {c[1] for c in cps} == {99}
+
+
+def test_analyzer_port_takes_no_traffic_in(lab, node):
+    node.apply(NodeState("node1"))
+    before = sum_counters(node.datapath.maps["stats_node"].lookup(bytes(4)))
+    n1 = lab.nodes["node1"].netns
+    frame = bytes(Ether(dst="ff:ff:ff:ff:ff:ff") / IP(dst="198.18.1.2") / UDP())
+    code = ("import socket,sys;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);"
+            f"s.bind(('{MIRROR_RX}',0));s.send(bytes.fromhex('{frame.hex()}'));"
+            f"t=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);t.bind(('{MIRROR_TX}',0));"
+            f"t.send(bytes.fromhex('{frame.hex()}'))")
+    ns_sh(n1, "python3", "-c", code)
+    time.sleep(0.2)
+    after = sum_counters(node.datapath.maps["stats_node"].lookup(bytes(4)))
+    assert after.drops["rx_blocked"] == before.drops["rx_blocked"] + 1  # XDP on the tx end
+    assert after.drops["foreign"] == before.drops["foreign"] + 1  # wrapper: not a clone
+
+
+def test_restarted_agent_adopts_the_pins_without_a_gap(lab):
+    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
+    n1 = lab.nodes["node1"].netns
+    state = NodeState("node1", interfaces=(web_iface(lab),),
+                      policies=(mirror_all("demo/p", "local", 101,
+                                           ports=(PortRange(17, 7007, 7007),)),),
+                      destinations=(jm(LOCAL_AN, "local"),))
+    first = Node(pin_root, netns=n1)
+    first.start()
+    first.apply(state)
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    stop = threading.Event()
+
+    def stream():
+        code = ("import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "for i in range(300):\n s.sendto(i.to_bytes(4,'big'),"
+                f"('{lab.pods['web'].ip}',7007));time.sleep(0.005)")
+        ns_sh(lab.pods["client"].netns, "python3", "-c", code)
+        stop.set()
+
+    second = None
+    try:
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.3)
+        first.stop(cleanup=False)  # the agent exits; programs and maps stay
+        time.sleep(0.3)
+        second = Node(pin_root, netns=n1)
+        second.start()
+        assert second.apply(state).changes == 0  # adopted: nothing to rewrite
+        t.join(timeout=30)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+        (second or first).stop(cleanup=True)
+        subprocess.run(["rm", "-rf", pin_root])
+    seqs = sorted(int.from_bytes(bytes(IP(c[3])[UDP].payload)[:4], "big") for c in cps)
+    assert seqs == list(range(300))
+
+
+def test_bad_input_is_reported_and_the_rest_keeps_working(lab, node):
+    good = NodeState("node1", interfaces=(web_iface(lab),),
+                     policies=(mirror_all("demo/p", "local", 111),),
+                     destinations=(jm(LOCAL_AN, "local"),))
+    node.apply(good)
+    # An interface that does not exist, and an analyzer with no route: reported, while
+    # web keeps being mirrored.
+    bad = NodeState("node1", interfaces=(web_iface(lab), Interface(
+        "demo/ghost", session_id=3, host_ifname="nosuchif")),
+        policies=(mirror_all("demo/p", "local", 111),),
+        destinations=(jm(LOCAL_AN, "local"), jm("203.0.113.9", "nowhere")))
+    result = node.apply(bad)
+    assert "no interface nosuchif" in result.problems["Interface demo/ghost/eth0"]
+    assert "no route" in result.problems["MirrorDestination nowhere"]
+    # Too many rules for the datapath: a clear error, and the maps stay as they were.
+    huge = Policy("demo/huge", tuple(Rule("demo/huge", i, None, None, (), "local", i + 1)
+                                     for i in range(L.MAX_RULES)),
+                  frozenset({"demo/web/eth0"}))
+    with pytest.raises(DatapathError, match="more than"):
+        node.apply(NodeState("node1", interfaces=(web_iface(lab),), policies=(huge,),
+                             destinations=(jm(LOCAL_AN, "local"),)))
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        ns_sh(lab.pods["client"].netns, "ping", "-c", "2", "-i", "0.1", lab.pods["web"].ip)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+    assert len(cps) == 4 and {c[1] for c in cps} == {111}
+
+
+def test_attach_to_unknown_interface_leaves_nothing_half_attached(lab, node):
+    with pytest.raises(DatapathError, match="unknown interface"):
+        node.datapath.attach("nosuchif")
+    assert node.datapath.attached_ifindexes() == set()
+
+
