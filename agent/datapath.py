@@ -150,8 +150,10 @@ class Datapath:
             # IFF_NOARP on, IFF_MULTICAST off: no ARP, IGMP or MLD of the port's own.
             for idx in (tx, rx):
                 ipr.link("set", index=idx, flags=0x80, change=0x80 | 0x1000)
-            # The sending end needs no IPv6 at all (no MLD reports wandering into rx).
-            sysctl(self.netns, f"net.ipv6.conf.{MIRROR_TX}.disable_ipv6", 1)
+            # Neither end needs IPv6 addresses (the FIB helper needs only forwarding on):
+            # without it they send no MLD reports of their own.
+            for name in (MIRROR_TX, MIRROR_RX):
+                sysctl(self.netns, f"net.ipv6.conf.{name}.disable_ipv6", 1)
             sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.forwarding", 1)
             sysctl(self.netns, f"net.ipv6.conf.{MIRROR_RX}.forwarding", 1)
             ipr.link("set", index=tx, state="up")

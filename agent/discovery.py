@@ -72,6 +72,18 @@ class NodeTables:
         return Route(r.get_attr("RTA_OIF"), r.get_attr("RTA_PREFSRC"),
                      r.get_attr("RTA_GATEWAY"))
 
+    def source_for(self, route: Route) -> str | None:
+        """The copies' source address: the route's, unless that is link-local (a routed
+        CNI's gateway address on the pod's veth); then a global address of the node."""
+        if route.src and not ipaddress.ip_address(route.src).is_link_local:
+            return route.src
+        family = socket.AF_INET6 if route.src and ":" in route.src else socket.AF_INET
+        for a in sorted(self.ipr.get_addr(family=family), key=lambda a: a["index"]):
+            addr = a.get_attr("IFA_ADDRESS")
+            if a["scope"] == 0 and addr and not ipaddress.ip_address(addr).is_link_local:
+                return addr
+        return route.src
+
     def neighbour_mac(self, ip: str) -> str | None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         for n in self.ipr.get_neighbours(family=family):
@@ -145,8 +157,8 @@ class NodeTables:
             mtu = self.mtu(route.oif)
             if mode == L.Mode.JMIRROR6:
                 mtu = min(mtu, JMIRROR6_MAX_MTU)
-            return ResolvedDestination(mode, d.analyzer_ip, route.src, d.udp_port, mtu=mtu,
-                                       out_ifindex=route.oif)
+            return ResolvedDestination(mode, d.analyzer_ip, self.source_for(route),
+                                       d.udp_port, mtu=mtu, out_ifindex=route.oif)
         if d.mode == DeliveryMode.L2:
             idx = self.ifindex(d.analyzer_ifname) if d.analyzer_ifname else None
             if not idx and d.analyzer_mac:

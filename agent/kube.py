@@ -301,8 +301,12 @@ class _Reflector:
                 if self.rv is None:
                     self._relist()
                     failures = 0
+                started = time.monotonic()
                 self._watch()
                 self.stats.restart("timeout")  # the server ended the watch: resume
+                if time.monotonic() - started < 1.0:
+                    # Ended at once (a proxy closing streams?): do not spin.
+                    self.stopped.wait(src._backoff(1))
             except Gone:
                 self.stats.restart("expired")
                 log.info("%s: resourceVersion %s expired: relisting", self.res.name, self.rv)
@@ -326,8 +330,8 @@ class _Reflector:
                 # only a failing retry makes the source unready and backs off.
                 if failures > 1:
                     if self.connected:
-                        log.warning("%s: API server unreachable (%s); keeping the last state",
-                                    self.res.name, self.stats.last_error)
+                        log.warning("%s: cannot list or watch (%s); keeping the last "
+                                    "objects, retrying", self.res.name, self.stats.last_error)
                     self.connected = False
                     src._changed_readiness()
                     self.stopped.wait(src._backoff(failures - 1))
@@ -866,7 +870,7 @@ class KubeOptions:
             services.datapath = DatapathCollector(pin_root, state_dir)
             registry.register(services.datapath)
         namespace = self.namespace or default_namespace()
-        identity = self.identity or f"{node_name}_{os.getpid()}"
+        identity = self.identity or os.environ.get("POD_NAME") or node_name
         events = EventRecorder(api, component="agent", instance=node_name)
         services.events = events
         registry.register(events)

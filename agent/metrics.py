@@ -278,6 +278,7 @@ class DatapathCollector:
         self._maps = None
         self._names: dict = {}
         self._names_mtime = 0.0
+        self._lock = threading.Lock()
 
     def names(self) -> dict:
         try:
@@ -294,10 +295,12 @@ class DatapathCollector:
         return self._names
 
     def _open(self):
+        """The pinned maps, opened at every scrape (a few syscalls): a datapath removed
+        and pinned again is never read through stale descriptors."""
         from .pinned import PinnedMaps
 
-        if self._maps is None:
-            self._maps = PinnedMaps(self.pin_root)
+        self.close()
+        self._maps = PinnedMaps(self.pin_root)
         return self._maps
 
     def _labels(self, scope: str, slot: str, entry: dict) -> Labels:
@@ -314,6 +317,10 @@ class DatapathCollector:
         return {"destination": entry.get("name") or "", "mode": entry.get("mode") or ""}
 
     def collect(self) -> Iterable[Family]:
+        with self._lock:  # scrapes may come concurrently
+            return list(self._collect())
+
+    def _collect(self) -> Iterable[Family]:
         from .layout import Drop
         from .pinned import NotPinned
 
@@ -356,11 +363,11 @@ class DatapathCollector:
             for r in reasons:
                 nd.add((node.drops or {}).get(r, 0), {"reason": r})
         except OSError as e:
-            # The agent restarted and re-pinned: open the maps again at the next scrape.
-            self.close()
             log.debug("datapath metrics: %s", e)
             yield up.add(0)
             return
+        finally:
+            self.close()
         yield up.add(1)
         yield from families.values()
         info = Family("cn2mirror_datapath_problem", "gauge",

@@ -153,9 +153,11 @@ class Node:
             del self.attached[idx]
             detached.append(idx)
         result = ApplyResult(p, changes, attached, detached, problems, dict(ifindexes))
+        before = self.last.problems if self.last else {}
         self.last = result
         for obj, why in problems.items():
-            log.warning("%s: %s", obj, why)
+            if before.get(obj) != why:  # a lasting problem is said once, not every resync
+                log.warning("%s: %s", obj, why)
         return result
 
     def stop(self, cleanup: bool = False) -> None:

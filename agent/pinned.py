@@ -47,6 +47,23 @@ def sum_counters(per_cpu: list[bytes]) -> CounterTotals:
     return t
 
 
+class _MapInfo(C.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
+                ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
+                ("map_flags", C.c_uint32), ("name", C.c_char * 16), ("rest", C.c_uint8 * 64)]
+
+
+def _map_info(fd: int) -> _MapInfo:
+    from .bpfsys import lib
+
+    info = _MapInfo()
+    size = C.c_uint32(C.sizeof(info))
+    lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size))
+    return info
+
+
 class PinnedMaps:
     """Read access to the maps pinned under `pin_root`."""
 
@@ -65,19 +82,11 @@ class PinnedMaps:
     @staticmethod
     def _flow_dests_from_pin(path: str) -> int:
         """The flow entry's size tells how many destinations a flow holds."""
-        from .bpfsys import lib, obj_get
-
-        class MapInfo(C.Structure):
-            _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
-                        ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
-                        ("map_flags", C.c_uint32), ("name", C.c_char * 16),
-                        ("rest", C.c_uint8 * 64)]
+        from .bpfsys import obj_get
 
         fd = obj_get(path)
         try:
-            info = MapInfo()
-            size = C.c_uint32(C.sizeof(info))
-            lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size))
+            info = _map_info(fd)
         finally:
             os.close(fd)
         fixed = C.sizeof(L.FlowEntry) - 4 * L.DEFAULT_MAX_FLOW_DESTS
@@ -88,10 +97,17 @@ class PinnedMaps:
             spec = self.specs[name]
             path = f"{self.pin_root}/{name}"
             try:
-                self._maps[name] = BpfMap.pinned(path, C.sizeof(spec.key), C.sizeof(spec.value),
-                                                 percpu=spec.kind.startswith("percpu"))
+                m = BpfMap.pinned(path, C.sizeof(spec.key), C.sizeof(spec.value),
+                                  percpu=spec.kind.startswith("percpu"))
             except FileNotFoundError as e:
                 raise NotPinned(f"map {name} is not pinned at {path}") from e
+            info = _map_info(m.fd)
+            if (info.key_size, info.value_size) != (m.key_size, m.value_size):
+                os.close(m.fd)
+                raise NotPinned(f"map {name} at {path} has key/value sizes "
+                                f"{info.key_size}/{info.value_size}, this cn2mirror expects "
+                                f"{m.key_size}/{m.value_size}: pinned by another version?")
+            self._maps[name] = m
         return self._maps[name]
 
     # ---------------------------------------------------------------- typed reads

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 MANAGED_MAPS = ("interfaces", "sessions", "rules", "destinations", "src_v4", "dst_v4",
                 "src_v6", "dst_v6", "ports", "analyzers")
 ARRAY_MAPS = ("sessions", "rules", "destinations")  # entries are zeroed, not deleted
+# A slot whose entry changes or goes away starts its counters again at zero, so that the
+# numbers under a slot always belong to what the slot holds now.
+STATS_OF = {"rules": "stats_rule", "destinations": "stats_dest", "sessions": "stats_iface"}
 
 
 class PlanError(ValueError):
@@ -326,6 +329,7 @@ class MapWriter:
             want, have = p.maps[m], self.written[m]
             for k, v in want.items():
                 if have.get(k) != v:
+                    self._reset_stats(m, k)
                     self.maps[m].update(k, v)
                     have[k] = v
                     changes += 1
@@ -334,6 +338,7 @@ class MapWriter:
             want, have = p.maps[m], self.written[m]
             for k in [k for k in have if k not in want]:
                 if m in ARRAY_MAPS:
+                    self._reset_stats(m, k)
                     self.maps[m].update(k, bytes(self.maps[m].value_size))
                 else:
                     self.maps[m].delete(k)
@@ -342,6 +347,11 @@ class MapWriter:
         if changes:
             self.bump_generation()
         return changes
+
+    def _reset_stats(self, m: str, key: bytes) -> None:
+        stats = STATS_OF.get(m)
+        if stats and stats in self.maps:
+            self.maps[stats].update(key, bytes(self.maps[stats].value_size))
 
     def bump_generation(self) -> None:
         cfg = self.config()

@@ -128,11 +128,20 @@ def evaluate(results: dict) -> list[dict]:
         add("tcp_bulk", f"{_num(_med(ts['bulk_gbps_off']), 2)} -> "
             f"{_num(_med(ts['bulk_gbps_on']), 2)} Gb/s ({_pct(r)})", r >= 0.95,
             f"{(1 - r) * 100 - 5:+.1f} points vs target")
-        tool = "sockperf" if "sockperf_median_us_delta" in ts else "pingpong"
-        d = _med(ts.get(f"{tool}_median_us_delta"))
+        d_pp = _med(ts.get("pingpong_median_us_delta"))
+        d_sp = _med(ts.get("sockperf_median_us_delta"))
+        d = d_sp if d_sp is not None else d_pp
         if d is not None:
-            add("latency", f"{d:+.2f} us median RTT ({tool}; off "
-                f"{_num(_med(ts[f'{tool}_median_us_off']), 1)} us)", d < 0.5,
+            parts = []
+            if d_sp is not None:
+                parts.append(f"sockperf {d_sp:+.2f} us (off "
+                             f"{_num(_med(ts['sockperf_median_us_off']), 1)} us, "
+                             f"{ts['sockperf_median_us_delta']['n']} pairs)")
+            if d_pp is not None:
+                parts.append(f"python ping-pong {d_pp:+.2f} us (off "
+                             f"{_num(_med(ts['pingpong_median_us_off']), 1)} us, "
+                             f"{ts['pingpong_median_us_delta']['n']} pairs)")
+            add("latency", "median RTT on - off: " + "; ".join(parts), d < 0.5,
                 f"{d - 0.5:+.2f} us vs target")
     return rows
 
@@ -334,15 +343,16 @@ def _tcp(tcp: dict) -> list[str]:
         return []
     meth = tcp.get("method", {})
     L = ["## TCP between two pods: bulk throughput and request/response latency", "",
-         f"{meth.get('bulk')} and {meth.get('rr') if meth.get('sockperf') else ''} "
-         f"{meth.get('pingpong')}; {meth.get('rounds')} rounds, off/on alternating (ABAB). "
+         f"Bulk: {meth.get('bulk')}. Request/response: "
+         f"{(meth.get('rr') + '; ') if meth.get('sockperf') else ''}{meth.get('pingpong')}. "
+         f"Each \"on - off\" is the median over pairs of the difference within a pair. "
          f"Mirroring on: {meth.get('mirroring_on')}.", "",
          "| measure | off | on | on vs off |", "|---|---|---|---|"]
     L.append(f"| iperf3 bulk, Gb/s | {_num(_med(s['bulk_gbps_off']), 2)}"
              f"{_spread(s['bulk_gbps_off'], 2)} | {_num(_med(s['bulk_gbps_on']), 2)}"
              f"{_spread(s['bulk_gbps_on'], 2)} | {_pct(_med(s['bulk_ratio']))} |")
     for tool in ("sockperf", "pingpong"):
-        for stat, label in (("median_us", "median"), ("p99_us", "p99")):
+        for stat, label in (("p10_us", "p10"), ("median_us", "median"), ("p99_us", "p99")):
             k = f"{tool}_{stat}"
             if f"{k}_off" in s:
                 L.append(f"| {tool} RTT {label}, us | {_num(_med(s[k + '_off']), 1)} | "
@@ -548,7 +558,7 @@ def make_plots(results: dict, out: Path) -> list[str]:
         axs[0].bar(["off", "on"], [_med(ts["bulk_gbps_off"]) or 0, _med(ts["bulk_gbps_on"]) or 0])
         axs[0].set_ylabel("Gb/s (iperf3)")
         axs[0].set_title(f"TCP bulk: {_pct(_med(ts['bulk_ratio']))}")
-        tool = "sockperf" if "sockperf_median_us_off" in ts else "pingpong"
+        tool = "pingpong" if "pingpong_median_us_off" in ts else "sockperf"
         axs[1].bar(["off", "on"], [_med(ts[f"{tool}_median_us_off"]) or 0,
                                    _med(ts[f"{tool}_median_us_on"]) or 0])
         axs[1].set_ylabel("median RTT, us")

@@ -63,6 +63,7 @@ for i in range(n + n // 10):
         rtts.append(clock() - t)
 rtts.sort()
 print(json.dumps({"median_us": rtts[len(rtts) // 2] / 1000,
+                  "p10_us": rtts[len(rtts) // 10] / 1000,
                   "p99_us": rtts[int(len(rtts) * 0.99)] / 1000,
                   "mean_us": statistics.fmean(rtts) / 1000, "n": len(rtts)}))
 """
@@ -141,31 +142,49 @@ class TcpBench:
 
 
 def run(quick: bool = False, log=print) -> dict:
-    rounds = 1 if quick else 8
+    bulk_rounds = 1 if quick else 6
+    rr_pairs = 2 if quick else 24
+    sockperf_pairs = 0 if quick else 6
     bulk_s = 1 if quick else 2
-    rr_s = 1  # sockperf takes whole seconds
-    pp_n = 500 if quick else 4000
-    use_sockperf = not quick
-    out = {"method": {"bulk": f"iperf3 -t {bulk_s}", "rr": f"sockperf pp --tcp -m 64 -t {rr_s}"
-                      " (round trips)", "pingpong": f"python TCP ping-pong x{pp_n}",
-                      "rounds": rounds, "mirroring_on": "a policy matching every flow on the "
-                      "web pod, jmirror to the analyzer pod (same node)"},
-           "machine": cm.machine(), "rounds": []}
+    pp_n = 500 if quick else 1500
+    out = {"method": {"bulk": f"iperf3 -t {bulk_s}, {bulk_rounds} rounds off/on alternating",
+                      "rr": f"sockperf pp --tcp -m 64 -t 1, {sockperf_pairs} off/on pairs "
+                      "(round trips)",
+                      "pingpong": f"python TCP ping-pong, 64 B, {pp_n} exchanges per "
+                      f"measurement, {rr_pairs} off/on pairs",
+                      "mirroring_on": "a policy matching every flow on the web pod, jmirror "
+                      "to the analyzer pod (same node)"},
+           "machine": cm.machine(), "rounds": [], "rr_pairs": [], "sockperf_pairs": []}
     procs = cm.Procs()
     with cm.sigterm_as_exit(), cm.bench_lab() as lab, cm.bench_node(lab) as node:
-        b = TcpBench(lab, node, procs, sockperf=use_sockperf)
+        b = TcpBench(lab, node, procs, sockperf=sockperf_pairs > 0)
         out["lab_prefix"] = lab.prefix
         out["method"]["sockperf"] = bool(b.sockperf)
         try:
-            for r in range(rounds):
+            # Request/response: many short measurements, off and on alternating, so that
+            # the machine's load drifts as little as possible within a pair.
+            for i in range(rr_pairs):
+                pair = {}
+                for on in ((False, True) if i % 2 == 0 else (True, False)):
+                    b.mode(on)
+                    pair["on" if on else "off"] = b.pingpong(pp_n)
+                out["rr_pairs"].append(pair)
+            for i in range(sockperf_pairs if b.sockperf else 0):
+                pair = {}
+                for on in ((False, True) if i % 2 == 0 else (True, False)):
+                    b.mode(on)
+                    pair["on" if on else "off"] = b.sockperf_pp(1)
+                out["sockperf_pairs"].append(pair)
+            pp = [p["on"]["median_us"] - p["off"]["median_us"] for p in out["rr_pairs"]]
+            log(f"  tcp request/response: ping-pong median RTT on - off: "
+                f"{cm.median(pp):+.2f} us over {len(pp)} pairs")
+            for r in range(bulk_rounds):
                 row = {}
                 for on in ((False, True) if r % 2 == 0 else (True, False)):
                     b.mode(on)
-                    # Request/response first: the bulk run's copies must not be in flight.
-                    m = {"sockperf": b.sockperf_pp(rr_s), "pingpong": b.pingpong(pp_n)}
                     sink0 = cm.sink_count(b.an.netns)
                     dp0 = cm.datapath_counters(node)
-                    m["bulk"] = b.iperf(bulk_s)
+                    m = {"bulk": b.iperf(bulk_s)}
                     time.sleep(0.1)
                     d = cm.counters_delta(cm.datapath_counters(node), dp0)
                     m["copies"] = {"cloned": d["cloned"], "sent": d["packets"],
@@ -174,20 +193,15 @@ def run(quick: bool = False, log=print) -> dict:
                                    "drops": {k: v for k, v in d["drops"].items() if v}}
                     row["on" if on else "off"] = m
                 out["rounds"].append(row)
-                sp = row["off"]["sockperf"], row["on"]["sockperf"]
-                log(f"  tcp round {r + 1}/{rounds}: bulk {row['off']['bulk']['gbps']:.2f} -> "
-                    f"{row['on']['bulk']['gbps']:.2f} Gb/s"
-                    + (f", RR {sp[0]['median_us']:.1f} -> {sp[1]['median_us']:.1f} us"
-                       if sp[0] and sp[1] and "median_us" in sp[0] else "")
-                    + f", ping-pong {row['off']['pingpong']['median_us']:.1f} -> "
-                    f"{row['on']['pingpong']['median_us']:.1f} us")
+                log(f"  tcp bulk round {r + 1}/{bulk_rounds}: "
+                    f"{row['off']['bulk']['gbps']:.2f} -> {row['on']['bulk']['gbps']:.2f} Gb/s")
             if not quick:
                 out["perf_bulk_on"] = _profile_bulk(b, procs)
         finally:
             b.stop()
             procs.stop_all()
     out["machine"]["cpu_busy_after"] = round(cm.cpu_busy(), 3)
-    out["summary"] = summarize(out["rounds"])
+    out["summary"] = summarize(out)
     return out
 
 
@@ -206,24 +220,19 @@ def _profile_bulk(b: TcpBench, procs: cm.Procs) -> dict | None:
         procs.stop(p, signal.SIGINT, wait=10)
 
 
-def summarize(rounds: list[dict]) -> dict:
-    def series(mode, *path):
-        vals = []
-        for r in rounds:
-            v = r[mode]
-            for p in path:
-                v = v.get(p) if isinstance(v, dict) else None
-            vals.append(v)
-        return vals
-
+def summarize(out: dict) -> dict:
+    rounds = out["rounds"]
     s = {}
-    off, on = series("off", "bulk", "gbps"), series("on", "bulk", "gbps")
+    off = [r["off"]["bulk"]["gbps"] for r in rounds]
+    on = [r["on"]["bulk"]["gbps"] for r in rounds]
     s["bulk_gbps_off"], s["bulk_gbps_on"] = cm.summary(off), cm.summary(on)
     s["bulk_ratio"] = cm.summary(cm.ratios(on, off))
-    for tool in ("sockperf", "pingpong"):
-        for stat in ("median_us", "p99_us"):
-            a, b = series("off", tool, stat), series("on", tool, stat)
-            if None in a or None in b:
+    for tool, pairs in (("pingpong", out["rr_pairs"]), ("sockperf", out["sockperf_pairs"])):
+        pairs = [p for p in pairs if p.get("off") and p.get("on")]
+        for stat in ("median_us", "p10_us", "p99_us"):
+            a = [p["off"].get(stat) for p in pairs]
+            b = [p["on"].get(stat) for p in pairs]
+            if not pairs or None in a or None in b:
                 continue
             s[f"{tool}_{stat}_off"] = cm.summary(a)
             s[f"{tool}_{stat}_on"] = cm.summary(b)

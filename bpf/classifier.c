@@ -496,7 +496,9 @@ int eval_continue(struct __sk_buff *skb)
     fresh.generation = cfg->generation;
     __u32 n_rules = s->n;
     fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
-    __builtin_memcpy(fresh.rules, s->rules, sizeof(fresh.rules));
+#pragma unroll
+    for (int i = 0; i < MAX_FLOW_DESTS; i++)
+        fresh.rules[i] = i < n_rules ? s->rules[i] : 0;
     __u32 overflow = s->overflow;
     fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
     fresh.first_seen_ns = now;

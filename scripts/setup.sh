@@ -11,7 +11,7 @@ APT_PACKAGES=(
   iproute2 ethtool iputils-ping            # links, qdiscs, offloads, namespaces
   tshark tcpdump iperf3 netsniff-ng        # independent decoder, traffic, trafgen
   nftables iptables                        # the kernel's own copiers, for the benchmarks
-  shellcheck vagrant                       # checks of the VM lab's scripts
+  shellcheck vagrant vagrant-libvirt       # checks of the VM lab's Vagrantfile and scripts
   python3-matplotlib                       # benchmark plots
 )
 

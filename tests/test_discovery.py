@@ -142,7 +142,7 @@ def test_jmirror_to_a_local_analyzer_pod(blab, tables):
     assert (r.dst_addr, r.udp_port, r.mtu) == (blab.pods["analyzer"].ip, 8099, 1500)
     assert r.out_ifindex == ifindex(blab, "node1", "vanalyzer")
     # The node's source address towards the pod's veth (the routed lab's gateway address).
-    assert r.src_addr == "169.254.1.1"
+    assert r.src_addr == "198.19.0.1"  # a node address, not the link-local gateway
 
 
 def test_jmirror_routes_src_and_mtu(blab, tables):

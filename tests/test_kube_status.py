@@ -9,6 +9,7 @@ the other one takes over.
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -237,8 +238,6 @@ def test_leader_hand_over(emu, agents):
     # node1 comes back while node2 holds the lease: it waits. node2 leaves cleanly: the
     # lease is released and node1 takes over at once (no lease_duration wait).
     a.elector.resume()
-    import time
-
     time.sleep(0.5)
     assert not a.elector.is_leader() and b.elector.is_leader()
     b.elector.stop(release=True)
