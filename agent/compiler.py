@@ -32,11 +32,11 @@ Destinations
 
 Flow evaluation (the datapath's, mirrored by explain())
   The first packet of a flow is evaluated, on each local interface that sees it, against
-  every policy applying to that interface. A policy none of whose rules matches that
-  packet is evaluated again with the packet reversed (src/dst and ports swapped), unless
-  it is a TCP SYN: a flow met mid-way (after an agent restart) is mirrored as its
-  opening packet would have been. The fallback is per policy, so that a policy which
-  never mirrors cannot stop another one from matching in reverse.
+  every policy applying to that interface. When no policy mirrors the packet as it
+  travels and it is not a TCP SYN, every policy is evaluated again with the packet
+  reversed (src/dst and ports swapped): a flow met mid-way (after an agent restart, or a
+  reply seen first) is mirrored as its opening packet would have been. A policy that the
+  reversed packet matches decides with that match; the others keep their first result.
 
 Mirror and session identifiers
   A mirror id belongs to one policy rule ("csp/<ns>/<name>/rule/<i>",
@@ -647,11 +647,11 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
     The packet is looked at on ``interface_key``, or else on every local interface whose
     addresses include src_ip (egress) or dst_ip (ingress). On each, every policy applying
     to it is evaluated on its own: its first matching rule decides. With
-    ``reverse_fallback``, a policy that matches nothing is evaluated again with the
-    packet's orientation reversed (src and dst swapped, src_port as the destination port),
-    unless the packet is a TCP SYN (``tcp_syn``; None: a TCP packet is taken to be a SYN,
-    the first packet of a new flow). Port mirrors add a copy when their direction covers
-    the packet's.
+    ``reverse_fallback``, when no policy mirrors the packet, every policy is evaluated
+    again with the packet's orientation reversed (src and dst swapped, src_port as the
+    destination port), as the datapath does, unless the packet is a TCP SYN
+    (``tcp_syn``; None: a TCP packet is taken to be a SYN, the first packet of a new
+    flow). Port mirrors add a copy when their direction covers the packet's.
     """
     proto = _protocol_number(protocol)
     syn = tcp_syn if tcp_syn is not None else proto == PROTOCOLS["TCP"]
@@ -670,12 +670,18 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
         direction = Direction.EGRESS if own(iface, src) else \
             Direction.INGRESS if own(iface, dst) else None
         matches, unmatched, copies = [], [], []
-        for policy in state.policies:
-            if iface.key not in policy.interfaces:
-                continue
-            match = _evaluate(policy, src_ip, dst_ip, proto, dst_port, FORWARD)
-            if match is None and reverse_fallback and not syn:
-                match = _evaluate(policy, dst_ip, src_ip, proto, src_port, REVERSE)
+        applying = [p for p in state.policies if iface.key in p.interfaces]
+        decided = {p.name: _evaluate(p, src_ip, dst_ip, proto, dst_port, FORWARD)
+                   for p in applying}
+        # The datapath tries the other orientation only when nothing mirrors this one.
+        if reverse_fallback and not syn and not any(
+                m is not None and m.destination is not None for m in decided.values()):
+            for p in applying:
+                again = _evaluate(p, dst_ip, src_ip, proto, src_port, REVERSE)
+                if again is not None:
+                    decided[p.name] = again
+        for policy in applying:
+            match = decided[policy.name]
             if match is None:
                 unmatched.append(policy.name)
                 continue

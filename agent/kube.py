@@ -611,8 +611,17 @@ class KubeSource:
     def _replace(self, refl: _Reflector, items: dict[tuple[str, str], dict]) -> None:
         with self._lock:
             old = refl.cache
-            changed = not refl.synced or old.keys() != items.keys() or any(
-                _content(refl.res, old[k]) != _content(refl.res, v) for k, v in items.items())
+            changed = not refl.synced or old.keys() != items.keys()
+            for k, v in items.items():
+                prev = old.get(k)
+                if prev is None:
+                    continue
+                if prev["metadata"].get("resourceVersion") == v["metadata"].get(
+                        "resourceVersion") and prev["metadata"].get("uid") == v[
+                        "metadata"].get("uid"):
+                    items[k] = prev  # the same version: keep the object snapshots share
+                elif not changed and _content(refl.res, prev) != _content(refl.res, v):
+                    changed = True
             refl.cache = items
             if changed:
                 self._mark()
@@ -895,7 +904,9 @@ class KubeOptions:
             services.server = MetricsServer(registry, self.metrics_address,
                                             {"source": source.healthy}, ready)
             services.server.start()
-            log.info("serving /metrics, /healthz and /readyz on %s", self.metrics_address)
+            host = self.metrics_address.rpartition(":")[0] or "0.0.0.0"
+            log.info("serving /metrics, /healthz and /readyz on %s:%d", host,
+                     services.server.port)
         return services
 
 

@@ -7,9 +7,9 @@ are read when they are asked for (the BPF counters straight from the pinned maps
 
 Datapath metrics come from the maps pinned under the pin root (agent/pinned.py) and the
 names file the runtime writes at <state_dir>/names.json (agent.node.describe): slots
-become policy, rule, destination and interface names. Counters are per slot; when the
-runtime gives a slot to another rule its counters carry on from where they were, so a
-series can look reset (rate() copes with that).
+become policy, rule, destination and interface names. Counters are per slot, and the
+map writer zeroes a slot's counters when the slot changes hands, so a series starts
+again at zero when its rule, interface or destination is (re)written (rate() copes).
 
 /healthz is the liveness check: it fails only when a part of the agent has died (a
 registered health check says so), never because the API server is away. /readyz is the

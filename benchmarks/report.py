@@ -118,10 +118,15 @@ def evaluate(results: dict) -> list[dict]:
             cp = _med(s["userspace"].get("copier_cpu_ns_per_copy", {}))
             us_total = (us or 0) + (cp or 0)
             factor = us_total / cn if cn and cn > 0 else None
+            got = _med(s["userspace"]["copies_per_prod"])
             add("vs_userspace", f"CPU per copy: cn2mirror {_num(cn)} ns, userspace "
                 f"{_num(us_total)} ns ({_num(us)} on the packet's CPU + {_num(cp)} in the "
-                f"copier) = {_num(factor, 1)}x", factor is not None and factor >= 3,
-                f"userspace production kept {_med(s['userspace']['prod_ratio']):.3f}")
+                f"copier) = {_num(factor, 1)}x; copies delivered: cn2mirror "
+                f"{_med(s['cn2m_flow_all']['copies_per_prod']) * 100:.1f}%, userspace "
+                f"{got * 100:.1f}% (its losses are counted nowhere)",
+                factor is not None and factor >= 3,
+                f"'many times' read as >= 3x CPU per copy; userspace production kept "
+                f"{_med(s['userspace']['prod_ratio']):.3f}")
     ts = tcp.get("summary") or {}
     if ts:
         r = _med(ts["bulk_ratio"])
@@ -185,11 +190,38 @@ def render(results: dict, plots: list[str]) -> str:
         if isinstance(cp.get("markdown"), str):
             L += [cp["markdown"], ""]
         else:
-            L += ["```json", json.dumps(cp, indent=1, default=str)[:6000], "```", ""]
+            L += ["```json", json.dumps(cp, indent=1, default=str)[:3000], "```", ""]
     if plots:
         L += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     L += _shortfalls(results)
+    L += _findings(results)
     return "\n".join(L) + "\n"
+
+
+def _findings(results: dict) -> list[str]:
+    """Defects the benchmarks exposed (reported, not fixed here)."""
+    pc = _get(results, "benchmarks", "percpu") or {}
+    ov = pc.get("overlong_walk")
+    L = []
+    if ov and not ov["flow_cached"]:
+        L += ["## Defect found: a rule walk longer than the tail-call budget is never cached",
+              "",
+              f"With {ov['policies_matching']:,} policies matching one flow, the walk needs "
+              f"{ov['walk_steps_needed']:,} steps but 33 tail calls of EVAL_STEPS=96 allow "
+              f"{ov['walk_steps_budget']:,}. eval_continue's last tail call then fails and "
+              "it returns TC_ACT_UNSPEC without caching anything (bpf/classifier.c, the "
+              "`if (!done) { eval_progs.call(skb, 0); return TC_ACT_UNSPEC; }` branch): "
+              f"after {ov['packets']} packets the flow is still not in the flow table, every "
+              f"packet costs {_num(ov['ns_per_packet'])} ns (floor {_num(ov['floor_ns'])}), "
+              f"no copy is made ({ov['copies_cloned']}) and no counter says so (drops "
+              f"counted: {ov['drops'] or 'none'}). The comment's bound (RULE_WORDS + 64 + "
+              "SUMMARY_WORDS steps) assumes at most 64 deciding policies; every policy that "
+              "decides costs a step, and a node may have thousands. Suggested fix: after "
+              "the failed tail call, cache what the walk found so far with FLOW_OVERFLOW "
+              "and count a drop (a new reason, or FLOW_LIMIT), so the cost is paid once per "
+              "flow and is visible; and stop the walk once MAX_FLOW_DESTS copies are taken "
+              "and only non-mirroring decisions remain possible.", ""]
+    return L
 
 
 def _percpu(pc: dict) -> list[str]:
@@ -436,13 +468,34 @@ def _shortfalls(results: dict) -> list[str]:
                 "consider BPF_F_NO_COMMON_LRU for the flow table (per-CPU LRU lists, no "
                 "shared lock). The ~200 ns target is below one LRU insert on this VM.")
         elif k == "nomatch_pps":
+            tps = _get(results, "benchmarks", "throughput", "summary", "cn2m_nomatch") or {}
+            st = _get(results, "benchmarks", "throughput", "bpf_stats", "cn2m_nomatch",
+                      "classify_to_pod", "ns_per_run")
+            base = _get(results, "benchmarks", "throughput", "summary", "none",
+                        "cpu_ns_per_packet")
             L.append(
-                "The classifier's own cost per packet in this traffic is in the run-time "
-                "statistics above; the remainder is the ingress/egress clsact hooks being "
-                "active on the interface. See the established-flow shortfall: the same "
-                "per-packet lookups and clock read dominate; removing them (suggestions "
-                "above) roughly halves it.")
+                f"By the sender's CPU time the cost is {_pct(_med(tps.get('cpu_ratio')))} "
+                f"({_num(_med(tps.get('cpu_added_ns')))} ns per packet on a "
+                f"{_num(_med(base))} ns path). In this traffic the classifier itself runs "
+                f"{_num(st)} ns per packet (run-time statistics, which add two clock reads, "
+                "~80 ns here): cache-cold, it is about twice its BPF_PROG_TEST_RUN cost. The "
+                "rest is TC's own hook (clsact, cls_bpf) on the interface. The production "
+                "path of a 64-byte packet between two pods is short, so 2% of it is "
+                f"{_num((_med(base) or 0) * 0.02)} ns: less than the established-flow path "
+                "costs (see that shortfall; its suggested fixes are worth "
+                f"{_num(saved('neither'))} ns here).")
         elif k == "mirror_all_pps":
+            st = _get(pc, "bpf_stats") or {}
+            mir = _get(results, "benchmarks", "throughput", "summary", "tc_mirred",
+                       "cpu_added_ns")
+            L.append(
+                f"Split of one copy (BPF_PROG_TEST_RUN with run-time statistics): classifier "
+                f"{_num(_get(st, 'classify_from_pod', 'ns_per_run'))} ns (mostly the clone "
+                "and its transmit into the mirror port), mirror_wrap "
+                f"{_num(_get(st, 'mirror_wrap', 'ns_per_run'))} ns, the whole copy path "
+                f"{_num(st.get('test_run_ns_per_packet'))} ns including two veth hand-offs "
+                f"and the analyzer's receive; tc mirred adds {_num(_med(mir))} ns per packet "
+                "in the same traffic. ")
             L.append(
                 "A copy is real work on the same CPU as the production packet: the clone, "
                 "its transmit into the mirror port's veth, the backlog softirq that runs "
@@ -452,9 +505,14 @@ def _shortfalls(results: dict) -> list[str]:
                 "forward, one veth hop out), so a copy costs a large fraction of a "
                 "production packet; the clone is also queued on the same per-CPU backlog "
                 "ahead of the production packet. The kernel's own copiers pay the same "
-                "kind of cost (compare tc mirred, nft dup, TEE). Moving the copy work off "
-                "the production CPU (RPS on the mirror port's receive queue) or sampling "
-                "would be the ways to keep production at >= 85%.")
+                "kind of cost (nft dup and TEE cost as much as cn2mirror here). RPS on the "
+                "mirror port's receive queue (copies wrapped on the other CPU) was tried on "
+                "this VM and made production slower: the cross-CPU hand-off (an IPI, a VM "
+                "exit here) costs more than the wrap. What would keep production at >= 85% "
+                "with 64-byte packets: not paying the second veth pass (wrap the copy in "
+                "the classifier's own clone path, or redirect raw copies straight to the "
+                "analyzer's veth as mirred does, for L2 destinations), and sampling or a "
+                "rate limit for copies (the overload protection peers.md lists).")
         elif k == "tcp_bulk":
             L.append(
                 "Each 64 KB GSO super-packet is cloned, and the mirror port's sending end "
@@ -464,16 +522,22 @@ def _shortfalls(results: dict) -> list[str]:
                 "the production path hands to the receiving veth as a single super-packet, "
                 "all on the sender's CPU in softirq. Kube-OVN's -10% was measured on 4 KB "
                 "messages and a different copy path (OVS mirror port, no per-copy wrap). "
-                "Ways to reduce it: process copies on another CPU (RPS on cn2m-rx), truncate "
-                "copies before segmenting (snap length), or sample bulk flows.")
+                "Ways to reduce it: a snap length (truncate the clone before it is segmented: "
+                "one copy per super-packet's headers instead of ~45 full ones), sampling of "
+                "bulk flows, or a rate limit for copies; wrapping GSO clones without "
+                "segmenting (UDP-tunnel GSO) would move the segmentation to the analyzer "
+                "side but needs care (platform.md saw mis-segmentation in place).")
         elif k == "latency":
             L.append(
                 "The clone is queued on the per-CPU backlog before the production packet "
                 "continues, so the copy's mirror_wrap and its hand-off to the analyzer run "
                 "before the production packet reaches its pod, on each of the two "
-                "directions of a request/response exchange. Suggested: process the mirror "
-                "port on another CPU (RPS on cn2m-rx) so that production never waits for "
-                "a copy.")
+                "directions of a request/response exchange; the clone and its transmit "
+                "also run inline in the classifier (~1 us here). The cost is two copy paths "
+                "per round trip. Only not doing the copy work inline before the production "
+                "packet fixes that: e.g. handing clones to a queue that is served after "
+                "production (a qdisc on cn2m-tx rather than noqueue), or on another CPU on "
+                "hardware where cross-CPU hand-off is cheap.")
         elif k == "vs_mirred":
             L.append(
                 "tc mirred hands the unmodified frame straight to the analyzer's veth; "

@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks and write benchmarks/results/.
 
-    python -m benchmarks.run                  # the full run (about 6-8 minutes)
+    python -m benchmarks.run                  # the full run (about 5 minutes + control plane)
     python -m benchmarks.run --quick          # a tiny run of the harness (smoke test)
     python -m benchmarks.run --only percpu,tcp --out /tmp/bench
 
@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             if "skipped" in res:
                 log(f"  skipped: {res['skipped']}")
             results["benchmarks"][name] = res
-            (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+            if "error" not in res and "skipped" not in res:
+                # (a failed run leaves the previous good file of that benchmark alone)
+                (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str)
+                                                  + "\n")
     results["elapsed_s"] = round(time.time() - t0, 1)
     results["machine"]["cpu_busy_end"] = round(cm.cpu_busy(), 3)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -296,7 +296,7 @@ def _trafgen_sent(text: str) -> int | None:
 
 def run(quick: bool = False, log=print) -> dict:
     scenarios = QUICK_SCENARIOS if quick else SCENARIOS
-    rounds = 1 if quick else 8
+    rounds = 1 if quick else 6
     warmup, seconds = (0.3, 0.5) if quick else (0.3, 1.0)
     out = {"method": {"generator": "trafgen, 1 CPU, one UDP flow, 64-byte frames",
                       "rounds": rounds, "window_s": seconds, "warmup_s": warmup,

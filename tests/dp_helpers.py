@@ -48,7 +48,10 @@ class PacketNode:
             ip("-n", self.netns, "link", "add", POD_IF, "type", "veth", "peer", "name", "vpeer")
             ip("-n", self.netns, "link", "add", "an0", "type", "veth", "peer", "name", "an1")
             for dev in (POD_IF, "vpeer", "an0", "an1"):
-                ip("-n", self.netns, "link", "set", dev, "up")
+                # No IPv6 or multicast chatter of their own: only test packets cross them.
+                subprocess.run(["ip", "netns", "exec", self.netns, "sysctl", "-qw",
+                                f"net.ipv6.conf.{dev}.disable_ipv6=1"], check=True)
+                ip("-n", self.netns, "link", "set", dev, "multicast", "off", "up")
             ip("-n", self.netns, "addr", "add", "198.18.200.1/24", "dev", "an0")
             self.node = Node(self.pin_root, netns=self.netns, max_flow_dests=max_flow_dests)
             self.node.start()

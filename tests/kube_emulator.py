@@ -491,6 +491,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm
+        # and the client's delayed ACK add 40 ms to every request on a kept-alive
+        # connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.emu.lock:
             self.emu._connections.add(self.connection)
 

@@ -22,6 +22,8 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
 from cn2mirror.agent import layout as L
+from cn2mirror.agent.compiler import explain
+from cn2mirror.agent.state import Interface
 
 from .dp_helpers import (
     TC_ACT_UNSPEC,
@@ -342,3 +344,53 @@ def test_any_packet_passes_unchanged(pn, pkt, to_pod):
     rc, out = (pn.to_pod if to_pod else pn.from_pod)(pkt)
     assert rc == TC_ACT_UNSPEC
     assert out == pkt
+
+
+# ---------------------------------------------------------------------- kernel == explain
+DIFF_POLICIES = (
+    policy("a/web", rule("a/web", 0, dst=blocks("198.18.20.0/24"), ports=[tcp_ports(80, 90)],
+                         mirror_id=11),
+           rule("a/web", 1, dst=(Cidr("198.18.0.0/16", ("198.18.20.0/25",)),), dest=None,
+                mirror_id=12),
+           rule("a/web", 2, ports=[PortRange(17, 53, 53)], mirror_id=13)),
+    policy("b/back", rule("b/back", 0, src=blocks("198.18.20.0/24"), ports=[tcp_ports(40000,
+                                                                                      40010)],
+                          mirror_id=21),
+           rule("b/back", 1, ports=[PortRange(1)], mirror_id=22)),
+    policy("c/v6", rule("c/v6", 0, dst=blocks("2001:2:0:20::/64"), mirror_id=31)),
+    policy("d/none", rule("d/none", 0, ports=[tcp_ports(80)], dest=None, mirror_id=41),
+           rule("d/none", 1, dst=blocks("198.18.21.0/24"), mirror_id=42)),
+)
+PEERS = ["198.18.20.5", "198.18.20.200", "198.18.21.7", "198.18.30.1", "203.0.113.1"]
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(peer=st.sampled_from(PEERS), proto=st.sampled_from([6, 17, 1]),
+       sport=st.sampled_from([53, 80, 85, 40005, 50000]),
+       dport=st.sampled_from([53, 80, 85, 40005, 50000]), syn=st.booleans(),
+       outbound=st.booleans())
+def test_kernel_verdict_equals_explain(fresh, peer, proto, sport, dport, syn, outbound):
+    """Random flows through the kernel's classifier decide exactly as explain() says."""
+    pn = fresh
+    st_ = state(*DIFF_POLICIES, iface=Interface("demo/web", session_id=7, ips=(POD,),
+                                                host_ifname="vpod"))
+    if pn.node.last is None or pn.node.last.plan.rule_slots.get(1) != ("a/web", 0):
+        pn.apply(st_)
+    for k in list(pn.node.datapath.maps["flows"].keys()):
+        pn.node.datapath.maps["flows"].delete(k)
+    src, dst = (POD, peer) if outbound else (peer, POD)
+    if proto == 6:
+        l4 = TCP(sport=sport, dport=dport, flags="S" if syn else "A")
+    elif proto == 17:
+        l4 = UDP(sport=sport, dport=dport)
+    else:
+        l4 = ICMP(id=sport)
+    pkt = bytes(ETH / IP(src=src, dst=dst) / l4)
+    run_unchanged(pn, pkt, "from" if outbound else "to")
+    by_key = {(r.policy, r.index): r.mirror_id for p in DIFF_POLICIES for r in p.rules}
+    kernel = sorted(by_key[r] for r in pn.flow_rules(POD, peer) or [])
+    ports = {} if proto == 1 else {"dst_port": dport, "src_port": sport}
+    want = explain(st_, src, dst, proto, interface_key="demo/web/eth0",
+                   tcp_syn=(proto == 6 and syn), **ports)
+    assert kernel == sorted(c.mirror_id for c in want.copies)
