@@ -248,6 +248,7 @@ class _Reflector:
         self.stats = ResourceStats()
         self.stopped = threading.Event()
         self.vanished = False
+        self.failures = 0  # consecutive failed attempts; reset by any list or watch that works
         self._resp = None
         self._thread = threading.Thread(target=self._run, name=f"cn2mirror-watch-{res.name}",
                                         daemon=True)
@@ -295,12 +296,10 @@ class _Reflector:
         from kubernetes.client.exceptions import ApiException
 
         src = self.source
-        failures = 0
         while not self.stopped.is_set():
             try:
                 if self.rv is None:
                     self._relist()
-                    failures = 0
                 started = time.monotonic()
                 self._watch()
                 self.stats.restart("timeout")  # the server ended the watch: resume
@@ -323,7 +322,8 @@ class _Reflector:
                     self.stats.restart("expired")
                     self.rv = None
                     continue
-                failures += 1
+                self.failures += 1
+                failures = self.failures
                 self.stats.restart("error")
                 self.stats.last_error = f"{type(e).__name__}: {e}"[:500]
                 # The first retry is immediate (a cut stream is usually resumed at once);
@@ -371,6 +371,7 @@ class _Reflector:
         self.rv = rv
         self.synced = True
         self.connected = True
+        self.failures = 0
         self.source._changed_readiness()
         log.debug("%s: listed %d objects at %s", self.res.name, len(items), rv)
 
@@ -408,6 +409,7 @@ class _Reflector:
         if not self.connected:
             log.info("%s: watching again from %s", self.res.name, self.rv)
         self.connected = True
+        self.failures = 0
         src._changed_readiness()
         try:
             for line in iter_resp_lines(resp):

@@ -81,7 +81,7 @@ IFACE_HAS_POLICIES = 1  # flow evaluation is needed on this interface
 RULE_MIRRORS = 1  # the rule sends copies (a rule without it only ends its policy)
 FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port) side
 FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
-FLOW_OVERFLOW = 4  # more rules matched than the flow could take
+FLOW_OVERFLOW = 4  # more rules matched than the flow could take, or the walk was cut short
 
 FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
 FAMILY_V6 = 6

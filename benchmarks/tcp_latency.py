@@ -143,7 +143,7 @@ class TcpBench:
 
 def run(quick: bool = False, log=print) -> dict:
     bulk_rounds = 1 if quick else 6
-    rr_pairs = 2 if quick else 24
+    rr_pairs = 1 if quick else 24
     sockperf_pairs = 0 if quick else 6
     bulk_s = 1 if quick else 2
     pp_n = 500 if quick else 1500

@@ -234,6 +234,7 @@ struct eval_scratch {
     __u32 ifindex;
     __u32 orientation;          /* 0: as the packet travels; 1: reversed */
     __u32 started;              /* the walk of this orientation has begun */
+    __u32 never;                /* a stream of copies: never mirrored, not walked */
     __u64 cand[SUMMARY_WORDS];  /* candidate words per summary word */
     __u64 cur;                  /* candidate words left in summary word `sw` */
     __u64 bits;                 /* matching bits left in the current word */
@@ -306,7 +307,8 @@ static __always_inline int eval_walk(struct eval_scratch *s, struct eval_bitmaps
                 s->rules[n] = slot;
                 s->n = n + 1;
             } else {
-                s->overflow++;
+                s->overflow++;  /* the flow is full: nothing further can be added */
+                return 1;
             }
         }
         /* The first matching rule of a policy decides: skip the rest of the policy. */
@@ -380,7 +382,7 @@ static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifinde
 static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifindex,
                                         __u16 ifslot, struct flow_entry *fe)
 {
-    fe->last_seen_ns = bpf_ktime_get_ns();
+    fe->last_seen_ns = bpf_ktime_get_coarse_ns();  /* cheaper; jiffy resolution */
     __u32 n = fe->n_rules;
     if (!n)
         return;
@@ -428,11 +430,9 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
 
     struct parsed p = {};
     parse(skb, &p);
-    /* Copies on their way to an analyzer (from another node) are never mirrored. */
-    if (p.ok && is_copy_stream(&p))
-        return TC_ACT_UNSPEC;
-
-    if (port_rule)
+    /* Copies on their way to an analyzer (from another node) are never mirrored. Per
+     * packet only for port mirroring; a flow is checked once, when it is evaluated. */
+    if (port_rule && !(p.ok && is_copy_stream(&p)))
         send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule);
 
     if (!(ifc->flags & IFACE_HAS_POLICIES) || !p.ok)
@@ -440,25 +440,25 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
 
     make_key(&p, ifslot);
     struct flow_entry *fe = flows.lookup(&p.key);
-    if (!fe || fe->generation != cfg->generation) {
-        /* First packet of the flow, or the policy changed since: evaluate it, in
-         * eval_continue (a tail call, so that the walk gets its own verifier budget). */
-        __u32 zero = 0;
-        struct eval_scratch *s = eval_scratch_map.lookup(&zero);
-        if (!s)
-            return TC_ACT_UNSPEC;
-        s->p = p;
-        s->ifindex = ifindex;
-        s->orientation = 0;
-        s->n = 0;
-        s->overflow = 0;
-        s->started = 0;
-        eval_progs.call(skb, 0);
-        /* Only reached when the continuation is missing (agent mid-restart). */
-        count_node(DROP_NO_DESTINATION);
+    if (fe && fe->generation == cfg->generation) {
+        mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe);
         return TC_ACT_UNSPEC;
     }
-    mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe);
+    /* First packet of the flow, or the policy changed since: evaluate it, in
+     * eval_continue (a tail call, so that the walk gets its own verifier budget). */
+    struct eval_scratch *s = eval_scratch_map.lookup(&zero);
+    if (!s)
+        return TC_ACT_UNSPEC;
+    s->p = p;
+    s->ifindex = ifindex;
+    s->orientation = 0;
+    s->n = 0;
+    s->overflow = 0;
+    s->started = 0;
+    s->never = is_copy_stream(&p);
+    eval_progs.call(skb, 0);
+    /* Only reached when the continuation is missing (agent mid-restart). */
+    count_node(DROP_NO_DESTINATION);
     return TC_ACT_UNSPEC;
 }
 
@@ -477,21 +477,22 @@ int eval_continue(struct __sk_buff *skb)
         eval_start(s, &b);  /* first run of this orientation */
         s->started = 1;
     }
-    int done = have ? eval_walk(s, &b) : 1;
+    int done = s->never || !have || eval_walk(s, &b);
     if (!done) {
         eval_progs.call(skb, 0);
-        return TC_ACT_UNSPEC;  /* out of tail calls: the flow is re-evaluated next packet */
-    }
-    /* Seen mid-connection (not a TCP SYN) and nothing matched this way round: the
-     * packet may be a reply, so try the flow's other orientation too. */
-    if (s->orientation == 0 && s->n == 0 && s->overflow == 0 && !s->p.tcp_syn_only) {
+        /* Out of tail calls: keep what the walk found, marked and counted as cut short,
+         * rather than leave the flow to be walked again on every packet. */
+        s->overflow++;
+    } else if (s->orientation == 0 && s->n == 0 && s->overflow == 0 && !s->never &&
+               !s->p.tcp_syn_only) {
+        /* Seen mid-connection (not a TCP SYN) and nothing mirrored this way round: the
+         * packet may be a reply, so try the flow's other orientation too. */
         s->orientation = 1;
         s->started = 0;
         eval_progs.call(skb, 0);
-        return TC_ACT_UNSPEC;
     }
     struct flow_key key = s->p.key;
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = bpf_ktime_get_coarse_ns();
     struct flow_entry fresh = {};
     fresh.generation = cfg->generation;
     __u32 n_rules = s->n;
@@ -500,7 +501,8 @@ int eval_continue(struct __sk_buff *skb)
     for (int i = 0; i < MAX_FLOW_DESTS; i++)
         fresh.rules[i] = i < n_rules ? s->rules[i] : 0;
     __u32 overflow = s->overflow;
-    fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
+    fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->never ? FLOW_NEVER_MIRROR : 0) |
+                  (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
     fresh.first_seen_ns = now;
     struct flow_entry *old = flows.lookup(&key);
     if (old) {
@@ -511,6 +513,11 @@ int eval_continue(struct __sk_buff *skb)
         fresh.flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (old->flags & FLOW_INITIATOR_LO);
     }
     fresh.last_seen_ns = now;
+    __u32 n = fresh.n_rules;
+    if (n) {
+        fresh.packets++;
+        fresh.bytes += skb->len;
+    }
     flows.update(&key, &fresh);
     if (overflow) {
         __u32 slot = key.ifslot;
@@ -518,9 +525,12 @@ int eval_continue(struct __sk_buff *skb)
         if (c)
             c->drops[DROP_FLOW_LIMIT] += overflow;
     }
-    struct flow_entry *fe = flows.lookup(&key);
-    if (fe && cfg->mirror_ifindex)
-        mirror_flow(skb, cfg->mirror_ifindex, key.ifslot, fe);
+    /* This packet's copies, from the entry just built (no second lookup). */
+#pragma unroll
+    for (int i = 0; i < MAX_FLOW_DESTS; i++) {
+        if (i < n && cfg->mirror_ifindex)
+            send_copy(skb, cfg->mirror_ifindex, key.ifslot, fresh.rules[i]);
+    }
     return TC_ACT_UNSPEC;
 }
 

@@ -162,7 +162,12 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
         return bpf_redirect(fib.ifindex, 0);
     }
     if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-        /* Next hop known, neighbour not yet resolved: let the kernel resolve it. */
+        /* Next hop known, neighbour not yet resolved: let the kernel resolve it. It
+         * rebuilds the Ethernet header, but refuses a frame whose destination is still
+         * multicast (the mirrored packet's own, as for IPv6 neighbour discovery). */
+        __u8 no_macs[12] = {};
+        if (bpf_skb_store_bytes(skb, 0, no_macs, sizeof(no_macs), 0) < 0)
+            return -DROP_WRAP_FAILED;
         struct bpf_redir_neigh nh = {};
         if (family == FAMILY_V4) {
             nh.nh_family = AF_INET;

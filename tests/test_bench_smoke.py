@@ -87,8 +87,10 @@ def test_per_packet_costs(quick_run):
         cp = row["copies"]
         assert cp["cloned"] == cp["expected"] > 0
         assert cp["delivered_to_analyzer"] >= 0.99 * cp["cloned"]
-        assert row["flow_table"]["after"] - row["flow_table"]["before"] == \
-            row["flow_table"]["new_flows_run"]
+        # every first packet made a flow (the pod's own stray packets, e.g. IPv6 router
+        # solicitations through the attached classifier, may add a few)
+        made = row["flow_table"]["after"] - row["flow_table"]["before"]
+        assert row["flow_table"]["new_flows_run"] <= made <= row["flow_table"]["new_flows_run"] + 20
     blocks = pc["blocks"]
     assert _finite_positive(blocks["bb_flow_insert"]["over_floor_ns"]["median"])
 

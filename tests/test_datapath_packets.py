@@ -257,6 +257,7 @@ def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):
     # A packet carrying the copy mark (one of our copies passing this interface).
     rc, out = pn.from_pod(syn(), mark=L.COPY_MARK)
     assert rc == TC_ACT_UNSPEC and out == syn()
+    assert pn.flows() == []
     # A jmirror stream to a known analyzer (a copy from another node).
     to_analyzer = bytes(ETH / IP(src=POD, dst="198.18.200.10") / UDP(sport=30030,
                                                                       dport=30030))
@@ -268,7 +269,9 @@ def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):
     error6 = bytes(ETH / IPv6(src=PEER6, dst=POD6) / ICMPv6DestUnreach() /
                    IPv6(src=POD6, dst=PEER6) / UDP(sport=1, dport=53))
     assert pn.counters("rule", slot).cloned == before
-    assert pn.flows() == []
+    # Decided once per flow: cached as never mirrored.
+    assert {(k.proto, e.n_rules, e.flags & L.FLOW_NEVER_MIRROR) for k, e in pn.flows()} == {
+        (17, 0, L.FLOW_NEVER_MIRROR), (1, 0, L.FLOW_NEVER_MIRROR)}
     # An ICMP error about anything else is ordinary traffic.
     run_unchanged(pn, error6, "to")
     assert pn.counters("rule", slot).cloned == before + 1
@@ -286,6 +289,21 @@ def test_flow_destination_limit_counts_overflow():
         assert entry.flags & L.FLOW_OVERFLOW
     finally:
         pn.close()
+
+
+def test_a_walk_longer_than_the_tail_calls_allow_is_cached_cut_short(fresh):
+    """4,000 matching policies that mirror nothing need more steps than 33 runs of the
+    walk: the flow is cached with what was found, flagged and counted, not re-walked."""
+    pn = fresh
+    pn.apply(state(*(policy(f"ns/q{p:04d}", rule(f"ns/q{p:04d}", 0, dest=None,
+                                                 mirror_id=p + 1)) for p in range(4000))))
+    ifslot = pn.node.last.plan.ifslots["demo/web/eth0"]
+    before = pn.counters("iface", ifslot).drops["flow_limit"]
+    run_unchanged(pn, syn())
+    run_unchanged(pn, syn())
+    (_, entry), = pn.flows()
+    assert entry.flags & L.FLOW_OVERFLOW and entry.n_rules == 0
+    assert pn.counters("iface", ifslot).drops["flow_limit"] == before + 1
 
 
 def test_thousands_of_rules_first_match_and_continuation(fresh):
