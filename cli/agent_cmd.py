@@ -23,6 +23,7 @@ import click
 from cn2mirror.agent import layout
 from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
 from cn2mirror.agent.filesource import DEFAULT_POLL_INTERVAL
+from cn2mirror.agent.kube import KubeOptions, kube_options
 from cn2mirror.agent.node import DEFAULT_STATE_DIR
 from cn2mirror.agent.runtime import DEFAULT_RESYNC_INTERVAL
 
@@ -65,13 +66,19 @@ SOURCE_OPTIONS = [
     click.option("--poll-interval", type=click.FloatRange(min=0.05), metavar="SECONDS",
                  default=DEFAULT_POLL_INTERVAL, show_default=True,
                  help="How often --source files are checked for changes."),
+    *kube_options(),
 ]
 
 
-def make_source(sources: tuple[str, ...], poll_interval: float, **_other):
-    """The Source the options ask for."""
+def make_source(sources: tuple[str, ...], poll_interval: float, kube=None, node_name=None,
+                **_other):
+    """The Source the options ask for: files, or the Kubernetes API."""
+    if kube is not None:
+        if sources:
+            raise click.UsageError("--source and --kubernetes exclude each other")
+        return kube.source(node_name)
     if not sources:
-        raise click.UsageError("give at least one --source PATH")
+        raise click.UsageError("give at least one --source PATH (or --kubernetes)")
     from cn2mirror.agent.filesource import FileSource
 
     return FileSource(sources, poll_interval=poll_interval)
@@ -124,7 +131,10 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
         raise click.UsageError("give --node NAME or set NODE_NAME (the downward API's "
                                "spec.nodeName)")
     check_environment(netns)
-    source = make_source(sources, poll_interval, **source_options)
+    kube = KubeOptions.from_params(source_options)  # takes the kube_* options
+    source = make_source(sources, poll_interval, kube=kube, node_name=node_name,
+                         **source_options)
+    services = None
 
     from cn2mirror.agent.datapath import DatapathError
     from cn2mirror.agent.node import Node
@@ -145,6 +155,9 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
         except (DatapathError, OSError) as e:
             raise AgentError(f"cannot start the datapath: {e}") from None
         try:
+            if kube is not None:  # metrics, status (leader-elected) and Events
+                services = kube.start_services(source, node_name, agent=runner,
+                                               pin_root=pin_root, state_dir=state_dir)
             if once:
                 if not runner.wait_for(1, ONCE_TIMEOUT):
                     raise AgentError(f"the source gave no objects within {ONCE_TIMEOUT:.0f} s")
@@ -162,6 +175,8 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                 log.info("stopping (%s)", "removing the datapath" if cleanup_on_exit
                          else "the datapath keeps mirroring")
         finally:
+            if services is not None:
+                services.stop()
             runner.stop(cleanup=cleanup_on_exit)
     finally:
         for sig, handler in previous.items():

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   tshark tcpdump iperf3 netsniff-ng        # independent decoder, traffic, trafgen
   nftables iptables                        # the kernel's own copiers, for the benchmarks
   shellcheck vagrant vagrant-libvirt       # checks of the VM lab's Vagrantfile and scripts
+  sockperf                                 # request/response latency benchmark
   python3-matplotlib                       # benchmark plots
 )
 

@@ -12,9 +12,11 @@ is deleted through the API.
 from __future__ import annotations
 
 import ipaddress
+import os
 import select
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -186,4 +188,43 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         if agent is not None:
             agent.stop(cleanup=True)
         api.close()
+        emu.stop()
+
+
+def test_agent_command_line_with_kubernetes(lab, pin_root, state_dir, tmp_path):
+    """`cn2mirror agent --kubernetes --once` against the emulated API server, as the
+    DaemonSet runs it, programs the node's maps from the API's objects."""
+    emu = KubeEmulator()
+    emu.install_crd_files(crd_files(GROUP))
+    emu.start()
+    try:
+        for obj in lab.pod_objects():
+            emu.apply(obj)
+        emu.apply({"apiVersion": V, "kind": "MirrorDestination",
+                   "metadata": {"name": "analyzer1", "labels": {
+                       "core.juniper.net/analyzer-pod-selector": "analyzer1"}},
+                   "spec": {"juniperHeader": True}})
+        emu.apply({"apiVersion": V, "kind": "ContrailSecurityPolicy",
+                   "metadata": {"name": "mirror-web", "namespace": "demo"},
+                   "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                            "secondaryActions": {"mirrorTo": "analyzer1"}}})
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
+            f"clusters: [{{name: emu, cluster: {{server: '{emu.url}'}}}}]\n"
+            "users: [{name: emu, user: {token: x}}]\n"
+            "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n")
+        cli = os.path.join(os.path.dirname(sys.executable), "cn2mirror")
+        done = subprocess.run(
+            [cli, "agent", "--kubernetes", "--kubeconfig", str(kubeconfig), "--no-status",
+             "--node", "node1", "--netns", lab.nodes["node1"].netns, "--pin-root", pin_root,
+             "--state-dir", state_dir, "--once"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        maps = PinnedMaps(pin_root)
+        try:
+            assert len(list(maps.rules())) == 1
+            assert len(list(maps.interfaces())) == 1
+        finally:
+            maps.close()
+    finally:
         emu.stop()
