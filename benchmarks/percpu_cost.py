@@ -230,10 +230,9 @@ BLOCKS = ("bb_parse", "bb_ktime", "bb_iface", "bb_analyzer", "bb_lpm_dst4", "bb_
 # Ablations: the classifier compiled with one per-packet step of the established path
 # removed (text replacements on bpf/classifier.c, in memory only), to attribute cost.
 ABLATIONS = {
-    "no_timestamp": [("fe->last_seen_ns = bpf_ktime_get_ns();", "")],
-    "no_copy_stream_check": [("if (p.ok && is_copy_stream(&p))", "if (0)")],
+    "no_timestamp": [("fe->last_seen_ns = bpf_ktime_get_coarse_ns();", "")],
+    "no_flow_counters": [("    fe->packets++;\n    fe->bytes += skb->len;\n", "")],
 }
-ABLATIONS["neither"] = ABLATIONS["no_timestamp"] + ABLATIONS["no_copy_stream_check"]
 
 
 # ------------------------------------------------------------------ packets
@@ -621,7 +620,7 @@ def _patched_source(replacements):
 def _measure_ablation(lab, run_: Runner, floor_fd, prm, log) -> dict:
     """The established flow (matching nothing, 100 rules) with the stock classifier and
     with per-packet steps removed: what each step costs, interleaved in one run."""
-    from cn2mirror.agent.datapath import Datapath
+    from cn2mirror.agent.datapath import Datapath, DatapathError
     from cn2mirror.agent.programmer import MapWriter, ResolvedDestination, plan
 
     ns = lab.nodes["node1"].netns
@@ -636,7 +635,7 @@ def _measure_ablation(lab, run_: Runner, floor_fd, prm, log) -> dict:
             try:
                 with _patched_source(repl):
                     dp.load()
-            except cm.BenchError as e:
+            except (cm.BenchError, DatapathError) as e:
                 log(f"  ablation {name} skipped: {e}")
                 continue
             idx = run_.ifindex

@@ -464,26 +464,20 @@ def _shortfalls(results: dict) -> list[str]:
         L.append("")
         if k == "established":
             L.append(
-                "Every packet of an established flow pays three hash-table lookups and a "
-                "clock read, and on this VM each of those alone costs about as much as the "
-                f"whole target: interface lookup {_num(blk('bb_iface'))} ns, the "
-                f"analyzer-stream check (a hash lookup, on every UDP packet) "
-                f"{_num(blk('bb_analyzer'))} ns, the flow lookup "
-                f"{_num(blk('bb_flow_hit'))} ns, bpf_ktime_get_ns() for last_seen_ns "
-                f"{_num(blk('bb_ktime'))} ns (building blocks above). Ablation: dropping the "
-                f"timestamp saves {_num(saved('no_timestamp'))} ns, dropping the per-packet "
-                f"analyzer check {_num(saved('no_copy_stream_check'))} ns, both "
-                f"{_num(saved('neither'))} ns. Suggested (bpf/classifier.c, not changed "
-                "here): decide 'this flow is a copy stream' once, at evaluation, and keep it "
-                "in the flow entry (layout.FLOW_NEVER_MIRROR exists for that but is never "
-                "set); update last_seen_ns from bpf_jiffies64() or only when the value "
-                "changed by more than a second, instead of bpf_ktime_get_ns() per packet. "
-                "What remains (interface + flow lookup, ~2 hash lookups) is about "
+                "Every packet of an established flow pays two hash-table lookups and a "
+                "coarse clock read, and on this VM each lookup alone costs more than the "
+                f"whole target: interface lookup {_num(blk('bb_iface'))} ns, the flow lookup "
+                f"{_num(blk('bb_flow_hit'))} ns (building blocks above). Ablation: dropping "
+                f"the last-seen timestamp saves {_num(saved('no_timestamp'))} ns, the "
+                f"flow's packet and byte counts {_num(saved('no_flow_counters'))} ns. Done "
+                "after the first profile: whether a flow is a stream of copies is decided "
+                "once, when it is evaluated (FLOW_NEVER_MIRROR), not per packet (it was a "
+                f"{_num(blk('bb_analyzer'))} ns hash lookup), and last_seen_ns comes from "
+                "bpf_ktime_get_coarse_ns(). What remains, two hash lookups, is about "
                 f"{_num((blk('bb_iface') or 0) + (blk('bb_flow_hit') or 0))} ns here: 25 ns "
                 "is below one hash-map lookup on this machine (the empty program's loop "
-                "alone costs ~30 ns per run here; ~3x a bare-metal server), so the target "
-                "can only be met on faster hardware, or by caching the flow pointer per "
-                "socket/skb, which TC does not offer.")
+                "alone costs ~30 ns per run here), so the target needs faster hardware, or "
+                "the interface entry folded into the flow key's lookup.")
         elif k == "first_10k":
             ins = blk("bb_flow_insert")
             ins = ins - (blk("bb_seq_parse") or 0) if ins is not None else None
@@ -494,14 +488,14 @@ def _shortfalls(results: dict) -> list[str]:
                 "fresh cache-cold element and bucket, and once the table is full an "
                 "eviction). The insert alone is above the target. The rest is the tail "
                 "call to eval_continue, the second interface lookup, three LPM-trie lookups "
-                f"(~{_num(blk('bb_lpm_dst4'))} ns each), the walk, and two more flow-table "
-                "lookups in eval_continue (old entry before the update, the new one after "
-                "it). The rule count barely matters (see the table): the walk is driven by "
-                "candidate words, as designed. Suggested: update with BPF_NOEXIST and look "
-                "up the old entry only when that fails (policy change), and send the first "
-                "packet's copies from the local entry instead of looking it up again; "
-                "consider BPF_F_NO_COMMON_LRU for the flow table (per-CPU LRU lists, no "
-                "shared lock). The ~200 ns target is below one LRU insert on this VM.")
+                f"(~{_num(blk('bb_lpm_dst4'))} ns each), the walk, and one more flow-table "
+                "lookup in eval_continue (the old entry, for its history). The rule count "
+                "barely matters (see the table): the walk is driven by candidate words, as "
+                "designed. The first packet's copies are sent from the entry just built. "
+                "Suggested: update with BPF_NOEXIST and look up the old entry only when "
+                "that fails (policy change); consider BPF_F_NO_COMMON_LRU for the flow "
+                "table (per-CPU LRU lists, no shared lock). The ~200 ns target is below "
+                "one LRU insert on this VM.")
         elif k == "nomatch_pps":
             tps = _get(results, "benchmarks", "throughput", "summary", "cn2m_nomatch") or {}
             st = _get(results, "benchmarks", "throughput", "bpf_stats", "cn2m_nomatch",
@@ -517,8 +511,7 @@ def _shortfalls(results: dict) -> list[str]:
                 "rest is TC's own hook (clsact, cls_bpf) on the interface. The production "
                 "path of a 64-byte packet between two pods is short, so 2% of it is "
                 f"{_num((_med(base) or 0) * 0.02)} ns: less than the established-flow path "
-                "costs (see that shortfall; its suggested fixes are worth "
-                f"{_num(saved('neither'))} ns here).")
+                "costs (see that shortfall).")
         elif k == "mirror_all_pps":
             st = _get(pc, "bpf_stats") or {}
             mir = _get(results, "benchmarks", "throughput", "summary", "tc_mirred",
