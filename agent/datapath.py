@@ -250,8 +250,8 @@ class Datapath:
                     filters = ipr.get_filters(index=idx, parent=TC_INGRESS)
                 except Exception:
                     continue
-                for f in filters:
-                    if f.get_attr("TCA_KIND") == "bpf" and f["info"] & 0xFFFF0000 and \
+                for f in filters:  # tcm_info holds the priority in its upper 16 bits
+                    if f.get_attr("TCA_KIND") == "bpf" and f["info"] >> 16 == TC_PRIO and \
                             f["handle"] == TC_HANDLE:
                         found.add(idx)
         finally:
