@@ -188,11 +188,3 @@ class NodeTables:
                                                "mirroring (agent option --uplink)")
         return ResolvedDestination(mode, vlan_id=d.vlan_id or 0, mtu=self.mtu(idx),
                                    out_ifindex=idx)
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False

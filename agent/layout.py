@@ -81,6 +81,7 @@ IFACE_HAS_POLICIES = 1  # flow evaluation is needed on this interface
 RULE_MIRRORS = 1  # the rule sends copies (a rule without it only ends its policy)
 FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port) side
 FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
+DEST_VTEP_IPV6 = 1  # a VXLAN destination whose VTEP address is IPv6
 FLOW_OVERFLOW = 4  # more rules matched than the flow could take, or the walk was cut short
 
 FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
@@ -318,6 +319,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "FLOW_INITIATOR_LO": FLOW_INITIATOR_LO,
         "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
         "FLOW_OVERFLOW": FLOW_OVERFLOW,
+        "DEST_VTEP_IPV6": DEST_VTEP_IPV6,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,

@@ -180,7 +180,7 @@ def plan(state: NodeState, ifindexes: dict[str, int],
         C.memmove(C.addressof(e) + L.DestEntry.dst_addr.offset, _addr_words(d.dst_addr), 16)
         C.memmove(C.addressof(e) + L.DestEntry.mac.offset, _mac_bytes(d.mac), 6)
         if d.mode == L.Mode.VXLAN and d.dst_addr and ":" in d.dst_addr:
-            e.flags = 1  # IPv6 VTEP
+            e.flags = L.DEST_VTEP_IPV6
         maps["destinations"][_u32(slot)] = bytes(e)
         # Traffic to the analyzer is a stream of copies: never mirror it.
         if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):

@@ -305,7 +305,7 @@ int mirror_wrap(struct __sk_buff *skb)
         }
         key.tunnel_id = d->vni;
         key.tunnel_ttl = 64;
-        if (d->flags & 1) {  /* VTEP is IPv6 */
+        if (d->flags & DEST_VTEP_IPV6) {
             __builtin_memcpy(key.remote_ipv6, d->dst_addr, 16);
             tflags = BPF_F_TUNINFO_IPV6;
         } else {

@@ -345,7 +345,8 @@ def collect_destinations(pm: PinnedMaps, names: Names) -> list[dict]:
     out = []
     for slot, d in sorted(pm.destinations()):
         mode = L.Mode(d.mode) if d.mode in set(L.Mode) else None
-        family = (L.FAMILY_V6 if mode is L.Mode.JMIRROR6 or (mode is L.Mode.VXLAN and d.flags & 1)
+        vtep6 = mode is L.Mode.VXLAN and d.flags & L.DEST_VTEP_IPV6
+        family = (L.FAMILY_V6 if mode is L.Mode.JMIRROR6 or vtep6
                   else L.FAMILY_V4 if mode in (L.Mode.JMIRROR4, L.Mode.VXLAN) else None)
         n = names.destinations.get(slot) or {}
         if names.available and not n:

@@ -61,6 +61,12 @@ def lab():
         lab.down()
 
 
+def analyzer_mtu(lab, mtu: int) -> None:
+    an = lab.pods["analyzer"]
+    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
+        ns_sh(ns, "ip", "link", "set", dev, "mtu", str(mtu))
+
+
 @pytest.fixture
 def node(lab):
     pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
@@ -70,6 +76,7 @@ def node(lab):
         yield n
     finally:
         n.stop(cleanup=True)
+        analyzer_mtu(lab, 1500)  # what a test changed does not leak into the next
         subprocess.run(["rm", "-rf", pin_root])
 
 
@@ -308,8 +315,7 @@ def test_bulk_tcp_with_tso_is_copied_segment_by_segment(lab, node):
     wire-size segments with finished checksums that together carry every byte."""
     an = lab.pods["analyzer"]
     # Room for a full segment plus 36 bytes of jmirror on the way to the analyzer.
-    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
-        ns_sh(ns, "ip", "link", "set", dev, "mtu", "1600")
+    analyzer_mtu(lab, 1600)
     node.apply(NodeState("node1", interfaces=(web_iface(lab),),
                          policies=(mirror_all("demo/p", "local", 21,
                                               ports=(PortRange(6, 5201, 5201),)),),
@@ -362,8 +368,6 @@ def test_bulk_tcp_with_tso_is_copied_segment_by_segment(lab, node):
 
 def test_copy_too_large_for_the_path_is_truncated_and_counted(lab, node):
     an = lab.pods["analyzer"]
-    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
-        ns_sh(ns, "ip", "link", "set", dev, "mtu", "1500")
     node.apply(NodeState("node1", interfaces=(web_iface(lab),),
                          policies=(mirror_all("demo/p", "local", 31,
                                               ports=(PortRange(17, 7001, 7001),)),),

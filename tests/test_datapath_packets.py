@@ -7,6 +7,8 @@ program cached, and the counters.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -218,6 +220,17 @@ def test_policy_change_applies_to_existing_flows(fresh):
     assert entry.packets == 2  # the flow's history survives re-evaluation
 
 
+def test_a_slot_given_to_another_rule_starts_its_counters_again(fresh):
+    pn = fresh
+    pn.apply(state(policy("a/p", rule("a/p", 0, ports=[tcp_ports(80)], mirror_id=501))))
+    slot = pn.rule_slot("a/p", 0)
+    run_unchanged(pn, syn())
+    assert pn.counters("rule", slot).cloned >= 1
+    pn.apply(state(policy("b/q", rule("b/q", 0, ports=[tcp_ports(443)], mirror_id=502))))
+    assert pn.rule_slot("b/q", 0) == slot
+    assert pn.counters("rule", slot).cloned == 0
+
+
 def test_reapplying_the_same_state_writes_nothing(fresh):
     pn = fresh
     st_ = state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)])))
@@ -244,9 +257,15 @@ def test_port_mirroring_copies_non_ip_frames_too(fresh):
     pn.apply(state(dests=(analyzer(),), iface=iface))
     slot = next(s for s, (o, _) in pn.node.last.plan.rule_slots.items() if o.startswith("port:"))
     before = pn.counters("rule", slot).cloned
+    not_ip = pn.counters("rule", slot).drops["not_ip"]
     arp = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x0806) / (b"\x00" * 28))
     run_unchanged(pn, arp)
     assert pn.counters("rule", slot).cloned == before + 1
+    # jmirror carries IP only: the mirror port drops the copy and says why.
+    deadline = time.monotonic() + 2
+    while pn.counters("rule", slot).drops["not_ip"] == not_ip and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pn.counters("rule", slot).drops["not_ip"] == not_ip + 1
 
 
 def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):
