@@ -27,8 +27,8 @@ from .netns import entered, iproute, run, sysctl
 log = logging.getLogger(__name__)
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/cn2mirror"
-MIRROR_TX = "cn2m-tx"  # clones enter here (offloads off: the kernel segments them)
-MIRROR_RX = "cn2m-rx"  # the wrapper runs on its TC ingress
+MIRROR_TX = "cn2m-tx"  # clones enter here; finished ones are wrapped on its TC egress
+MIRROR_RX = "cn2m-rx"  # the rest (offloads off: the kernel segments them) wrapped here
 MIRROR_MTU = 65535
 TC_HANDLE = 0xC2  # our filter's handle, so that replace finds exactly ours
 TC_PRIO = 1  # first in the chain
@@ -114,6 +114,8 @@ class Datapath:
                     "classify_to_pod": self.bpf.load_func("classify_to_pod", BPF.SCHED_CLS),
                     "eval_continue": self.bpf.load_func("eval_continue", BPF.SCHED_CLS),
                     "mirror_wrap": self.bpf.load_func("mirror_wrap", BPF.SCHED_CLS),
+                    "mirror_wrap_inline": self.bpf.load_func("mirror_wrap_inline",
+                                                             BPF.SCHED_CLS),
                     "analyzer_port_rx": self.bpf.load_func("analyzer_port_rx", BPF.XDP),
                 }
             except Exception as e:
@@ -143,7 +145,8 @@ class Datapath:
             rx = ipr.link_lookup(ifname=MIRROR_RX)[0]
             for idx, name in ((tx, MIRROR_TX), (rx, MIRROR_RX)):
                 # No addresses, no ARP, no IPv6 autoconfiguration: the port sends nothing
-                # of its own. rx needs forwarding on for the wrapper's FIB lookups.
+                # of its own. Both ends run the wrapper (tx inline on egress, rx on
+                # ingress): forwarding on for its FIB lookups.
                 sysctl(self.netns, f"net.ipv6.conf.{name}.addr_gen_mode", 1)
                 sysctl(self.netns, f"net.ipv6.conf.{name}.accept_ra", 0)
                 ipr.link("set", index=idx, mtu=MIRROR_MTU)
@@ -154,8 +157,9 @@ class Datapath:
             # without it they send no MLD reports of their own.
             for name in (MIRROR_TX, MIRROR_RX):
                 sysctl(self.netns, f"net.ipv6.conf.{name}.disable_ipv6", 1)
-            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.forwarding", 1)
-            sysctl(self.netns, f"net.ipv6.conf.{MIRROR_RX}.forwarding", 1)
+            for name in (MIRROR_TX, MIRROR_RX):
+                sysctl(self.netns, f"net.ipv4.conf.{name}.forwarding", 1)
+                sysctl(self.netns, f"net.ipv6.conf.{name}.forwarding", 1)
             ipr.link("set", index=tx, state="up")
             ipr.link("set", index=rx, state="up")
         finally:
@@ -169,6 +173,7 @@ class Datapath:
             "gso", "off", check=False)
         self.mirror_tx_index, self.mirror_rx_index = tx, rx
         self._attach_tc(rx, "mirror_wrap", TC_INGRESS)
+        self._attach_tc(tx, "mirror_wrap_inline", TC_EGRESS)
         from bcc import BPF
 
         with entered(self.netns):

@@ -20,6 +20,7 @@ DEFAULT_MAX_FLOW_DESTS = 4  # copies per flow (vRouter: 2)
 RULE_WORDS = MAX_RULES // 64
 SUMMARY_WORDS = RULE_WORDS // 64  # bit w of the summary: word w of the bitmap is non-zero
 LPM_ENTRIES = 65536
+FLOW_CACHE_SLOTS = 4096  # per CPU, direct-mapped (a power of two): see FlowCacheEntry
 
 # ---------------------------------------------------------------------------- marks
 # A clone travelling from a pod interface to the mirror port carries in skb->mark:
@@ -30,6 +31,12 @@ CLONE_TAG_MASK = 0xF0000000
 CLONE_IFSLOT_SHIFT = 16
 CLONE_IFSLOT_MASK = 0x0FFF
 CLONE_RULE_MASK = 0xFFFF
+# A copy wrapped inline on the mirror port's sending end whose next hop's MAC is not yet
+# known goes on through the port with this tag instead (same slots below it): the far
+# end only routes it (bpf_redirect_neigh), from a clean softirq context. Truncated: the
+# second tag, so that the cut is still counted.
+WRAPPED_TAG = 0xD0000000
+WRAPPED_TRUNCATED_TAG = 0xE0000000
 # A wrapped copy leaving the mirror port carries this mark, so that no classifier on
 # this node mirrors it again (skb->mark survives within one network namespace).
 COPY_MARK = 0x4A4D4952  # "JMIR"
@@ -118,6 +125,62 @@ class FlowEntry(C.Structure):
         ("first_seen_ns", u64),
         ("last_seen_ns", u64),
     ]
+
+
+class FlowCacheEntry(C.Structure):
+    """One slot of the per-CPU flow cache in front of the flow table.
+
+    It holds the verdict of an established flow that is mirrored by no rule, as seen in
+    one direction on one interface: the addresses and ports as they are in the packet
+    (not canonical), so that a hit needs no interface lookup, no key ordering and no hash
+    table. The first 48 bytes (through `generation`) are compared whole with the packet's
+    probe; a slot whose generation is not the current one never matches. Flows with copies
+    are never cached here: every packet of theirs goes to the flow table, which counts it.
+    `tick` is the jiffy in which the slot last went to the flow table: a hit in a later
+    jiffy takes the full path once more (refreshing the flow entry's last_seen_ns and its
+    LRU age, and re-checking it). Not pinned: each load of the programs starts empty.
+    """
+
+    _fields_ = [
+        ("src", u32 * 4),  # network order, as in the packet; IPv4 in word 0
+        ("dst", u32 * 4),
+        ("sport", u16),  # network order
+        ("dport", u16),
+        ("ifindex", u32),
+        ("proto", u8),
+        ("family", u8),  # FAMILY_V4 or FAMILY_V6
+        ("dir", u8),  # Dir
+        ("pad", u8),
+        ("generation", u32),  # Config.generation the verdict belongs to
+        ("tick", u32),  # low 32 bits of jiffies when it was filled
+        ("port_rule", u32),  # port mirror rule slot of this direction; 0 none (or a copy stream)
+        ("ifslot", u16),
+        ("flags", u16),
+        ("pad2", u32),
+    ]
+
+
+FLOW_CACHE_KEY_BYTES = FlowCacheEntry.tick.offset  # compared as six 64-bit words
+
+
+def flow_cache_slot(e: FlowCacheEntry) -> int:
+    """The slot a probe lands in: the same hash as flow_cache_slot() in bpf/classifier.c
+    (tests and the benchmark check that the two agree)."""
+    raw = bytes(e)
+
+    def w(i: int) -> int:
+        return int.from_bytes(raw[i * 4: i * 4 + 4], "little")
+
+    m = 0xFFFFFFFF
+    s = w(0) ^ w(1) ^ w(2) ^ w(3)
+    d = w(4) ^ w(5) ^ w(6) ^ w(7)
+    h = ((s * 0x9E3779B1) & m) ^ d
+    h = ((h * 0x85EBCA77) & m) ^ w(8)  # the ports
+    h = ((h * 0xC2B2AE3D) & m) ^ w(9) ^ w(10)  # ifindex; proto, family, dir
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & m
+    h ^= h >> 13
+    return h & (FLOW_CACHE_SLOTS - 1)
 
 
 class InterfaceEntry(C.Structure):
@@ -226,13 +289,16 @@ class MapSpec:
     value: type
     entries: int
     flags: int = 0
+    pinned: bool = True  # False: private to one load of the programs (a cache)
 
 
 BPF_F_NO_PREALLOC = 1
 
 
 def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ...]:
-    """Every map the programs use. All are pinned under the pin root by name."""
+    """Every map the programs use. All but the flow cache are pinned under the pin root by
+    name (the cache is private to one load of the programs: a restarted agent's programs
+    start with an empty one, whatever an older version kept in it)."""
     return (
         MapSpec("config", "array", u32, Config, 1),
         MapSpec("interfaces", "hash", u32, InterfaceEntry, MAX_INTERFACES),  # by ifindex
@@ -240,6 +306,8 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         MapSpec("rules", "array", u32, RuleEntry, MAX_RULES),
         MapSpec("destinations", "array", u32, DestEntry, MAX_DESTINATIONS),
         MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests), FLOW_TABLE_SIZE),
+        MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS,
+                pinned=False),
         MapSpec("src_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("dst_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("src_v6", "lpm_trie", LpmV6Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
@@ -275,6 +343,7 @@ def _c_struct(cname: str, cls) -> str:
 
 _STRUCT_NAMES = {
     FlowKey: "flow_key",
+    FlowCacheEntry: "flow_cache_entry",
     InterfaceEntry: "iface_entry",
     MatchBits: "match_bits",
     RuleEntry: "rule_entry",
@@ -305,11 +374,15 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "RULE_WORDS": RULE_WORDS,
         "SUMMARY_WORDS": SUMMARY_WORDS,
         "MAX_FLOW_DESTS": max_flow_dests,
+        "FLOW_CACHE_SLOTS": FLOW_CACHE_SLOTS,
+        "FLOW_CACHE_KEY_BYTES": FLOW_CACHE_KEY_BYTES,
         "CLONE_TAG": f"{CLONE_TAG:#x}U",
         "CLONE_TAG_MASK": f"{CLONE_TAG_MASK:#x}U",
         "CLONE_IFSLOT_SHIFT": CLONE_IFSLOT_SHIFT,
         "CLONE_IFSLOT_MASK": f"{CLONE_IFSLOT_MASK:#x}",
         "CLONE_RULE_MASK": f"{CLONE_RULE_MASK:#x}",
+        "WRAPPED_TAG": f"{WRAPPED_TAG:#x}U",
+        "WRAPPED_TRUNCATED_TAG": f"{WRAPPED_TRUNCATED_TAG:#x}U",
         "COPY_MARK": f"{COPY_MARK:#x}U",
         "JMIRROR_MID_MASK": f"{JMIRROR_MID_MASK:#x}",
         "OUTER_IPV4_OVERHEAD": OUTER_IPV4_OVERHEAD,
@@ -334,7 +407,10 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
     for spec in map_specs(max_flow_dests):
         path = f"{pin_root}/{spec.name}"
         key, value = _c_type_name(spec.key), _c_type_name(spec.value)
-        if spec.flags:
+        if not spec.pinned:
+            out.append(f'BPF_F_TABLE("{spec.kind}", {key}, {value}, {spec.name}, '
+                       f'{spec.entries}, {spec.flags});')
+        elif spec.flags:
             out.append(
                 f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
                 f'{spec.entries}, "{path}", {spec.flags});'

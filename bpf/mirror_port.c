@@ -1,11 +1,17 @@
 /* The mirror port: a veth pair owned by cn2mirror.
  *
- * Clones enter its sending end (mirror-tx). That end has TSO, GSO and tx checksumming
- * off, so the kernel cuts GSO super-packets into wire-size segments with finished
- * checksums before they cross to the receiving end (mirror-rx). There, mirror_wrap runs
- * on TC ingress: it reads the (interface, rule) the classifier put in skb->mark, wraps
- * the copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), cuts it
- * to the path MTU, and redirects it on. Nothing on this path touches production packets.
+ * Clones enter its sending end (mirror-tx). Two paths, one wrapper (wrap_copy):
+ *  - inline: mirror_wrap_inline runs on mirror-tx's TC egress, before the device, and
+ *    wraps and redirects a copy right there when the copy is already finished: not a GSO
+ *    super-packet, and no checksum left for the hardware (CHECKSUM_PARTIAL). This skips
+ *    the veth crossing and a second softirq pass, most of what a small copy costs.
+ *  - through the port: anything else goes on into the veth. Mirror-tx has TSO, GSO and
+ *    tx checksumming off, so the kernel cuts super-packets into wire-size segments and
+ *    finishes their checksums before they cross to the receiving end (mirror-rx), where
+ *    mirror_wrap runs on TC ingress.
+ * The wrapper reads the (interface, rule) the classifier put in skb->mark, wraps the
+ * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), cuts it to
+ * the path MTU, and redirects it on. Nothing on this path touches production packets.
  *
  * analyzer_port_rx (XDP on mirror-tx) drops anything that tries to come in through the
  * mirror port: like a JUNOSe analyzer port, it only sends.
@@ -136,8 +142,13 @@ static __always_inline void strip_vlans(struct __sk_buff *skb)
     }
 }
 
+/* Internal result: wrapped inline, but the next hop's MAC is unknown: go on through the
+ * port, whose far end resolves it (bpf_redirect_neigh from within another device's
+ * transmit lost the packet and addressed the neighbour on the wrong device, seen on 6.18). */
+#define PASS_TO_PORT 1000
+
 static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 *src,
-                                       __u32 *dst, __u16 port, __u32 l3_len)
+                                       __u32 *dst, __u16 port, __u32 l3_len, int in_line)
 {
     struct bpf_fib_lookup fib = {};
     fib.family = family == FAMILY_V4 ? AF_INET : AF_INET6;
@@ -161,6 +172,8 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
             return -DROP_WRAP_FAILED;
         return bpf_redirect(fib.ifindex, 0);
     }
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH && in_line)
+        return PASS_TO_PORT;
     if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
         /* Next hop known, neighbour not yet resolved: let the kernel resolve it. It
          * rebuilds the Ethernet header, but refuses a frame whose destination is still
@@ -182,7 +195,8 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
 }
 
 static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry *d,
-                                        __u32 mirror_id, __u32 session_id, int *truncated)
+                                        __u32 mirror_id, __u32 session_id, int *truncated,
+                                        int in_line)
 {
     strip_vlans(skb);
     __u16 proto = 0;
@@ -223,7 +237,7 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
         __u16 eth_proto = bpf_htons(ETH_P_IP);
         bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
         return send_routed(skb, FAMILY_V4, d->src_addr, d->dst_addr, d->udp_port,
-                           inner_len + OUTER_IPV4_OVERHEAD);
+                           inner_len + OUTER_IPV4_OVERHEAD, in_line);
     }
     struct jmirror_v6 h = {};
     h.ip.version = 6;
@@ -255,7 +269,7 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
     if (bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &check, 2, 0) < 0)
         return -DROP_WRAP_FAILED;
     return send_routed(skb, FAMILY_V6, d->src_addr, d->dst_addr, d->udp_port,
-                       inner_len + OUTER_IPV6_OVERHEAD);
+                       inner_len + OUTER_IPV6_OVERHEAD, in_line);
 }
 
 static __always_inline int has_mac(struct dest_entry *d)
@@ -263,7 +277,18 @@ static __always_inline int has_mac(struct dest_entry *d)
     return d->mac[0] | d->mac[1] | d->mac[2] | d->mac[3] | d->mac[4] | d->mac[5];
 }
 
-int mirror_wrap(struct __sk_buff *skb)
+static __always_inline int count_result(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
+                                        int rc, __u32 len, int truncated)
+{
+    if (rc == TC_ACT_REDIRECT) {
+        count_copy(rule_slot, ifslot, dest_slot, -1, len, truncated);
+        return rc;
+    }
+    count_copy(rule_slot, ifslot, dest_slot, rc < 0 ? -rc : DROP_REDIRECT_FAILED, 0, 0);
+    return TC_ACT_SHOT;
+}
+
+static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
 {
     __u32 mark = skb->mark;
     if ((mark & CLONE_TAG_MASK) != CLONE_TAG) {
@@ -285,7 +310,7 @@ int mirror_wrap(struct __sk_buff *skb)
     switch (d->mode) {
     case MODE_JMIRROR4:
     case MODE_JMIRROR6:
-        rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &truncated);
+        rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &truncated, in_line);
         break;
     case MODE_L2:
         if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0 ||
@@ -332,12 +357,132 @@ int mirror_wrap(struct __sk_buff *skb)
     default:
         rc = -DROP_NO_DESTINATION;
     }
-    if (rc == TC_ACT_REDIRECT) {
-        count_copy(rule_slot, ifslot, dest_slot, -1, skb->len, truncated);
-        return rc;
+    if (rc == PASS_TO_PORT) {  /* counted by the far end, which sends it */
+        skb->mark = (truncated ? WRAPPED_TRUNCATED_TAG : WRAPPED_TAG) |
+                    (mark & ~CLONE_TAG_MASK);
+        return TC_ACT_OK;
     }
-    count_copy(rule_slot, ifslot, dest_slot, rc < 0 ? -rc : DROP_REDIRECT_FAILED, 0, 0);
-    return TC_ACT_SHOT;
+    return count_result(rule_slot, ifslot, dest_slot, rc, skb->len, truncated);
+}
+
+/* A copy wrapped inline whose next hop needed resolving: route it from its outer header. */
+static __always_inline int route_wrapped(struct __sk_buff *skb, __u32 mark)
+{
+    __u32 rule_slot = mark & CLONE_RULE_MASK;
+    __u32 ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
+    int truncated = (mark & CLONE_TAG_MASK) == WRAPPED_TRUNCATED_TAG;
+    struct rule_entry *r = rules.lookup(&rule_slot);
+    __u32 dest_slot = r ? r->dest : 0;
+    struct dest_entry *d = destinations.lookup(&dest_slot);
+    if (!d)
+        return count_result(rule_slot, ifslot, dest_slot, -DROP_NO_DESTINATION, 0, 0);
+    __u16 proto = 0;
+    __u32 addrs[8] = {};  /* source, then destination */
+    int rc = -DROP_WRAP_FAILED;
+    bpf_skb_load_bytes(skb, 12, &proto, 2);
+    if (proto == bpf_htons(ETH_P_IP) &&
+        bpf_skb_load_bytes(skb, ETH_HLEN + 12, addrs, 8) == 0) {
+        addrs[4] = addrs[1];
+        rc = send_routed(skb, FAMILY_V4, addrs, &addrs[4], d->udp_port,
+                         skb->len - ETH_HLEN, 0);
+    } else if (proto == bpf_htons(ETH_P_IPV6) &&
+               bpf_skb_load_bytes(skb, ETH_HLEN + 8, addrs, 32) == 0) {
+        rc = send_routed(skb, FAMILY_V6, addrs, &addrs[4], d->udp_port,
+                         skb->len - ETH_HLEN, 0);
+    }
+    return count_result(rule_slot, ifslot, dest_slot, rc, skb->len, truncated);
+}
+
+/* The copies that went through the port: segmented, checksums finished; or already
+ * wrapped inline and only waiting for their next hop to be resolved. */
+int mirror_wrap(struct __sk_buff *skb)
+{
+    __u32 tag = skb->mark & CLONE_TAG_MASK;
+    if (tag == WRAPPED_TAG || tag == WRAPPED_TRUNCATED_TAG)
+        return route_wrapped(skb, skb->mark);
+    return wrap_copy(skb, 0);
+}
+
+static __always_inline __u16 fold16(__u32 sum)
+{
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    return sum;
+}
+
+/* Whether the kernel still has to finish a TCP or UDP checksum of this copy. The sender
+ * of a CHECKSUM_PARTIAL packet leaves in the checksum field the folded sum of the
+ * pseudo-header alone (for the hardware, or the kernel, to complete); __sk_buff does not
+ * show ip_summed, so the field is compared with that sum. A finished checksum equal to
+ * it by chance (1 in 65,536) only sends that copy the long way: never a wrong copy. */
+static __always_inline int l4_csum_unfinished(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+                                              __u32 pseudo_sum, __u32 l4_len)
+{
+    __u16 check = 0;
+    if (proto == IPPROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, l4_off + 16, &check, 2) < 0)
+            return 1;
+    } else if (proto == IPPROTO_UDP) {
+        if (bpf_skb_load_bytes(skb, l4_off + 6, &check, 2) < 0)
+            return 1;
+        if (!check)  /* UDP over IPv4 without a checksum */
+            return 0;
+    } else {
+        return proto == IPPROTO_SCTP;  /* CRC32c offload: also PARTIAL */
+    }
+    pseudo_sum += bpf_htons(proto) + bpf_htons(l4_len);
+    return check == fold16(pseudo_sum);
+}
+
+/* Whether a copy must go through the port for the kernel to finish it (segmentation,
+ * checksums). Anything this does not understand takes the port: the safe way. */
+static __always_inline int needs_kernel_finish(struct __sk_buff *skb)
+{
+    if (skb->gso_size)
+        return 1;
+    __u16 proto = 0;
+    if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+        return 1;
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+            return 1;
+        if (ip.frag_off & bpf_htons(0x3FFF))  /* more fragments, or an offset */
+            return 0;  /* fragments never carry an unfinished checksum */
+        __u32 hlen = ip.ihl * 4;
+        __u32 sum = (ip.saddr & 0xFFFF) + (ip.saddr >> 16) + (ip.daddr & 0xFFFF) +
+                    (ip.daddr >> 16);
+        return l4_csum_unfinished(skb, ETH_HLEN + hlen, ip.protocol, sum,
+                                  bpf_ntohs(ip.tot_len) - hlen);
+    }
+    if (proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+            return 1;
+        __u8 nh = ip6.nexthdr;
+        if (nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_FRAGMENT ||
+            nh == IPPROTO_DSTOPTS || nh == IPPROTO_AH)
+            return 1;
+        __u16 *words = (__u16 *)&ip6.saddr;  /* saddr and daddr: 16 words */
+        __u32 sum = 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            sum += words[i];
+        return l4_csum_unfinished(skb, ETH_HLEN + sizeof(ip6), nh, sum,
+                                  bpf_ntohs(ip6.payload_len));
+    }
+    /* VLAN-tagged and other frames: the long way. Non-IP frames never need finishing,
+     * but they are rare enough not to be worth a case of their own. */
+    return proto != bpf_htons(ETH_P_ARP);
+}
+
+/* Copies on mirror-tx's TC egress: finished ones are wrapped here, inline; the rest go
+ * on into the veth (TC_ACT_OK) to be finished by the kernel and wrapped on the far end. */
+int mirror_wrap_inline(struct __sk_buff *skb)
+{
+    if (needs_kernel_finish(skb))
+        return TC_ACT_OK;
+    return wrap_copy(skb, 1);
 }
 
 int analyzer_port_rx(struct xdp_md *ctx)

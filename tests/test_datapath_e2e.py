@@ -279,6 +279,75 @@ def test_jmirror_to_analyzers_on_this_node_another_node_and_outside(lab, node):
         assert after.packets == after.cloned and sum(after.drops.values()) == 0, name
 
 
+def tx_packets(netns: str, dev: str) -> int:
+    import json
+
+    link = json.loads(ns_sh(netns, "ip", "-j", "-s", "link", "show", dev).stdout)[0]
+    return link["stats64"]["tx"]["packets"]
+
+
+def raw_udp_from(lab, pod: str, dst_ip: str, n: int, dport: int) -> None:
+    """UDP datagrams with finished checksums, written to the pod's eth0 as frames (not
+    CHECKSUM_PARTIAL, like packets that entered the node from a wire)."""
+    p = lab.pods[pod]
+    gw_mac = json_link(lab.nodes["node1"].netns, p.host_ifname)["address"]
+    frames = [bytes(Ether(dst=gw_mac, src=p.mac) / IP(src=p.ip, dst=dst_ip) /
+                    UDP(sport=41000, dport=dport) / (bytes([i]) * 60)) for i in range(n)]
+    code = ("import socket;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);"
+            "s.bind(('eth0',0))\n"
+            f"for h in {[f.hex() for f in frames]!r}: s.send(bytes.fromhex(h))")
+    ns_sh(p.netns, "python3", "-c", code)
+
+
+def json_link(netns: str, dev: str) -> dict:
+    import json
+
+    return json.loads(ns_sh(netns, "ip", "-j", "link", "show", dev).stdout)[0]
+
+
+def test_finished_copies_are_wrapped_inline_the_rest_through_the_port(lab, node):
+    """Copies with nothing left for the kernel to finish are wrapped on the mirror port's
+    sending end and never cross its veth (its tx counter stays still); a pod's own UDP
+    (CHECKSUM_PARTIAL) crosses, is finished by the kernel and wrapped on the far end; a
+    copy wrapped inline whose next hop is not yet resolved crosses too, only to be
+    routed. Every copy arrives once, counted once, with valid checksums."""
+    n1 = lab.nodes["node1"].netns
+    web = lab.pods["web"]
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror_all("demo/p", "local", 31,
+                                              ports=(PortRange(17, 7100, 7100),)),),
+                         destinations=(jm(LOCAL_AN, "local"),)))
+    slot = rule_slot(node, "demo/p")
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    try:
+        steps = {}
+        # 1. Next hop unresolved: wrapped inline, then routed by the far end.
+        ns_sh(n1, "ip", "neigh", "flush", "to", LOCAL_AN, check=False)
+        before = tx_packets(n1, MIRROR_TX)
+        raw_udp_from(lab, "client", web.ip, 1, 7100)
+        time.sleep(0.3)
+        steps["unresolved"] = tx_packets(n1, MIRROR_TX) - before
+        # 2. Resolved now: finished copies never cross the port.
+        before = tx_packets(n1, MIRROR_TX)
+        raw_udp_from(lab, "client", web.ip, 40, 7100)
+        time.sleep(0.3)
+        steps["inline"] = tx_packets(n1, MIRROR_TX) - before
+        # 3. A pod's own UDP socket: checksums left to the kernel, so through the port.
+        before = tx_packets(n1, MIRROR_TX)
+        udp_burst(lab, "client", web.ip, 25, dport=7100)
+        time.sleep(0.3)
+        steps["port"] = tx_packets(n1, MIRROR_TX) - before
+        cps = [c for c in copies_in(cap.stop()) if UDP in inner(c[3])]
+    finally:
+        cap.close()
+    assert steps == {"unresolved": 1, "inline": 0, "port": 25}
+    assert len(cps) == 66
+    assert {(c[1], c[2]) for c in cps} == {(31, 501)}
+    assert all(l4_checksum_ok(c[3]) for c in cps)
+    totals = counters(node, "rule", slot)
+    assert totals.cloned == totals.packets == 66 and sum(totals.drops.values()) == 0
+
+
 def traffic_under_test(ip_bytes: bytes) -> bool:
     """The test's own packets: not the neighbour discovery that comes and goes."""
     if ip_bytes[0] >> 4 == 6:
@@ -537,8 +606,9 @@ def test_analyzer_port_takes_no_traffic_in(lab, node):
     frame = bytes(Ether(dst="ff:ff:ff:ff:ff:ff") / IP(dst="198.18.1.2") / UDP())
     code = ("import socket,sys;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);"
             f"s.bind(('{MIRROR_RX}',0));s.send(bytes.fromhex('{frame.hex()}'));"
-            f"t=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);t.bind(('{MIRROR_TX}',0));"
-            f"t.send(bytes.fromhex('{frame.hex()}'))")
+            f"t=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);t.bind(('{MIRROR_TX}',0))\n"
+            # The wrapper on the tx end's egress drops it (ENOBUFS to the sender).
+            f"try: t.send(bytes.fromhex('{frame.hex()}'))\nexcept OSError: pass")
     ns_sh(n1, "python3", "-c", code)
     time.sleep(0.2)
     after = sum_counters(node.datapath.maps["stats_node"].lookup(bytes(4)))
