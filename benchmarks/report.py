@@ -377,7 +377,9 @@ def _throughput(tp: dict) -> list[str]:
     for name, v in s.items():
         acc = v.get("accounting")
         if acc:
-            L.append(f"- {name}: cloned {acc['cloned']:,}, wrapped and sent {acc['sent']:,}, "
+            L.append(f"- {name}: cloned {acc['cloned']:,}, wrapped and sent {acc['sent']:,} "
+                     f"({acc.get('through_port', 0):,} of them through the mirror port's "
+                     "veth, the rest wrapped inline), "
                      f"delivered {acc['delivered']:,} (production {acc['prod']:,}), drops "
                      f"counted by the datapath: {acc['drops'] or 'none'}.")
     us = s.get("userspace")
@@ -524,23 +526,29 @@ def _shortfalls(results: dict) -> list[str]:
                 f"{_num(st.get('test_run_ns_per_packet'))} ns including two veth hand-offs "
                 f"and the analyzer's receive; tc mirred adds {_num(_med(mir))} ns per packet "
                 "in the same traffic. ")
+            none_ns = _med(_get(results, "benchmarks", "throughput", "summary", "none",
+                                "cpu_ns_per_packet")) or 0
+            budget = none_ns * 0.15 / 0.85  # CPU per copy that keeps 85% of packets/s
             L.append(
-                "A copy is real work on the same CPU as the production packet: the clone, "
-                "its transmit into the mirror port's veth, the backlog softirq that runs "
-                "mirror_wrap (adjust_room on a clone has to copy the head: pskb_expand_head),"
-                " the FIB lookup, the redirect, and a second veth into the analyzer. With "
-                "64-byte packets the production path itself is short (one veth hop in, a "
-                "forward, one veth hop out), so a copy costs a large fraction of a "
-                "production packet; the clone is also queued on the same per-CPU backlog "
-                "ahead of the production packet. The kernel's own copiers pay the same "
-                "kind of cost (nft dup and TEE cost as much as cn2mirror here). RPS on the "
-                "mirror port's receive queue (copies wrapped on the other CPU) was tried on "
-                "this VM and made production slower: the cross-CPU hand-off (an IPI, a VM "
-                "exit here) costs more than the wrap. What would keep production at >= 85% "
-                "with 64-byte packets: not paying the second veth pass (wrap the copy in "
-                "the classifier's own clone path, or redirect raw copies straight to the "
-                "analyzer's veth as mirred does, for L2 destinations), and sampling or a "
-                "rate limit for copies (the overload protection peers.md lists).")
+                "A copy is real work on the same CPU as the production packet. A copy with "
+                "nothing left for the kernel to finish (not GSO, no CHECKSUM_PARTIAL: here "
+                "trafgen's frames, like packets that entered the node from a wire) is "
+                "wrapped inline on the mirror port's sending end (TC egress) and sent "
+                "straight on, with no veth crossing and no second softirq pass; the others "
+                "(a pod's own TCP and UDP, GSO super-packets) still cross the port to be "
+                "finished by the kernel. What an inline copy still costs: "
+                "bpf_clone_redirect, which also makes the production skb's head private "
+                "(pskb_expand_head: a copy); adjust_room on the clone, which copies the "
+                "head again when the frame has less than 36 bytes of headroom (trafgen's "
+                "have); the FIB lookup and redirect; and the analyzer's veth and receive, "
+                "which tc mirred pays too. With 64-byte packets the production path is "
+                f"short, so 85% leaves about {_num(budget)} ns of CPU per copy; tc "
+                f"mirred's copy costs {_num(_med(mir))} ns here. RPS on the mirror "
+                "port's receive queue (copies wrapped on the other CPU) was tried on this VM "
+                "in an earlier run and made production slower: the cross-CPU hand-off (an "
+                "IPI, a VM exit here) cost more than the wrap. What would reach 85% with "
+                "64-byte packets: sampling or a rate limit for copies (the overload "
+                "protection peers.md lists), which the issue's 'mirror everything' excludes.")
         elif k == "tcp_bulk":
             L.append(
                 "Each 64 KB GSO super-packet is cloned, and the mirror port's sending end "
@@ -557,21 +565,24 @@ def _shortfalls(results: dict) -> list[str]:
                 "side but needs care (platform.md saw mis-segmentation in place).")
         elif k == "latency":
             L.append(
-                "The clone is queued on the per-CPU backlog before the production packet "
-                "continues, so the copy's mirror_wrap and its hand-off to the analyzer run "
-                "before the production packet reaches its pod, on each of the two "
-                "directions of a request/response exchange; the clone and its transmit "
-                "also run inline in the classifier (~1 us here). The cost is two copy paths "
-                "per round trip. Only not doing the copy work inline before the production "
-                "packet fixes that: e.g. handing clones to a queue that is served after "
-                "production (a qdisc on cn2m-tx rather than noqueue), or on another CPU on "
-                "hardware where cross-CPU hand-off is cheap.")
+                "The request/response traffic is a pod's own TCP, whose checksums are left "
+                "to the kernel (CHECKSUM_PARTIAL), so its copies still cross the mirror "
+                "port: the clone is queued on the per-CPU backlog before the production "
+                "packet continues, and the copy's mirror_wrap and its hand-off to the "
+                "analyzer run before the production packet reaches its pod, on each of the "
+                "two directions of an exchange; the clone and its transmit also run inline "
+                "in the classifier. Finishing the checksum in BPF is not safe (the skb "
+                "stays CHECKSUM_PARTIAL, and whatever finishes it later would compute over "
+                "the finished value). Only not doing the copy work ahead of the production "
+                "packet fixes that: a queue served after production, or another CPU on "
+                "hardware where the cross-CPU hand-off is cheap.")
         elif k == "vs_mirred":
             L.append(
-                "tc mirred hands the unmodified frame straight to the analyzer's veth; "
-                "cn2mirror additionally passes the clone through its mirror port (a veth "
-                "pair and a second softirq pass), wraps it in IP/UDP/jmirror with ids, looks "
-                "up the route, and counts it.")
+                "tc mirred hands the unmodified frame straight to the analyzer's veth. "
+                "cn2mirror wraps it in IP/UDP/jmirror with ids (adjust_room: a head copy when "
+                "headroom is short), looks up the route, selects by policy and counts it; "
+                "bpf_clone_redirect also makes the production skb's head private. Copies "
+                "that need the kernel to finish them additionally cross the mirror port.")
         elif k == "vs_userspace":
             L.append(
                 "The userspace copier runs on the other core, so it hardly slows the "

@@ -151,6 +151,7 @@ table ip cn2mbench {{
         whole run (read after the pipeline has drained)."""
         web0, an0 = self.counts()
         dp0 = cm.datapath_counters(self.node) if name in CN2M else None
+        port0 = cm.link_stats(self.node_ns, "cn2m-tx")["tx_packets"] if dp0 else 0
         links0 = self.links()
         progs0 = self.prog_stats() if stats else None
         cpu0 = _proc_cpu_s(self.copier.pid) if self.copier else None
@@ -188,8 +189,10 @@ table ip cn2mbench {{
         res["drops"] = {k: links1[k] - links0[k] for k in links0 if links1[k] - links0[k]}
         if dp0 is not None:
             d = cm.counters_delta(cm.datapath_counters(self.node), dp0)
+            # Copies that crossed the mirror port's veth (the rest were wrapped inline).
+            through_port = cm.link_stats(self.node_ns, "cn2m-tx")["tx_packets"] - port0
             res["datapath"] = {"cloned": d["cloned"], "sent": d["packets"],
-                               "truncated": d["truncated"],
+                               "truncated": d["truncated"], "through_port": through_port,
                                "drops": {k: v for k, v in d["drops"].items() if v}}
         if stats:
             p1 = self.prog_stats()
@@ -233,7 +236,8 @@ table ip cn2mbench {{
     def prog_stats(self) -> dict:
         root = self.node.datapath.pin_root
         return {n: cm.prog_stats(f"{root}/prog_{n}")
-                for n in ("classify_to_pod", "classify_from_pod", "mirror_wrap")}
+                for n in ("classify_to_pod", "classify_from_pod", "mirror_wrap_inline",
+                          "mirror_wrap")}
 
 
 def _tree(pid: int) -> list[int]:
@@ -373,11 +377,13 @@ def summarize(rounds: list[dict], scenarios) -> dict:
             s[name]["copier_cpu_share"] = cm.summary(
                 [r[name].get("copier_cpu_share") for r in rounds])
         if name in CN2M:
-            tot = {"cloned": 0, "sent": 0, "delivered": 0, "prod": 0, "drops": {}}
+            tot = {"cloned": 0, "sent": 0, "through_port": 0, "delivered": 0, "prod": 0,
+                   "drops": {}}
             for r in rounds:
                 d = r[name].get("datapath", {})
                 tot["cloned"] += d.get("cloned", 0)
                 tot["sent"] += d.get("sent", 0)
+                tot["through_port"] += d.get("through_port", 0)
                 tot["delivered"] += r[name]["copies_total"]
                 tot["prod"] += r[name]["prod_total"]
                 for k, v in d.get("drops", {}).items():
