@@ -34,6 +34,7 @@ def lib() -> C.CDLL:
         _lib.bpf_map_get_next_key.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
         _lib.bpf_prog_test_run_opts.argtypes = [C.c_int, C.c_void_p]
         _lib.bpf_obj_get_info_by_fd.argtypes = [C.c_int, C.c_void_p, C.POINTER(C.c_uint32)]
+        _lib.bpf_map_get_fd_by_id.argtypes = [C.c_uint32]
     return _lib
 
 
@@ -65,6 +66,60 @@ def obj_pin(fd: int, path: str) -> None:
     _check(lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
+class MapInfo(C.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
+                ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
+                ("map_flags", C.c_uint32), ("name", C.c_char * 16), ("rest", C.c_uint8 * 64)]
+
+
+class _ProgInfo(C.Structure):
+    """The head of struct bpf_prog_info, up to the ids of the maps the program uses."""
+
+    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("tag", C.c_uint8 * 8),
+                ("jited_prog_len", C.c_uint32), ("xlated_prog_len", C.c_uint32),
+                ("jited_prog_insns", C.c_uint64), ("xlated_prog_insns", C.c_uint64),
+                ("load_time", C.c_uint64), ("created_by_uid", C.c_uint32),
+                ("nr_map_ids", C.c_uint32), ("map_ids", C.c_uint64)]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size)), "map info")
+    return info
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (what a program array holds, read back)."""
+    info = _ProgInfo()
+    size = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, C.byref(info), C.byref(size)), "prog info")
+    return info.id
+
+
+def prog_maps(prog_fd: int) -> dict[str, int]:
+    """The maps a loaded program uses, opened: name (as the kernel has it, at most 15
+    characters) -> a new fd. For maps that are not pinned."""
+    info = _ProgInfo()
+    size = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, C.byref(info), C.byref(size)), "prog info")
+    ids = (C.c_uint32 * info.nr_map_ids)()
+    info2 = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=C.addressof(ids))
+    size = C.c_uint32(C.sizeof(info2))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, C.byref(info2), C.byref(size)), "prog info")
+    out = {}
+    for map_id in ids[: min(info.nr_map_ids, info2.nr_map_ids)]:
+        fd = _check(lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+        name = map_info(fd).name.decode()
+        if name in out:
+            os.close(fd)
+        else:
+            out[name] = fd
+    return out
+
+
 def possible_cpus() -> int:
     """Number of possible CPUs: the size of a per-CPU map value's array."""
     text = open("/sys/devices/system/cpu/possible").read().strip()
@@ -85,6 +140,7 @@ class BpfMap:
         self.percpu = percpu
         self._stride = (value_size + 7) // 8 * 8
         self._ncpu = possible_cpus() if percpu else 1
+        lib()  # loaded: update() calls it directly
 
     @classmethod
     def pinned(cls, path: str, key_size: int, value_size: int, percpu: bool = False):
@@ -108,6 +164,12 @@ class BpfMap:
         return raw
 
     def update(self, key: bytes, value: bytes) -> None:
+        if not self.percpu and type(key) is bytes and type(value) is bytes and \
+                len(key) == self.key_size and len(value) == self.value_size:
+            # The kernel only reads them: the bytes themselves, no copies (the agent
+            # writes thousands of entries when a rule's address set changes).
+            _check(_lib.bpf_map_update_elem(self.fd, key, value, 0), "map update")
+            return
         kb = C.create_string_buffer(bytes(key), self.key_size)
         if self.percpu:
             vb = C.create_string_buffer(b"".join(

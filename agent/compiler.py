@@ -68,8 +68,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -79,6 +79,7 @@ from .model import (
     ANN_MIRROR_DESTINATION,
     ANN_MULTUS_STATUS,
     API_VERSIONS,
+    KIND_CSP,
     KIND_GCSP,
     KIND_MD,
     KIND_NAMESPACE,
@@ -187,7 +188,7 @@ class _World:
 
     pods: list[Pod] = field(default_factory=list)  # sorted by namespace/name
     namespaces: dict[str, Namespace] = field(default_factory=dict)
-    destinations: dict[str, MirrorDestination] = field(default_factory=dict)
+    destinations: dict[str, MirrorDestination] = field(default_factory=dict)  # by name
     policies: list[SecurityPolicy] = field(default_factory=list)  # evaluation order
     broken_destinations: dict[str, str] = field(default_factory=dict)  # name -> reason
     errors: list[ObjectError] = field(default_factory=list)
@@ -196,11 +197,27 @@ class _World:
         return (self.namespaces.get(name) or implicit_namespace(name)).labels
 
 
-def _snapshot_objects(snapshot: Snapshot) -> Iterable[tuple[str, Mapping[str, Any]]]:
-    for kind, objects in snapshot.by_kind().items():
-        for obj in objects:
-            # The snapshot's field says the kind; objects from a typed list may not.
-            yield kind, obj if obj.get("kind") == kind else {**obj, "kind": kind}
+class _Parsed:
+    """One object of a snapshot and what parsing it gave (kept while the object is)."""
+
+    __slots__ = ("obj", "kind", "name", "result", "_preference")
+
+    def __init__(self, kind: str, obj: Mapping[str, Any]):
+        self.obj = obj  # held: the cache is keyed by id(obj), which stays unique meanwhile
+        self.kind = kind
+        # The snapshot's field says the kind; objects from a typed list may not.
+        typed = obj if obj.get("kind") == kind else {**obj, "kind": kind}
+        self.name = object_name(typed)
+        self._preference: tuple[int, str] | None = None
+        try:
+            self.result: Any = parse_object(typed)
+        except ModelError as e:
+            self.result = e
+
+    def preference(self) -> tuple[int, str]:
+        if self._preference is None:
+            self._preference = _preference(self.kind, {**self.obj, "kind": self.kind})
+        return self._preference
 
 
 def _preference(kind: str, obj: Mapping[str, Any]) -> tuple[int, str]:
@@ -211,36 +228,10 @@ def _preference(kind: str, obj: Mapping[str, Any]) -> tuple[int, str]:
 
 
 def _parse(snapshot: Snapshot) -> _World:
-    world = _World()
-    copies: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for kind, obj in _snapshot_objects(snapshot):
-        copies[kind, object_name(obj)].append(obj)
-    for (kind, name), objs in sorted(copies.items()):
-        if len(objs) > 1:
-            # One object given twice (under both API groups, say): one is used, whatever
-            # the order they came in.
-            objs = sorted(objs, key=lambda o: _preference(kind, o))
-            for other in objs[1:]:
-                world.errors.append(ObjectError(kind, name, (
-                    f"given more than once; the {objs[0].get('apiVersion')} object is used, "
-                    f"this {other.get('apiVersion')} one is ignored")))
-        try:
-            parsed = parse_object(objs[0])
-        except ModelError as e:
-            world.errors.append(ObjectError(kind, name, str(e)))
-            if kind == KIND_MD:
-                world.broken_destinations[name] = str(e)
-            continue
-        if kind == KIND_NAMESPACE:
-            world.namespaces[parsed.name] = parsed
-        elif kind == KIND_POD:
-            world.pods.append(parsed)
-        elif kind == KIND_MD:
-            world.destinations[parsed.name] = parsed
-        else:
-            world.policies.append(parsed)
-    world.policies.sort(key=_policy_order)
-    return world
+    """The snapshot parsed, as every node sees it."""
+    compiler = Compiler("")
+    compiler._parse(snapshot)
+    return compiler._world
 
 
 def _policy_order(p: SecurityPolicy) -> tuple[int, str, str]:
@@ -254,13 +245,21 @@ def _effective_rules(policy: SecurityPolicy) -> tuple[PolicyRule, ...]:
     return policy.rules
 
 
+def _policy_mirror_keys(p: SecurityPolicy) -> Iterable[str]:
+    for i, r in enumerate(_effective_rules(p)):
+        if r.mirror_to or p.mirror_to:
+            yield rule_key(p.key, i)
+
+
 def _mirror_keys(world: _World) -> Iterable[str]:
     """Every mirror-id key of the cluster, whatever node it is used on."""
     for p in world.policies:
-        for i, r in enumerate(_effective_rules(p)):
-            if r.mirror_to or p.mirror_to:
-                yield rule_key(p.key, i)
-    for pod in _attachable(world.pods):
+        yield from _policy_mirror_keys(p)
+    yield from _pod_mirror_keys(world.pods)
+
+
+def _pod_mirror_keys(pods: Iterable[Pod]) -> Iterable[str]:
+    for pod in _attachable(pods):
         for i in pod.interfaces:
             if i.mirror_to:
                 yield port_key(f"{pod.key}/{i.name}", i.mirror_to)
@@ -350,19 +349,37 @@ def _host_cidr(ip: str) -> Cidr:
     return Cidr(f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}")
 
 
-def _endpoint_set(peers: tuple[Peer, ...] | None, policy: SecurityPolicy,
-                  world: _World) -> EndpointSet:
-    if peers is None:
-        return ANY
-    blocks: set[Cidr] = set()
-    for peer in peers:
-        if peer.ip_block is not None:
-            blocks.add(Cidr(peer.ip_block.cidr, peer.ip_block.excepts))
-            continue
+class _Selection:
+    """The addresses of the live pods one endpoint (a selector, in a scope) picks.
+
+    Kept up to date from the pods that changed; ``version`` changes with its contents."""
+
+    __slots__ = ("peer", "scope", "members", "version", "_blocks")
+
+    def __init__(self, peer: Peer, scope: str | None, world: _World, version: int):
+        self.peer, self.scope, self.version = peer, scope, version
+        self.members: dict[str, tuple[Cidr, ...]] = {}  # pod key -> its /32 and /128s
+        self._blocks: tuple[Cidr, ...] | None = None
         for pod in _attachable(world.pods):
-            if _selects(peer, policy.namespace, pod, world):
-                blocks.update(_host_cidr(ip) for ip in pod.ips)
-    return tuple(sorted(blocks))
+            if _selects(peer, scope, pod, world):
+                self.members[pod.key] = tuple(_host_cidr(ip) for ip in pod.ips)
+
+    def update(self, key: str, pod: Pod | None, world: _World, version: int) -> None:
+        """The pod ``key`` changed (``pod`` None: it is gone or unparseable)."""
+        if pod is not None and not pod.terminal and not pod.host_network and \
+                _selects(self.peer, self.scope, pod, world):
+            cidrs = tuple(_host_cidr(ip) for ip in pod.ips)
+            if self.members.get(key) == cidrs:
+                return
+            self.members[key] = cidrs
+        elif self.members.pop(key, None) is None:
+            return
+        self.version, self._blocks = version, None
+
+    def blocks(self) -> tuple[Cidr, ...]:
+        if self._blocks is None:
+            self._blocks = tuple(sorted({c for cidrs in self.members.values() for c in cidrs}))
+        return self._blocks
 
 
 def in_endpoints(endpoints: EndpointSet, ip: str) -> bool:
@@ -421,118 +438,353 @@ def _destination_problems(policy: SecurityPolicy, world: _World,
     return problems
 
 
-def _compile_policy(policy: SecurityPolicy, world: _World, local_pods: list[Pod],
-                    mirror_ids: Mapping[str, int]) -> Policy | None:
-    selectors = policy.selectors or (Peer(),)
-    interfaces = frozenset(
-        f"{pod.key}/{i.name}"
-        for pod in local_pods
-        if any(_selects(s, policy.namespace, pod, world) for s in selectors)
-        for i in pod.interfaces
-    )
-    if not interfaces:
-        return None
-    rules = []
-    for index, rule in enumerate(_effective_rules(policy)):
-        src = _endpoint_set(rule.src, policy, world)
-        dst = _endpoint_set(rule.dst, policy, world)
-        ports = _port_ranges(rule.ports, dst, world)
-        if src == () or dst == () or ports is None:
-            continue  # can match no flow
-        destination = rule.mirror_to or policy.mirror_to
-        rules.append(Rule(
-            policy=policy.key,
-            index=index,
-            src=src,
-            dst=dst,
-            ports=ports,
-            destination=destination,
-            mirror_id=mirror_ids[rule_key(policy.key, index)] if destination else 0,
-        ))
-    if not any(r.destination for r in rules):
-        return None
-    return Policy(name=policy.key, rules=tuple(rules), interfaces=interfaces)
-
-
 def compile_node(snapshot: Snapshot, node: str) -> NodeState:
     """What the datapath of ``node`` must do, given every object of the cluster."""
-    world = _parse(snapshot)
-    errors = list(world.errors)
-    mirror_ids = assign_ids(_mirror_keys(world), MIRROR_ID_MAX)
-    session_ids = assign_ids(
-        (f"{p.key}/{i.name}" for p in _attachable(world.pods) for i in p.interfaces),
-        SESSION_ID_MAX,
-    )
+    return Compiler(node).compile(snapshot)
 
-    resolved: dict[str, Destination | str] = {}
-    for name, md in sorted(world.destinations.items()):
-        resolved[name] = _resolve(md, world, node)
-        if isinstance(resolved[name], str):
-            errors.append(ObjectError(KIND_MD, name, resolved[name]))
 
-    local_pods = [p for p in _attachable(world.pods) if p.node == node]
-    policies = []
-    for policy in world.policies:
-        problems = _destination_problems(policy, world, resolved)
-        if problems:
-            errors.append(ObjectError(policy.kind, policy.key, "; ".join(problems)))
-            continue
-        compiled = _compile_policy(policy, world, local_pods, mirror_ids)
-        if compiled is not None:
-            policies.append(compiled)
+class _PolicyRecord:
+    """What the compiler worked out for one parsed policy, and from what."""
 
-    port_mirrors: dict[str, PortMirror] = {}
-    for pod in world.pods:
-        if pod.node != node or pod.terminal:
-            continue
-        problems = list(pod.problems)
-        for i in pod.interfaces:
-            if not i.mirror_to:
-                continue
-            where = f"{ANN_MIRROR_DESTINATION} on {i.name}"
-            dest = world.broken_destinations.get(i.mirror_to) or resolved.get(i.mirror_to)
-            if pod.host_network:
-                problems.append(f"{where}: a hostNetwork pod has no interface of its own")
-            elif dest is None:
-                problems.append(f"{where}: no MirrorDestination named {i.mirror_to}")
-            elif isinstance(dest, str):
-                problems.append(f"{where}: MirrorDestination {i.mirror_to} is not usable: {dest}")
+    __slots__ = ("policy", "mirror_keys", "problems", "problems_of", "broken_of", "deps",
+                 "compiled")
+
+    def __init__(self, policy: SecurityPolicy):
+        self.policy = policy
+        self.mirror_keys = tuple(_policy_mirror_keys(policy))
+        self.problems: list[str] = []
+        self.problems_of: object = None  # the resolved destinations the problems are of
+        self.broken_of: object = None  # ...and the broken ones
+        self.deps: tuple | None = None  # what `compiled` was computed from (_current)
+        self.compiled: Policy | None = None
+
+
+class Compiler:
+    """``compile_node`` for one node, remembering what it worked out, so that a snapshot
+    that differs from the last one in a few objects costs about as much as those objects.
+
+    ``compile(snapshot)`` always equals ``compile_node(snapshot, node)`` (which is a fresh
+    Compiler's first compile). What is kept, and what makes it be worked out again:
+
+    - each object's parse, for as long as the very same object (the same dict) is in the
+      snapshots: sources hand over new dicts for changed objects and never change one in
+      place (the Source contract, agent/runtime.py);
+    - the analyzer choice, mirror and session ids, the local pods: again when the objects
+      they derive from changed (destinations or analyzer pods; policies or pods; pods);
+    - the addresses every endpoint selector picks: updated pod by pod for the pods that
+      changed, from scratch when a Namespace changed (namespace selectors);
+    - each policy's compiled form, with what it was computed from (the local pods, the
+      endpoint selections, the mirror ids, all pods for named ports): again when any of
+      those changed.
+    """
+
+    def __init__(self, node: str):
+        self.node = node
+        # kind -> (the snapshot's objects, their parses by id, the parse used by name, errors)
+        self._kinds: dict[str, tuple[tuple, dict[int, _Parsed], dict[str, _Parsed],
+                                     list[ObjectError]]] = {}
+        self._chosen: dict[str, dict[str, _Parsed]] = {}
+        self._world = _World()
+        self._versions = itertools.count(1)
+        self._pods_version = 0  # every pod
+        self._local_version = 0  # this node's attachable pods
+        self._ns_version = 0
+        self._pod_keys: tuple[str, ...] = ()
+        self._local_pods: list[Pod] = []
+        self._node_pods: list[Pod] = []  # this node's live pods, host network ones too
+        self._pod_mirror_keys: list[str] = []
+        self._mirror_keys: frozenset[str] = frozenset()
+        self._mirror_ids: dict[str, int] = {}
+        self._session_ids: dict[str, int] = {}
+        self._resolved: dict[str, Destination | str] = {}
+        self._selections: dict[tuple[Peer, str | None], _Selection] = {}
+        self._policies: dict[str, _PolicyRecord] = {}  # by policy key
+        self._analyzers_changed = False  # a pod labelled as an analyzer changed
+
+    # -- parsing
+    def _pick(self, kind: str, objs: tuple[Mapping[str, Any], ...],
+              ) -> tuple[dict[str, _Parsed], list[ObjectError]]:
+        """The parsed object used for each name of one kind, and the kind's errors."""
+        last = self._kinds.get(kind)
+        if last is not None and last[0] is objs:  # the very same objects as last time
+            return last[2], last[3]
+        known = last[1] if last is not None else {}
+        entries: dict[int, _Parsed] = {}
+        picked: dict[str, _Parsed] = {}
+        twice: dict[str, list[_Parsed]] = {}
+        for obj in objs:
+            entry = known.get(id(obj))
+            if entry is None or entry.obj is not obj:
+                entry = _Parsed(kind, obj)
+            entries[id(obj)] = entry
+            first = picked.setdefault(entry.name, entry)
+            if first is not entry:
+                twice.setdefault(entry.name, [first]).append(entry)
+        errors = []
+        for name, copies in twice.items():
+            # One object given twice (under both API groups, say): one is used, whatever
+            # the order they came in.
+            copies = sorted(copies, key=_Parsed.preference)
+            picked[name] = copies[0]
+            for other in copies[1:]:
+                errors.append(ObjectError(kind, name, (
+                    f"given more than once; the {copies[0].obj.get('apiVersion')} object is "
+                    f"used, this {other.obj.get('apiVersion')} one is ignored")))
+        errors += [ObjectError(kind, name, str(e.result)) for name, e in picked.items()
+                   if isinstance(e.result, ModelError)]
+        self._kinds[kind] = (objs, entries, picked, errors)
+        return picked, errors
+
+    def _parse(self, snapshot: Snapshot) -> dict[str, set[str]]:
+        """Brings the world up to date; returns, by kind, the names that changed."""
+        world = self._world
+        world.errors = []
+        chosen: dict[str, dict[str, _Parsed]] = {}
+        changed: dict[str, set[str]] = {}
+        for kind, objs in snapshot.by_kind().items():
+            picked, errors = self._pick(kind, objs)
+            world.errors += errors
+            old = self._chosen.get(kind, {})
+            if picked is old:
+                changed[kind] = set()
             else:
-                key = f"{pod.key}/{i.name}"
-                port_mirrors[key] = PortMirror(
-                    destination=i.mirror_to,
-                    direction=world.destinations[i.mirror_to].traffic_direction,
-                    mirror_id=mirror_ids[port_key(key, i.mirror_to)],
-                )
-        if problems:
-            errors.append(ObjectError(KIND_POD, pod.key, "; ".join(problems)))
+                changed[kind] = {n for n, e in picked.items() if old.get(n) is not e}
+                changed[kind].update(n for n in old if n not in picked)
+            chosen[kind] = picked
+        previous, self._chosen = self._chosen, chosen
 
-    needed = set(port_mirrors).union(*(p.interfaces for p in policies))
-    interfaces = tuple(
-        Interface(
-            pod=pod.key,
-            pod_ifname=i.name,
-            session_id=session_ids[f"{pod.key}/{i.name}"],
-            ips=i.ips,
-            mac=i.mac,
-            host_ifname=i.host_ifname,
-            port_mirrors=(port_mirrors[key],) if key in port_mirrors else (),
+        def parsed(kind: str) -> list[Any]:
+            return [e.result for _, e in sorted(chosen[kind].items())
+                    if not isinstance(e.result, ModelError)]
+
+        if changed[KIND_NAMESPACE]:
+            world.namespaces = {ns.name: ns for ns in parsed(KIND_NAMESPACE)}
+            self._ns_version = next(self._versions)
+            self._selections.clear()  # namespace selectors may pick other pods now
+        if changed[KIND_MD]:
+            world.destinations = {md.name: md for md in parsed(KIND_MD)}
+            world.broken_destinations = {
+                name: str(e.result) for name, e in sorted(chosen[KIND_MD].items())
+                if isinstance(e.result, ModelError)}
+        if changed[KIND_CSP] or changed[KIND_GCSP]:
+            world.policies = sorted(parsed(KIND_CSP) + parsed(KIND_GCSP), key=_policy_order)
+        if changed[KIND_POD]:
+            world.pods = parsed(KIND_POD)
+            self._pods_version = next(self._versions)
+            self._update_pods(changed[KIND_POD], previous.get(KIND_POD, {}))
+        return changed
+
+    def _update_pods(self, names: set[str], before: Mapping[str, _Parsed]) -> None:
+        world, node = self._world, self.node
+        local = [p for p in _attachable(world.pods) if p.node == node]
+        if len(local) != len(self._local_pods) or any(
+                a is not b for a, b in zip(local, self._local_pods, strict=True)):
+            self._local_version = next(self._versions)
+        self._local_pods = local
+        self._node_pods = [p for p in world.pods if p.node == node and not p.terminal]
+        self._pod_mirror_keys = list(_pod_mirror_keys(world.pods))
+        keys = tuple(f"{p.key}/{i.name}" for p in _attachable(world.pods) for i in p.interfaces)
+        if keys != self._pod_keys:
+            self._pod_keys = keys
+            self._session_ids = assign_ids(keys, SESSION_ID_MAX)
+        # The selections follow the pods that changed (all over again if namespaces did).
+        pods = self._chosen[KIND_POD]
+        version = next(self._versions)
+        for sel in self._selections.values():
+            for name in names:
+                entry = pods.get(name)
+                pod = None if entry is None or isinstance(entry.result, ModelError) \
+                    else entry.result
+                sel.update(name, pod, world, version)
+        self._analyzers_changed = any(
+            e is not None and not isinstance(e.result, ModelError)
+            and LABEL_ANALYZER_POD in e.result.labels
+            for name in names for e in (before.get(name), pods.get(name)))
+
+    # -- compiling
+    def compile(self, snapshot: Snapshot) -> NodeState:
+        """What the datapath of this node must do, given every object of the cluster."""
+        self._analyzers_changed = False
+        first = not self._chosen
+        changed = self._parse(snapshot)
+        world, node = self._world, self.node
+        errors = list(world.errors)
+
+        known = self._policies
+        records: dict[str, _PolicyRecord] = {}
+        for policy in world.policies:
+            record = known.get(policy.key)
+            if record is None or record.policy is not policy:
+                record = _PolicyRecord(policy)
+            records[policy.key] = record
+        if first or changed[KIND_CSP] or changed[KIND_GCSP] or changed[KIND_POD]:
+            keys = frozenset(itertools.chain(
+                *(r.mirror_keys for r in records.values()), self._pod_mirror_keys))
+            if keys != self._mirror_keys:
+                self._mirror_keys = keys
+                self._mirror_ids = assign_ids(keys, MIRROR_ID_MAX)
+        mirror_ids = self._mirror_ids
+
+        if first or changed[KIND_MD] or self._analyzers_changed:
+            self._resolved = {name: _resolve(md, world, node)
+                              for name, md in sorted(world.destinations.items())}
+        resolved = self._resolved
+        errors += [ObjectError(KIND_MD, name, r) for name, r in resolved.items()
+                   if isinstance(r, str)]
+
+        policies = []
+        used_selections: set[tuple[Peer, str | None]] = set()
+        for record in records.values():
+            policy = record.policy
+            if record.problems_of is not resolved or record.broken_of is not \
+                    world.broken_destinations:
+                record.problems = _destination_problems(policy, world, resolved)
+                record.problems_of, record.broken_of = resolved, world.broken_destinations
+            if record.problems:
+                errors.append(ObjectError(policy.kind, policy.key, "; ".join(record.problems)))
+                continue
+            if record.deps is None or not self._current(record.deps):
+                deps: list = [self._local_version, self._ns_version]
+                record.compiled = self._compile_policy(policy, mirror_ids, deps)
+                record.deps = tuple(deps)
+            used_selections.update(d[1] for d in record.deps[2:] if d[0] == "selection")
+            if record.compiled is not None:
+                policies.append(record.compiled)
+        self._policies = records
+        for key in [k for k in self._selections if k not in used_selections]:
+            del self._selections[key]
+
+        port_mirrors: dict[str, PortMirror] = {}
+        for pod in self._node_pods:
+            problems = list(pod.problems)
+            for i in pod.interfaces:
+                if not i.mirror_to:
+                    continue
+                where = f"{ANN_MIRROR_DESTINATION} on {i.name}"
+                dest = world.broken_destinations.get(i.mirror_to) or resolved.get(i.mirror_to)
+                if pod.host_network:
+                    problems.append(f"{where}: a hostNetwork pod has no interface of its own")
+                elif dest is None:
+                    problems.append(f"{where}: no MirrorDestination named {i.mirror_to}")
+                elif isinstance(dest, str):
+                    problems.append(f"{where}: MirrorDestination {i.mirror_to} is not usable: "
+                                    f"{dest}")
+                else:
+                    key = f"{pod.key}/{i.name}"
+                    port_mirrors[key] = PortMirror(
+                        destination=i.mirror_to,
+                        direction=world.destinations[i.mirror_to].traffic_direction,
+                        mirror_id=mirror_ids[port_key(key, i.mirror_to)],
+                    )
+            if problems:
+                errors.append(ObjectError(KIND_POD, pod.key, "; ".join(problems)))
+
+        needed = set(port_mirrors).union(*(p.interfaces for p in policies))
+        interfaces = tuple(
+            Interface(
+                pod=pod.key,
+                pod_ifname=i.name,
+                session_id=self._session_ids[f"{pod.key}/{i.name}"],
+                ips=i.ips,
+                mac=i.mac,
+                host_ifname=i.host_ifname,
+                port_mirrors=(port_mirrors[key],) if key in port_mirrors else (),
+            )
+            for pod in self._local_pods
+            for i in pod.interfaces
+            if (key := f"{pod.key}/{i.name}") in needed
         )
-        for pod in local_pods
-        for i in pod.interfaces
-        if (key := f"{pod.key}/{i.name}") in needed
-    )
-    used = {r.destination for p in policies for r in p.rules if r.destination}
-    used |= {m.destination for m in port_mirrors.values()}
-    destinations = tuple(resolved[name] for name in sorted(used))
+        used = {r.destination for p in policies for r in p.rules if r.destination}
+        used |= {m.destination for m in port_mirrors.values()}
+        destinations = tuple(resolved[name] for name in sorted(used))
 
-    return NodeState(
-        node=node,
-        interfaces=tuple(sorted(interfaces, key=lambda i: i.key)),
-        policies=tuple(policies),
-        destinations=destinations,  # type: ignore[arg-type]  # used ones all resolved
-        errors=tuple(sorted(set(errors), key=lambda e: (e.kind, e.name, e.reason))),
-    )
+        return NodeState(
+            node=node,
+            interfaces=tuple(sorted(interfaces, key=lambda i: i.key)),
+            policies=tuple(policies),
+            destinations=destinations,  # type: ignore[arg-type]  # used ones all resolved
+            errors=tuple(sorted(set(errors), key=lambda e: (e.kind, e.name, e.reason))),
+        )
+
+    def _current(self, deps: tuple) -> bool:
+        """Whether what a cached policy was compiled from is unchanged."""
+        if deps[0] != self._local_version or deps[1] != self._ns_version:
+            return False
+        for dep in deps[2:]:
+            what = dep[0]
+            if what == "selection":
+                sel = self._selections.get(dep[1])
+                if sel is None or sel.version != dep[2]:
+                    return False
+            elif what == "mirror_id":
+                if self._mirror_ids.get(dep[1]) != dep[2]:
+                    return False
+            elif dep[1] != self._pods_version:  # "pods": named ports
+                return False
+        return True
+
+    def _selection(self, peer: Peer, scope: str | None, deps: list) -> _Selection:
+        key = (peer, scope)
+        sel = self._selections.get(key)
+        if sel is None:
+            sel = self._selections[key] = _Selection(peer, scope, self._world,
+                                                     next(self._versions))
+        deps.append(("selection", key, sel.version))
+        return sel
+
+    def _endpoint_set(self, peers: tuple[Peer, ...] | None, policy: SecurityPolicy,
+                      deps: list) -> EndpointSet:
+        if peers is None:
+            return ANY
+        parts: list[tuple[Cidr, ...]] = []
+        for peer in peers:
+            if peer.ip_block is not None:
+                parts.append((Cidr(peer.ip_block.cidr, peer.ip_block.excepts),))
+            else:
+                parts.append(self._selection(peer, policy.namespace, deps).blocks())
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(sorted(set(itertools.chain.from_iterable(parts))))
+
+    def _compile_policy(self, policy: SecurityPolicy, mirror_ids: Mapping[str, int],
+                        deps: list) -> Policy | None:
+        world = self._world
+        selectors = policy.selectors or (Peer(),)
+        interfaces = frozenset(
+            f"{pod.key}/{i.name}"
+            for pod in self._local_pods
+            if any(_selects(s, policy.namespace, pod, world) for s in selectors)
+            for i in pod.interfaces
+        )
+        if not interfaces:
+            return None
+        rules = []
+        for index, rule in enumerate(_effective_rules(policy)):
+            src = self._endpoint_set(rule.src, policy, deps)
+            dst = self._endpoint_set(rule.dst, policy, deps)
+            if any(isinstance(p.port, str) for p in rule.ports):
+                deps.append(("pods", self._pods_version))
+            ports = _port_ranges(rule.ports, dst, world)
+            if src == () or dst == () or ports is None:
+                continue  # can match no flow
+            destination = rule.mirror_to or policy.mirror_to
+            mirror_id = 0
+            if destination:
+                key = rule_key(policy.key, index)
+                mirror_id = mirror_ids[key]
+                deps.append(("mirror_id", key, mirror_id))
+            rules.append(Rule(
+                policy=policy.key,
+                index=index,
+                src=src,
+                dst=dst,
+                ports=ports,
+                destination=destination,
+                mirror_id=mirror_id,
+            ))
+        if not any(r.destination for r in rules):
+            return None
+        return Policy(name=policy.key, rules=tuple(rules), interfaces=interfaces)
 
 
 # --- explain -------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Compiling, loading, pinning and attaching the BPF programs (the kernel side of a node).
 
 A Datapath owns:
-- the compiled programs (bcc), with every map pinned under the pin root, so that the
-  CLI can read them and a restarted agent adopts them with no pause in mirroring;
+- the programs, compiled and loaded by a short-lived subprocess (agent/loader.py: bcc,
+  LLVM and clang never enter the agent's own process), with every map and program pinned
+  under the pin root, so that the CLI can read them and a restarted agent adopts them
+  with no pause in mirroring; the agent opens the pins with libbpf (agent/bpfsys.py);
 - the mirror port (a veth pair, see bpf/mirror_port.c) with its wrapper and XDP guard;
 - the classifier's attachment to pod interfaces (clsact, first in the chain, passing on
   with TC_ACT_UNSPEC).
@@ -14,15 +16,17 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import json
 import logging
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import resources
 
 from . import layout
-from .bpfsys import BpfMap, obj_pin
-from .netns import entered, iproute, run, sysctl
+from .bpfsys import BpfMap, obj_get, prog_maps
+from .netns import iproute, run, sysctl
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,30 @@ XDP_FLAGS_SKB_MODE = 2
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 SOURCES = ("common.h", "classifier.c", "mirror_port.c")
+# Every program: name -> bcc's program type (an attribute of bcc.BPF); each is pinned as
+# <pin root>/prog_<name>.
+PROGRAMS = {
+    "classify_from_pod": "SCHED_CLS",
+    "classify_to_pod": "SCHED_CLS",
+    "eval_continue": "SCHED_CLS",
+    "mirror_wrap": "SCHED_CLS",
+    "mirror_wrap_inline": "SCHED_CLS",
+    "analyzer_port_rx": "XDP",
+}
+LOAD_TIMEOUT = 300  # seconds for the loader subprocess (clang on a busy 2-core machine)
 
 
 class DatapathError(RuntimeError):
     """A datapath operation failed; the message says what and how to fix it."""
+
+
+def _diagnostics(stderr: str, limit: int = 40) -> str:
+    """The compiler's messages from the loader's stderr: errors first, at most `limit`
+    lines."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    shown = errors or lines[-limit:]
+    return "\n".join(shown[:limit])
 
 
 def bpf_source(pin_root: str, max_flow_dests: int) -> str:
@@ -53,6 +77,10 @@ def bpf_source(pin_root: str, max_flow_dests: int) -> str:
     includes = [line for line in text.splitlines() if line.startswith("#include")]
     body = [line for line in text.splitlines() if not line.startswith("#include")]
     return "\n".join(includes + body)
+
+
+def prog_pin(pin_root: str, name: str) -> str:
+    return f"{pin_root.rstrip('/')}/prog_{name}"
 
 
 def ensure_bpffs(pin_root: str) -> None:
@@ -82,57 +110,72 @@ class Datapath:
         self.pin_root = pin_root.rstrip("/")
         self.netns = netns
         self.max_flow_dests = max_flow_dests
-        self.bpf = None
-        self.progs: dict[str, object] = {}
+        self.progs: dict[str, int] = {}  # name -> fd of the pinned program
         self.maps: dict[str, BpfMap] = {}
         self.mirror_tx_index = 0
         self.mirror_rx_index = 0
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
-        """Compile and load the programs; create or adopt the pinned maps."""
-        try:
-            from bcc import BPF
-        except ImportError as e:
-            raise DatapathError(
-                "bcc is not importable: install Debian's python3-bpfcc and run from a venv "
-                "made with --system-site-packages (make setup does both)") from e
-        if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
-            raise DatapathError(
-                f"no kernel headers at /lib/modules/{os.uname().release}/build: run "
-                "scripts/setup.sh (it installs or links them)")
+        """Compile and load the programs (in a subprocess: agent/loader.py), creating or
+        adopting the pinned maps; then open the pinned programs and maps."""
         ensure_bpffs(self.pin_root)
-        with entered(self.netns):
-            try:
-                self.bpf = BPF(text=bpf_source(self.pin_root, self.max_flow_dests),
-                               cflags=["-w", "-Wno-error"])
-            except Exception as e:
-                raise DatapathError(f"compiling the BPF programs failed: {e}") from e
-            try:
-                self.progs = {
-                    "classify_from_pod": self.bpf.load_func(b"classify_from_pod", BPF.SCHED_CLS),
-                    "classify_to_pod": self.bpf.load_func("classify_to_pod", BPF.SCHED_CLS),
-                    "eval_continue": self.bpf.load_func("eval_continue", BPF.SCHED_CLS),
-                    "mirror_wrap": self.bpf.load_func("mirror_wrap", BPF.SCHED_CLS),
-                    "mirror_wrap_inline": self.bpf.load_func("mirror_wrap_inline",
-                                                             BPF.SCHED_CLS),
-                    "analyzer_port_rx": self.bpf.load_func("analyzer_port_rx", BPF.XDP),
-                }
-            except Exception as e:
-                raise DatapathError(f"the kernel rejected a BPF program: {e}") from e
-        self.bpf.get_table(b"eval_progs")[C.c_int(0)] = C.c_int(self.progs["eval_continue"].fd)
-        for name, fn in self.progs.items():
-            obj_pin(fn.fd, f"{self.pin_root}/prog_{name}")
-        for spec in layout.map_specs(self.max_flow_dests):
-            if spec.kind == "prog":
-                continue
-            table = self.bpf.get_table(spec.name.encode())
-            self.maps[spec.name] = BpfMap(table.get_fd(), C.sizeof(spec.key),
-                                          C.sizeof(spec.value),
-                                          percpu=spec.kind.startswith("percpu"))
+        argv = [sys.executable, "-m", "cn2mirror.agent.loader", "--pin-root", self.pin_root]
+        if self.netns:
+            argv += ["--netns", self.netns]
+        try:
+            r = subprocess.run(argv, input=bpf_source(self.pin_root, self.max_flow_dests),
+                               capture_output=True, text=True, timeout=LOAD_TIMEOUT)
+        except subprocess.TimeoutExpired as e:
+            raise DatapathError(f"loading the BPF programs took more than {LOAD_TIMEOUT} s "
+                                "(python -m cn2mirror.agent.loader)") from e
+        lines = r.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            answer = {}
+        if r.returncode or "programs" not in answer:
+            why = answer.get("error") or f"the loader exited with status {r.returncode}"
+            detail = _diagnostics(r.stderr)
+            raise DatapathError(why + (f"\n{detail}" if detail else ""))
+        self.close()
+        try:
+            for name in PROGRAMS:
+                self.progs[name] = obj_get(prog_pin(self.pin_root, name))
+            unpinned: dict[str, int] | None = None  # the programs' own maps, by name
+            for spec in layout.map_specs(self.max_flow_dests):
+                if spec.kind == "prog":
+                    continue
+                percpu = spec.kind.startswith("percpu")
+                if spec.pinned:
+                    self.maps[spec.name] = BpfMap.pinned(f"{self.pin_root}/{spec.name}",
+                                                         C.sizeof(spec.key),
+                                                         C.sizeof(spec.value), percpu=percpu)
+                    continue
+                if unpinned is None:  # found through the programs that use them
+                    unpinned = {}
+                    for fd in self.progs.values():
+                        for name, map_fd in prog_maps(fd).items():
+                            if name in unpinned:
+                                os.close(map_fd)
+                            else:
+                                unpinned[name] = map_fd
+                fd = unpinned.pop(spec.name[:15], None)  # the kernel keeps 15 characters
+                if fd is None:
+                    raise DatapathError(f"no loaded program uses map {spec.name}")
+                self.maps[spec.name] = BpfMap(fd, C.sizeof(spec.key), C.sizeof(spec.value),
+                                              percpu=percpu)
+            for fd in (unpinned or {}).values():
+                os.close(fd)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, OSError):
+                raise DatapathError(f"the loader's pins under {self.pin_root} cannot be "
+                                    f"opened: {e}") from e
+            raise
 
     def prog_fd(self, name: str) -> int:
-        return self.progs[name].fd
+        return self.progs[name]
 
     # ------------------------------------------------------------------ mirror port
     def setup_mirror_port(self) -> None:
@@ -174,16 +217,25 @@ class Datapath:
         self.mirror_tx_index, self.mirror_rx_index = tx, rx
         self._attach_tc(rx, "mirror_wrap", TC_INGRESS)
         self._attach_tc(tx, "mirror_wrap_inline", TC_EGRESS)
-        from bcc import BPF
-
-        with entered(self.netns):
-            BPF.attach_xdp(MIRROR_TX.encode(), self.progs["analyzer_port_rx"], XDP_FLAGS_SKB_MODE)
+        self.attach_xdp(tx, "analyzer_port_rx")
 
     def teardown_mirror_port(self) -> None:
         ipr = iproute(self.netns)
         try:
             for idx in ipr.link_lookup(ifname=MIRROR_TX):
                 ipr.link("del", index=idx)
+        finally:
+            ipr.close()
+
+    def attach_xdp(self, ifindex: int, prog: str) -> None:
+        """Attach (or replace in place) an XDP program, in generic (skb) mode, by netlink."""
+        ipr = iproute(self.netns)
+        try:
+            ipr.link("set", index=ifindex, xdp={"attrs": [
+                ("IFLA_XDP_FD", self.prog_fd(prog)), ("IFLA_XDP_FLAGS", XDP_FLAGS_SKB_MODE)]})
+        except Exception as e:
+            raise DatapathError(f"attaching {prog} (XDP) to ifindex {ifindex} failed: "
+                                f"{e}") from e
         finally:
             ipr.close()
 
@@ -273,6 +325,8 @@ class Datapath:
         os.rmdir(self.pin_root)
 
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        """Close our descriptors of the programs and maps (the pins keep them)."""
+        for fd in [*self.progs.values(), *(m.fd for m in self.maps.values())]:
+            os.close(fd)
+        self.progs.clear()
+        self.maps.clear()

@@ -45,6 +45,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -65,10 +66,13 @@ log = logging.getLogger(__name__)
 POD_ANNOTATION_PREFIXES = ("core.juniper.net/", "cn2mirror.io/", "k8s.v1.cni.cncf.io/")
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
-DEFAULT_DEBOUNCE = 0.02  # quiet time before a snapshot is made
+# Quiet time before a snapshot is made. Short: a reconcile of a few changed objects is
+# cheap (incremental compile and plan), and snapshots that arrive while one runs are
+# coalesced by the Agent (only the newest is applied).
+DEFAULT_DEBOUNCE = 0.005
 DEFAULT_MAX_DELAY = 0.5  # longest a change waits for a snapshot while changes keep coming
 DEFAULT_WATCH_TIMEOUT = 300  # server-side timeoutSeconds (randomised up to twice as much)
-DEFAULT_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 100  # a page is decoded whole: smaller pages, a smaller peak (agent RSS)
 DEFAULT_BACKOFF = (0.2, 30.0)  # first retry delay, cap
 DEFAULT_REDISCOVER = 60.0
 
@@ -160,6 +164,18 @@ def _pod_annotation(key: str) -> bool:
     return key.startswith(POD_ANNOTATION_PREFIXES)
 
 
+def _shared(value: Any) -> Any:
+    """A copy of a decoded JSON value whose strings are the interpreter's shared copies:
+    10,000 pods repeat the same namespaces, node names, labels and ports."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    return value
+
+
 def trim(res: WatchedResource, obj: dict) -> dict:
     """The object as the cache keeps it, with apiVersion and kind set."""
     meta = obj.get("metadata")
@@ -173,17 +189,20 @@ def trim(res: WatchedResource, obj: dict) -> dict:
         out_spec: dict[str, Any] = {}
         for k in ("nodeName", "hostNetwork"):
             if k in spec:
-                out_spec[k] = spec[k]
+                out_spec[k] = _shared(spec[k])
         containers = []
         for c in spec.get("containers") or []:
             if isinstance(c, dict):
-                containers.append({k: c[k] for k in ("name", "ports") if k in c})
+                containers.append({k: _shared(c[k]) for k in ("name", "ports") if k in c})
         if containers:
             out_spec["containers"] = containers
-        out_status = {k: status[k] for k in ("phase", "podIP", "podIPs") if k in status}
-        return {"apiVersion": res.api_version, "kind": res.kind,
-                "metadata": _trim_meta({k: meta[k] for k in keep_meta if k in meta},
-                                       _pod_annotation),
+        out_status = {k: _shared(status[k]) for k in ("phase", "podIP", "podIPs")
+                      if k in status}
+        out_meta = _trim_meta({k: meta[k] for k in keep_meta if k in meta}, _pod_annotation)
+        for k in ("namespace", "labels"):
+            if k in out_meta:
+                out_meta[k] = _shared(out_meta[k])
+        return {"apiVersion": res.api_version, "kind": res.kind, "metadata": out_meta,
                 "spec": out_spec, "status": out_status}
     if res.kind == KIND_NAMESPACE:
         keep = ("name", "uid", "resourceVersion", "labels")
@@ -242,6 +261,7 @@ class _Reflector:
         self.source = source
         self.res = res
         self.cache: dict[tuple[str, str], dict] = {}
+        self._objects: tuple[dict, ...] | None = None  # the cache's values, while unchanged
         self.rv: str | None = None
         self.synced = False
         self.connected = False
@@ -268,6 +288,17 @@ class _Reflector:
 
     def start(self) -> None:
         self._thread.start()
+
+    def objects(self) -> tuple[dict, ...]:
+        """The cached objects: the same tuple for as long as the cache is unchanged (the
+        compiler then knows, at a glance, that nothing of this resource changed)."""
+        if self._objects is None:
+            self._objects = tuple(self.cache.values())
+        return self._objects
+
+    def changed(self) -> None:
+        """Called, with the source's lock held, whenever the cache changes."""
+        self._objects = None
 
     def stop(self) -> None:
         self.stopped.set()
@@ -357,7 +388,7 @@ class _Reflector:
                     raise Gone() from e
                 raise
             for item in data.get("items") or []:
-                obj = self._accept(item)
+                obj = self._accept(item, self.cache)
                 if obj is not None:
                     items[_key(obj)] = obj
             meta = data.get("metadata") or {}
@@ -375,8 +406,10 @@ class _Reflector:
         self.source._changed_readiness()
         log.debug("%s: listed %d objects at %s", self.res.name, len(items), rv)
 
-    def _accept(self, raw: Any) -> dict | None:
-        """The trimmed object, or None (counted) when it cannot be placed."""
+    def _accept(self, raw: Any, known: dict | None = None) -> dict | None:
+        """The trimmed object, or None (counted) when it cannot be placed. An object that
+        ``known`` (the cache, on a relist) holds at the same uid and resourceVersion is
+        that very object: nothing is trimmed or kept twice."""
         meta = raw.get("metadata") if isinstance(raw, dict) else None
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or \
                 not meta["name"] or (self.res.namespaced and not meta.get("namespace")):
@@ -385,6 +418,12 @@ class _Reflector:
                 json.dumps(raw, default=str)[:200]
             log.warning("%s: skipping %s", self.res.name, self.stats.last_malformed)
             return None
+        if known:
+            prev = known.get((meta.get("namespace") or "", meta["name"]))
+            if prev is not None and meta.get("resourceVersion") and \
+                    prev["metadata"].get("resourceVersion") == meta["resourceVersion"] and \
+                    prev["metadata"].get("uid") == meta.get("uid"):
+                return prev
         return trim(self.res, raw)
 
     def _watch(self) -> None:
@@ -500,6 +539,7 @@ class KubeSource:
         self.snapshots = 0
         self.discovery_errors = 0
         self.last_snapshot: Snapshot | None = None
+        self._built: dict[str, tuple[list[tuple], tuple]] = {}  # field -> (parts, objects)
         self.last_snapshot_time = 0.0
         self.dispatch_errors = 0
         # The runtime's optional Source.errors: what is wrong with the inputs now.
@@ -600,6 +640,7 @@ class KubeSource:
                     refl.stats.ignored += 1  # never seen, or an older incarnation's
                     return
                 del refl.cache[key]
+                refl.changed()
                 self._mark()
                 return
             if same_uid and _older_or_same(meta.get("resourceVersion"),
@@ -607,6 +648,7 @@ class KubeSource:
                 refl.stats.ignored += 1  # already applied (a replayed event)
                 return
             refl.cache[key] = obj
+            refl.changed()
             if old is None or _content(refl.res, old) != _content(refl.res, obj):
                 self._mark()
 
@@ -624,7 +666,10 @@ class KubeSource:
                     items[k] = prev  # the same version: keep the object snapshots share
                 elif not changed and _content(refl.res, prev) != _content(refl.res, v):
                     changed = True
-            refl.cache = items
+            if not (refl.synced and len(items) == len(old) and all(
+                    old.get(k) is v for k, v in items.items())):
+                refl.cache = items  # (every object the very same: the cache stays as it is)
+                refl.changed()
             if changed:
                 self._mark()
 
@@ -635,6 +680,7 @@ class KubeSource:
             self._required.discard(refl.res)
             if refl.cache:
                 refl.cache = {}
+                refl.changed()
                 self._mark()
             self._cond.notify_all()
 
@@ -643,11 +689,22 @@ class KubeSource:
             self.reflectors[r].synced for r in self._required if r in self.reflectors)
 
     def _build(self) -> Snapshot:  # with the lock held
-        buckets: dict[str, list[dict]] = {f: [] for f in FIELDS.values()}
+        parts: dict[str, list[tuple[dict, ...]]] = {f: [] for f in FIELDS.values()}
         for res, refl in sorted(self.reflectors.items(), key=lambda kv: kv[0].name):
             if refl.synced:
-                buckets[FIELDS[res.kind]].extend(refl.cache.values())
-        return Snapshot(**{f: tuple(v) for f, v in buckets.items()})
+                parts[FIELDS[res.kind]].append(refl.objects())
+        fields = {}
+        for f, tuples in parts.items():
+            # A kind whose objects did not change is handed over as the same tuple.
+            last = self._built.get(f)
+            if last is not None and len(last[0]) == len(tuples) and all(
+                    a is b for a, b in zip(last[0], tuples, strict=True)):
+                fields[f] = last[1]
+            else:
+                fields[f] = tuples[0] if len(tuples) == 1 else tuple(
+                    o for t in tuples for o in t)
+                self._built[f] = (tuples, fields[f])
+        return Snapshot(**fields)
 
     # -- threads
     def _start_reflectors(self, found: Iterable[WatchedResource], required: bool) -> None:

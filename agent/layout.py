@@ -20,7 +20,8 @@ DEFAULT_MAX_FLOW_DESTS = 4  # copies per flow (vRouter: 2)
 RULE_WORDS = MAX_RULES // 64
 SUMMARY_WORDS = RULE_WORDS // 64  # bit w of the summary: word w of the bitmap is non-zero
 LPM_ENTRIES = 65536
-FLOW_CACHE_SLOTS = 4096  # per CPU, direct-mapped (a power of two): see FlowCacheEntry
+FLOW_CACHE_BITS = 12
+FLOW_CACHE_SLOTS = 1 << FLOW_CACHE_BITS  # per CPU, direct-mapped: see FlowCacheEntry
 
 # ---------------------------------------------------------------------------- marks
 # A clone travelling from a pod interface to the mirror port carries in skb->mark:
@@ -128,17 +129,18 @@ class FlowEntry(C.Structure):
 
 
 class FlowCacheEntry(C.Structure):
-    """One slot of the per-CPU flow cache in front of the flow table.
+    """One slot of the per-CPU flow cache in front of the flow table (bpf/classifier.c).
 
     It holds the verdict of an established flow that is mirrored by no rule, as seen in
     one direction on one interface: the addresses and ports as they are in the packet
     (not canonical), so that a hit needs no interface lookup, no key ordering and no hash
-    table. The first 48 bytes (through `generation`) are compared whole with the packet's
-    probe; a slot whose generation is not the current one never matches. Flows with copies
-    are never cached here: every packet of theirs goes to the flow table, which counts it.
-    `tick` is the jiffy in which the slot last went to the flow table: a hit in a later
-    jiffy takes the full path once more (refreshing the flow entry's last_seen_ns and its
-    LRU age, and re-checking it). Not pinned: each load of the programs starts empty.
+    table. The first FLOW_CACHE_KEY_BYTES (through `generation`) are compared whole with
+    the packet's probe, so a slot filled under an older generation never matches. Slots
+    are filled from flow-table hits only; flows with copies are never cached, so every
+    packet of theirs reaches the flow table, which counts it. `tick` is the jiffy the slot
+    was filled in: a hit in a later jiffy takes the full path once more (refreshing the
+    flow entry's last_seen_ns and LRU age, and re-checking the verdict). Not pinned: each
+    load of the programs starts with an empty cache.
     """
 
     _fields_ = [
@@ -155,32 +157,31 @@ class FlowCacheEntry(C.Structure):
         ("tick", u32),  # low 32 bits of jiffies when it was filled
         ("port_rule", u32),  # port mirror rule slot of this direction; 0 none (or a copy stream)
         ("ifslot", u16),
-        ("flags", u16),
-        ("pad2", u32),
+        ("pad2", u16),
+        ("pad3", u32),
     ]
 
 
 FLOW_CACHE_KEY_BYTES = FlowCacheEntry.tick.offset  # compared as six 64-bit words
 
 
-def flow_cache_slot(e: FlowCacheEntry) -> int:
-    """The slot a probe lands in: the same hash as flow_cache_slot() in bpf/classifier.c
-    (tests and the benchmark check that the two agree)."""
+class FlowCacheTags(C.Structure):
+    """Per CPU, a 16-bit tag per flow cache slot (never 0 when filled): a probe reads its
+    slot only when the tag matches, so that a new flow touches this small array only."""
+
+    _fields_ = [("tag", u16 * FLOW_CACHE_SLOTS)]
+
+
+def flow_cache_hash(e: FlowCacheEntry) -> tuple[int, int]:
+    """(slot, tag) of a probe: the same hash as flow_cache_hash() in bpf/classifier.c
+    (the tests check that the two agree)."""
     raw = bytes(e)
-
-    def w(i: int) -> int:
-        return int.from_bytes(raw[i * 4: i * 4 + 4], "little")
-
-    m = 0xFFFFFFFF
-    s = w(0) ^ w(1) ^ w(2) ^ w(3)
-    d = w(4) ^ w(5) ^ w(6) ^ w(7)
-    h = ((s * 0x9E3779B1) & m) ^ d
-    h = ((h * 0x85EBCA77) & m) ^ w(8)  # the ports
-    h = ((h * 0xC2B2AE3D) & m) ^ w(9) ^ w(10)  # ifindex; proto, family, dir
-    h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & m
-    h ^= h >> 13
-    return h & (FLOW_CACHE_SLOTS - 1)
+    w = [int.from_bytes(raw[i * 8: i * 8 + 8], "little") for i in range(6)]
+    m = (1 << 64) - 1
+    h = ((w[0] ^ w[1]) * 0x9E3779B97F4A7C15) & m
+    h = ((h ^ w[2] ^ w[3]) * 0xC2B2AE3D27D4EB4F) & m
+    h = ((h ^ w[4] ^ (w[5] & 0xFFFFFFFF)) * 0x165667B19E3779F9) & m
+    return h >> (64 - FLOW_CACHE_BITS), ((h >> 32) & 0xFFFF) | 1
 
 
 class InterfaceEntry(C.Structure):
@@ -308,6 +309,7 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests), FLOW_TABLE_SIZE),
         MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS,
                 pinned=False),
+        MapSpec("flow_cache_tags", "percpu_array", u32, FlowCacheTags, 1, pinned=False),
         MapSpec("src_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("dst_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("src_v6", "lpm_trie", LpmV6Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
@@ -344,6 +346,7 @@ def _c_struct(cname: str, cls) -> str:
 _STRUCT_NAMES = {
     FlowKey: "flow_key",
     FlowCacheEntry: "flow_cache_entry",
+    FlowCacheTags: "flow_cache_tags",
     InterfaceEntry: "iface_entry",
     MatchBits: "match_bits",
     RuleEntry: "rule_entry",
@@ -374,6 +377,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "RULE_WORDS": RULE_WORDS,
         "SUMMARY_WORDS": SUMMARY_WORDS,
         "MAX_FLOW_DESTS": max_flow_dests,
+        "FLOW_CACHE_BITS": FLOW_CACHE_BITS,
         "FLOW_CACHE_SLOTS": FLOW_CACHE_SLOTS,
         "FLOW_CACHE_KEY_BYTES": FLOW_CACHE_KEY_BYTES,
         "CLONE_TAG": f"{CLONE_TAG:#x}U",

@@ -99,14 +99,14 @@ class ModelError(ValueError):
 # --- Parsed objects ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StaticNextHop:
     vtep_ip: str
     vxlan_id: int
     vtep_mac: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MirrorDestination:
     name: str
     api_version: str = API_VERSIONS[KIND_MD][0]
@@ -131,7 +131,7 @@ class MirrorDestination:
         return DeliveryMode.JMIRROR if self.juniper_header else DeliveryMode.L2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requirement:
     """One matchExpressions entry of a label selector."""
 
@@ -149,7 +149,7 @@ class Requirement:
         return self.key not in labels or labels[self.key] not in self.values  # NotIn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelSelector:
     """A Kubernetes label selector; the empty selector matches everything."""
 
@@ -162,13 +162,13 @@ class LabelSelector:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IPBlock:
     cidr: str  # normalized (host bits cleared)
     excepts: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
     """A selector entry (``selectors``) or an endpoint (``endPoints``).
 
@@ -182,7 +182,7 @@ class Peer:
     ip_block: IPBlock | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyPort:
     """A Kubernetes NetworkPolicyPort; ``port`` is a number, a port name or None (all)."""
 
@@ -195,7 +195,7 @@ class PolicyPort:
         return PROTOCOLS[self.protocol]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyRule:
     src: tuple[Peer, ...] | None = None  # None: any address
     dst: tuple[Peer, ...] | None = None
@@ -204,7 +204,7 @@ class PolicyRule:
     action: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SecurityPolicy:
     """A ContrailSecurityPolicy (namespace set) or GlobalContrailSecurityPolicy (None)."""
 
@@ -223,14 +223,14 @@ class SecurityPolicy:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContainerPort:
     name: str
     protocol: str
     number: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodInterface:
     name: str  # the name inside the pod
     default: bool = True  # the cluster network's interface (else a Multus one)
@@ -242,7 +242,7 @@ class PodInterface:
     host_ifname: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
     namespace: str
     name: str
@@ -274,7 +274,7 @@ class Pod:
         return next((i for i in self.interfaces if i.analyzer), self.interfaces[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Namespace:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -634,12 +634,16 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
     """A pod; malformed annotations become ``problems``, not a failure."""
     name, namespace, meta = _metadata(obj, KIND_POD)
     problems: list[str] = []
-    labels = {}
-    for k, v in _mapping(meta.get("labels"), "metadata.labels").items():
-        if isinstance(v, str):
-            labels[str(k)] = v
-        else:
-            problems.append(f"label {k}: value must be a string")
+    given = _mapping(meta.get("labels"), "metadata.labels")
+    if all(isinstance(k, str) and isinstance(v, str) for k, v in given.items()):
+        labels = given  # read only: shared with the object (10,000 pods, one copy each)
+    else:
+        labels = {}
+        for k, v in given.items():
+            if isinstance(v, str):
+                labels[str(k)] = v
+            else:
+                problems.append(f"label {k}: value must be a string")
     annotations = {
         str(k): v for k, v in _mapping(meta.get("annotations"), "metadata.annotations").items()
     }

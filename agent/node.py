@@ -14,7 +14,7 @@ from . import layout
 from .datapath import Datapath, DatapathError
 from .discovery import NodeTables
 from .netns import iproute
-from .programmer import MapWriter, Plan, PlanError, plan
+from .programmer import MapWriter, Plan, PlanError, Planner
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Node:
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.uplink = uplink
         self.writer: MapWriter | None = None
+        self.planner = Planner()  # keeps the tries from plan to plan
         self.attached: dict[int, str] = {}  # ifindex -> interface key
         self.last: ApplyResult | None = None
 
@@ -126,7 +127,7 @@ class Node:
         adopted = self.writer.current_ifslots()
         ifslots = {key: adopted[idx] for key, idx in ifindexes.items() if idx in adopted}
         try:
-            p = plan(state, ifindexes, resolved, ifslots)
+            p = self.planner.plan(state, ifindexes, resolved, ifslots)
         except PlanError as e:
             raise DatapathError(f"the state does not fit the datapath: {e}") from e
 
@@ -144,7 +145,7 @@ class Node:
             self.attached[idx] = key
             attached.append(key)
         if any(k not in ifindexes for k in p.ifslots):
-            p = plan(state, ifindexes, resolved, ifslots)
+            p = self.planner.plan(state, ifindexes, resolved, ifslots)
         changes = self.writer.apply(p)
         detached = []
         wanted = set(ifindexes.values())

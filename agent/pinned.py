@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import layout as L
-from .bpfsys import BpfMap
+from .bpfsys import BpfMap, map_info
 
 COUNTER_FIELDS = ("cloned", "packets", "bytes", "truncated")
 
@@ -47,23 +47,6 @@ def sum_counters(per_cpu: list[bytes]) -> CounterTotals:
     return t
 
 
-class _MapInfo(C.Structure):
-    """The head of struct bpf_map_info."""
-
-    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
-                ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
-                ("map_flags", C.c_uint32), ("name", C.c_char * 16), ("rest", C.c_uint8 * 64)]
-
-
-def _map_info(fd: int) -> _MapInfo:
-    from .bpfsys import lib
-
-    info = _MapInfo()
-    size = C.c_uint32(C.sizeof(info))
-    lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size))
-    return info
-
-
 class PinnedMaps:
     """Read access to the maps pinned under `pin_root`."""
 
@@ -86,7 +69,7 @@ class PinnedMaps:
 
         fd = obj_get(path)
         try:
-            info = _map_info(fd)
+            info = map_info(fd)
         finally:
             os.close(fd)
         fixed = C.sizeof(L.FlowEntry) - 4 * L.DEFAULT_MAX_FLOW_DESTS
@@ -101,7 +84,7 @@ class PinnedMaps:
                                   percpu=spec.kind.startswith("percpu"))
             except FileNotFoundError as e:
                 raise NotPinned(f"map {name} is not pinned at {path}") from e
-            info = _map_info(m.fd)
+            info = map_info(m.fd)
             if (info.key_size, info.value_size) != (m.key_size, m.value_size):
                 os.close(m.fd)
                 raise NotPinned(f"map {name} at {path} has key/value sizes "

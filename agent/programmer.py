@@ -10,8 +10,10 @@ re-evaluated on their next packet.
 from __future__ import annotations
 
 import ctypes as C
+import functools
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from . import layout as L
@@ -75,14 +77,18 @@ def _mac_bytes(mac: str | None) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def _bitmap_value(bits: int) -> bytes:
-    """MatchBits bytes for a rule bitmap (bit i = rule slot i)."""
-    words = bits.to_bytes(L.RULE_WORDS * 8, "little")
-    summary = 0
-    for w in range(L.RULE_WORDS):
-        if words[w * 8: w * 8 + 8] != b"\0" * 8:
-            summary |= 1 << w
-    return summary.to_bytes(L.SUMMARY_WORDS * 8, "little") + words
+    """MatchBits bytes for a rule bitmap (bit i = rule slot i). Cached: equal bitmaps are
+    one bytes object, however many keys of the tries hold them."""
+    summary, word, rest = 0, 0, bits
+    while rest:
+        if rest & 0xFFFFFFFFFFFFFFFF:
+            summary |= 1 << word
+        rest >>= 64
+        word += 1
+    return summary.to_bytes(L.SUMMARY_WORDS * 8, "little") + \
+        bits.to_bytes(L.RULE_WORDS * 8, "little")
 
 
 def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
@@ -97,206 +103,314 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-class _PrefixCover:
-    """Which rules cover a prefix, for one trie: prefixes (value, length) over `width` bits.
+Prefix = tuple[int, int]  # (value with the host bits cleared, prefix length)
+Block = tuple[Prefix, tuple[Prefix, ...]]  # a prefix and its exceptions
+
+
+class _Trie:
+    """One LPM trie's contents, kept from plan to plan: which rules' blocks are where, and
+    the value of every key. Over `width` bits.
 
     A rule covers a key prefix when one of its blocks contains the key and none of that
     block's exceptions does. Every block and exception becomes a key; the longest-prefix
-    match then gives, for any address, exactly the rules whose sets contain it.
+    match then gives, for any address, exactly the rules whose sets contain it. When the
+    blocks of a few rules change, only the keys under what changed are worked out again.
     """
 
-    def __init__(self, width: int):
-        self.width = width
-        self.blocks: dict[tuple[int, int], list[tuple[int, list[tuple[int, int]]]]] = {}
-        self.keys: set[tuple[int, int]] = set()
+    def __init__(self, width: int, cls: type, nbytes: int):
+        self.width, self.cls, self.nbytes = width, cls, nbytes
+        self.slots: dict[int, tuple[Block, ...]] = {}  # rule slot -> its blocks
+        self.at: dict[Prefix, list[tuple[int, tuple[Prefix, ...]]]] = {}  # -> (slot, excepts)
+        self.refs: dict[Prefix, int] = {}  # key -> blocks and exceptions naming it
+        self.entries: dict[bytes, bytes] = {}  # the map: LPM key -> MatchBits
+        self._contents: dict[bytes, bytes] | None = None  # a copy, while entries are unchanged
 
-    def _norm(self, value: int, plen: int) -> tuple[int, int]:
+    def norm(self, value: int, plen: int) -> Prefix:
         shift = self.width - plen
         return (value >> shift << shift, plen)
 
-    def add(self, slot: int, value: int, plen: int, excepts=()) -> None:
-        key = self._norm(value, plen)
-        exc = [self._norm(v, p) for v, p in excepts]
-        self.blocks.setdefault(key, []).append((slot, exc))
-        self.keys.add(key)
-        self.keys.update(exc)
+    def contents(self) -> dict[bytes, bytes]:
+        """The map's entries, as a dict of their own: the same dict from one plan to the
+        next while they do not change (the MapWriter then skips the map at once)."""
+        if self._contents is None:
+            self._contents = dict(self.entries)
+        return self._contents
 
-    @staticmethod
-    def _contains(outer: tuple[int, int], inner: tuple[int, int], width: int) -> bool:
-        (ov, op), (iv, ip) = outer, inner
-        return op <= ip and (iv >> (width - op) if op else 0) == (ov >> (width - op) if op
-                                                                   else 0)
-
-    def bitmaps(self) -> dict[tuple[int, int], int]:
-        out = {}
-        for key in self.keys:
+    def update(self, wanted: dict[int, tuple[Block, ...]]) -> None:
+        """Make the trie hold exactly `wanted` (rule slot -> its blocks)."""
+        touched: set[Prefix] = set()
+        at, refs = self.at, self.refs
+        for slot in [s for s, blocks in self.slots.items() if wanted.get(s) != blocks]:
+            for prefix, excepts in self.slots.pop(slot):
+                left = [x for x in at.get(prefix, ()) if x[0] != slot]
+                if left:
+                    at[prefix] = left
+                else:
+                    at.pop(prefix, None)
+                for key in (prefix, *excepts):
+                    touched.add(key)
+                    n = refs[key] - 1
+                    if n:
+                        refs[key] = n
+                    else:
+                        del refs[key]
+        for slot, blocks in wanted.items():
+            if slot in self.slots:
+                continue
+            self.slots[slot] = blocks
+            for prefix, excepts in blocks:
+                found = at.get(prefix)
+                if found is None:
+                    at[prefix] = [(slot, excepts)]
+                else:
+                    found.append((slot, excepts))
+                for key in (prefix, *excepts):
+                    touched.add(key)
+                    refs[key] = refs.get(key, 0) + 1
+        if not touched:
+            return
+        self._contents = None
+        width, nbytes = self.width, self.nbytes
+        # The keys under a changed prefix may change: just those keys when only host
+        # prefixes changed, else every key.
+        if any(plen < width for _, plen in touched):
+            affected = touched | set(refs)
+        else:
+            affected = touched
+        levels = [(length, width - length) for length in sorted({plen for _, plen in at})]
+        pad = bytes(C.sizeof(self.cls) - 4 - nbytes)
+        entries = self.entries
+        for key in affected:
             value, plen = key
-            bits = 0
-            for length in range(plen + 1):
-                anc = self._norm(value, length)
-                for slot, excepts in self.blocks.get(anc, ()):
-                    if not any(self._contains(e, key, self.width) for e in excepts):
+            lpm = _PLEN_BYTES[plen] + value.to_bytes(nbytes, "big") + pad
+            if key in refs:
+                entries[lpm] = _bitmap_value(self._bits(key, levels))
+            else:
+                entries.pop(lpm, None)
+
+    def _bits(self, key: Prefix, levels: list[tuple[int, int]]) -> int:
+        """The rules covering `key`; levels: (prefix length, shift) where blocks are."""
+        value, plen = key
+        width, get, bits = self.width, self.at.get, 0
+        for length, shift in levels:
+            if length > plen:
+                break
+            found = get((value >> shift << shift, length))
+            if found:
+                for slot, excepts in found:
+                    if not excepts or not any(_contains(e, key, width) for e in excepts):
                         bits |= 1 << slot
-            out[key] = bits
-        return out
+        return bits
+
+
+_PLEN_BYTES = [plen.to_bytes(4, "little") for plen in range(129)]
+
+
+def _contains(outer: Prefix, inner: Prefix, width: int) -> bool:
+    (ov, op), (iv, ip) = outer, inner
+    return op <= ip and (iv >> (width - op) if op else 0) == (ov >> (width - op) if op else 0)
 
 
 def _lpm_key(cls, plen: int, value: int, nbytes: int) -> bytes:
-    k = cls()
-    k.prefixlen = plen
-    raw = value.to_bytes(nbytes, "big")
-    C.memmove(C.addressof(k) + 4, raw, nbytes)
-    return bytes(k)
+    """The key of an LPM trie: prefix length (host order), then the bytes (network order)."""
+    raw = plen.to_bytes(4, "little") + value.to_bytes(nbytes, "big")
+    return raw.ljust(C.sizeof(cls), b"\0")
+
+
+TRIES = {"src_v4": (32, L.LpmV4Key, 4), "dst_v4": (32, L.LpmV4Key, 4),
+         "src_v6": (128, L.LpmV6Key, 16), "dst_v6": (128, L.LpmV6Key, 16),
+         "ports": (24, L.LpmPortKey, 3)}
 
 
 # ---------------------------------------------------------------------------- plan
 def plan(state: NodeState, ifindexes: dict[str, int],
          destinations: dict[str, ResolvedDestination], ifslots: dict[str, int]) -> Plan:
-    """The maps' contents for `state`.
+    """The maps' contents for `state` (a Planner's first plan).
 
     ifindexes: interface key -> host-side ifindex (interfaces without one are skipped);
     destinations: name -> how this node reaches it; ifslots: interface key -> slot, the
     allocation to keep (new interfaces get free slots).
     """
-    maps: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
-    result = Plan(maps)
+    return Planner().plan(state, ifindexes, destinations, ifslots)
 
-    # Destination slots: 1.. by name (0 means none).
-    names = sorted(destinations)
-    if len(names) >= L.MAX_DESTINATIONS:
-        raise PlanError(f"{len(names)} destinations; the datapath holds "
-                        f"{L.MAX_DESTINATIONS - 1}")
-    for slot, name in enumerate(names, start=1):
-        d = destinations[name]
-        result.dest_slots[name] = slot
-        e = L.DestEntry()
-        e.mode = int(d.mode)  # even with a problem: its copies are then counted as drops
-        e.udp_port = d.udp_port
-        e.vlan_id = d.vlan_id
-        e.vni = d.vni
-        e.out_ifindex = d.out_ifindex
-        e.mtu = d.mtu
-        C.memmove(C.addressof(e) + L.DestEntry.src_addr.offset, _addr_words(d.src_addr), 16)
-        C.memmove(C.addressof(e) + L.DestEntry.dst_addr.offset, _addr_words(d.dst_addr), 16)
-        C.memmove(C.addressof(e) + L.DestEntry.mac.offset, _mac_bytes(d.mac), 6)
-        if d.mode == L.Mode.VXLAN and d.dst_addr and ":" in d.dst_addr:
-            e.flags = L.DEST_VTEP_IPV6
-        maps["destinations"][_u32(slot)] = bytes(e)
-        # Traffic to the analyzer is a stream of copies: never mirror it.
-        if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):
-            ak = L.AnalyzerKey()
-            C.memmove(C.addressof(ak), _addr_words(d.dst_addr), 16)
-            port = d.udp_port if d.mode != L.Mode.VXLAN else L.VXLAN_PORT
-            ak.port = int.from_bytes(port.to_bytes(2, "big"), "little")
-            ak.family = L.FAMILY_V6 if ":" in d.dst_addr else L.FAMILY_V4
-            maps["analyzers"][bytes(ak)] = b"\x01"
 
-    # Rule slots: 1.. in policy order, rule order; then port mirrors.
-    covers = {name: _PrefixCover(w) for name, w in
-              (("src_v4", 32), ("dst_v4", 32), ("src_v6", 128), ("dst_v6", 128),
-               ("ports", 24))}
-    iface_bits: dict[str, int] = {}
-    slot = 1
-    for policy in state.policies:
-        first = slot
-        for rule in policy.rules:
-            if slot >= L.MAX_RULES:
-                raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
-            result.rule_slots[slot] = (policy.name, rule.index)
-            _add_endpoints(covers, "src", rule.src, slot)
-            _add_endpoints(covers, "dst", rule.dst, slot)
-            _add_ports(covers["ports"], rule.ports, slot)
-            slot += 1
-        end = slot
-        for s in range(first, end):
-            rule = policy.rules[s - first]
-            r = L.RuleEntry()
-            r.mirror_id = rule.mirror_id
-            r.policy_end = end
-            dslot = result.dest_slots.get(rule.destination or "", 0)
-            if dslot:
-                r.dest = dslot
-                r.flags = L.RULE_MIRRORS
-            maps["rules"][_u32(s)] = bytes(r)
-        bits = ((1 << end) - 1) ^ ((1 << first) - 1)
-        for key in policy.interfaces:
-            iface_bits[key] = iface_bits.get(key, 0) | bits
+class Planner:
+    """``plan()`` that keeps the tries' contents from one plan to the next, so that the
+    cost of a plan follows what changed: the keys of the rules whose address or port sets
+    changed. ``Planner().plan(...)`` is ``plan(...)``; a Planner's later plans equal a
+    fresh plan of the same arguments."""
 
-    for name, cover in covers.items():
-        cls, nbytes = ((L.LpmPortKey, 3) if name == "ports" else
-                       (L.LpmV4Key, 4) if name.endswith("v4") else (L.LpmV6Key, 16))
-        for (value, plen), bits in cover.bitmaps().items():
-            maps[name][_lpm_key(cls, plen, value, nbytes)] = _bitmap_value(bits)
+    def __init__(self) -> None:
+        self.tries = {name: _Trie(*spec) for name, spec in TRIES.items()}
+        # Endpoint sets (the compiler hands the same tuple while a set is unchanged) as
+        # blocks by IP version, for the plan just made.
+        self._endpoints: dict[int, tuple[EndpointSet, dict[int, tuple[Block, ...]]]] = {}
 
-    # Interfaces: keep their slots, give new ones the lowest free.
-    used = {s for k, s in ifslots.items() if k in ifindexes}
-    for iface in sorted(state.interfaces, key=lambda i: i.key):
-        if iface.key not in ifindexes:
-            continue
-        islot = ifslots.get(iface.key)
-        if not islot:
-            islot = next(s for s in range(1, L.MAX_INTERFACES + 1) if s not in used)
-            if islot >= L.MAX_INTERFACES:
-                raise PlanError(f"more than {L.MAX_INTERFACES - 1} interfaces on this node")
-            used.add(islot)
-        result.ifslots[iface.key] = islot
-        e = L.InterfaceEntry()
-        e.ifslot = islot
-        e.session_id = iface.session_id
-        for pm in iface.port_mirrors:
-            if slot >= L.MAX_RULES:
-                raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
-            dslot = result.dest_slots.get(pm.destination, 0)
-            r = L.RuleEntry(mirror_id=pm.mirror_id, dest=dslot, policy_end=slot + 1,
-                            flags=L.RULE_MIRRORS if dslot else 0)
-            maps["rules"][_u32(slot)] = bytes(r)
-            result.rule_slots[slot] = (f"port:{iface.key}:{pm.destination}", 0)
-            for d in (L.Dir.EGRESS, L.Dir.INGRESS):
-                want = Direction.EGRESS if d == L.Dir.EGRESS else Direction.INGRESS
-                if pm.direction.covers(want) and not e.port_rule[d]:
-                    e.port_rule[d] = slot
-            slot += 1
-        bits = iface_bits.get(iface.key, 0)
-        if bits:
-            e.flags |= L.IFACE_HAS_POLICIES
-            raw = _bitmap_value(bits)
-            C.memmove(C.addressof(e) + L.InterfaceEntry.summary.offset, raw, len(raw))
-        maps["interfaces"][_u32(ifindexes[iface.key])] = bytes(e)
-        maps["sessions"][_u32(islot)] = _u32(iface.session_id)
-    return result
+    def _endpoint_blocks(self, endpoints: EndpointSet, seen: dict) -> dict[int, tuple]:
+        if endpoints is None:  # ANY
+            return {4: (((0, 0), ()),), 6: (((0, 0), ()),)}
+        hit = self._endpoints.get(id(endpoints))
+        if hit is None or hit[0] is not endpoints:
+            hit = (endpoints, _endpoint_blocks(endpoints, self.tries))
+        seen[id(endpoints)] = hit
+        return hit[1]
+
+    def plan(self, state: NodeState, ifindexes: dict[str, int],
+             destinations: dict[str, ResolvedDestination], ifslots: dict[str, int]) -> Plan:
+        maps: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
+        result = Plan(maps)
+
+        # Destination slots: 1.. by name (0 means none).
+        names = sorted(destinations)
+        if len(names) >= L.MAX_DESTINATIONS:
+            raise PlanError(f"{len(names)} destinations; the datapath holds "
+                            f"{L.MAX_DESTINATIONS - 1}")
+        for slot, name in enumerate(names, start=1):
+            d = destinations[name]
+            result.dest_slots[name] = slot
+            e = L.DestEntry()
+            e.mode = int(d.mode)  # even with a problem: its copies are then counted as drops
+            e.udp_port = d.udp_port
+            e.vlan_id = d.vlan_id
+            e.vni = d.vni
+            e.out_ifindex = d.out_ifindex
+            e.mtu = d.mtu
+            C.memmove(C.addressof(e) + L.DestEntry.src_addr.offset, _addr_words(d.src_addr),
+                      16)
+            C.memmove(C.addressof(e) + L.DestEntry.dst_addr.offset, _addr_words(d.dst_addr),
+                      16)
+            C.memmove(C.addressof(e) + L.DestEntry.mac.offset, _mac_bytes(d.mac), 6)
+            if d.mode == L.Mode.VXLAN and d.dst_addr and ":" in d.dst_addr:
+                e.flags = L.DEST_VTEP_IPV6
+            maps["destinations"][_u32(slot)] = bytes(e)
+            # Traffic to the analyzer is a stream of copies: never mirror it.
+            if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):
+                ak = L.AnalyzerKey()
+                C.memmove(C.addressof(ak), _addr_words(d.dst_addr), 16)
+                port = d.udp_port if d.mode != L.Mode.VXLAN else L.VXLAN_PORT
+                ak.port = int.from_bytes(port.to_bytes(2, "big"), "little")
+                ak.family = L.FAMILY_V6 if ":" in d.dst_addr else L.FAMILY_V4
+                maps["analyzers"][bytes(ak)] = b"\x01"
+
+        # Rule slots: 1.. in policy order, rule order; then port mirrors.
+        wanted: dict[str, dict[int, tuple[Block, ...]]] = {name: {} for name in TRIES}
+        seen: dict = {}
+        iface_bits: dict[str, int] = {}
+        slot = 1
+        for policy in state.policies:
+            first = slot
+            for rule in policy.rules:
+                if slot >= L.MAX_RULES:
+                    raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
+                result.rule_slots[slot] = (policy.name, rule.index)
+                for side, endpoints in (("src", rule.src), ("dst", rule.dst)):
+                    for version, blocks in self._endpoint_blocks(endpoints, seen).items():
+                        wanted[f"{side}_v{version}"][slot] = blocks
+                wanted["ports"][slot] = _port_blocks(rule.ports)
+                slot += 1
+            end = slot
+            for s in range(first, end):
+                rule = policy.rules[s - first]
+                r = L.RuleEntry()
+                r.mirror_id = rule.mirror_id
+                r.policy_end = end
+                dslot = result.dest_slots.get(rule.destination or "", 0)
+                if dslot:
+                    r.dest = dslot
+                    r.flags = L.RULE_MIRRORS
+                maps["rules"][_u32(s)] = bytes(r)
+            bits = ((1 << end) - 1) ^ ((1 << first) - 1)
+            for key in policy.interfaces:
+                iface_bits[key] = iface_bits.get(key, 0) | bits
+        self._endpoints = seen
+        for name, trie in self.tries.items():
+            trie.update(wanted[name])
+            maps[name] = trie.contents()
+
+        # Interfaces: keep their slots, give new ones the lowest free.
+        used = {s for k, s in ifslots.items() if k in ifindexes}
+        for iface in sorted(state.interfaces, key=lambda i: i.key):
+            if iface.key not in ifindexes:
+                continue
+            islot = ifslots.get(iface.key)
+            if not islot:
+                islot = next(s for s in range(1, L.MAX_INTERFACES + 1) if s not in used)
+                if islot >= L.MAX_INTERFACES:
+                    raise PlanError(f"more than {L.MAX_INTERFACES - 1} interfaces on this "
+                                    "node")
+                used.add(islot)
+            result.ifslots[iface.key] = islot
+            e = L.InterfaceEntry()
+            e.ifslot = islot
+            e.session_id = iface.session_id
+            for pm in iface.port_mirrors:
+                if slot >= L.MAX_RULES:
+                    raise PlanError(f"more than {L.MAX_RULES - 1} rules on this node")
+                dslot = result.dest_slots.get(pm.destination, 0)
+                r = L.RuleEntry(mirror_id=pm.mirror_id, dest=dslot, policy_end=slot + 1,
+                                flags=L.RULE_MIRRORS if dslot else 0)
+                maps["rules"][_u32(slot)] = bytes(r)
+                result.rule_slots[slot] = (f"port:{iface.key}:{pm.destination}", 0)
+                for d in (L.Dir.EGRESS, L.Dir.INGRESS):
+                    want = Direction.EGRESS if d == L.Dir.EGRESS else Direction.INGRESS
+                    if pm.direction.covers(want) and not e.port_rule[d]:
+                        e.port_rule[d] = slot
+                slot += 1
+            bits = iface_bits.get(iface.key, 0)
+            if bits:
+                e.flags |= L.IFACE_HAS_POLICIES
+                raw = _bitmap_value(bits)
+                C.memmove(C.addressof(e) + L.InterfaceEntry.summary.offset, raw, len(raw))
+            maps["interfaces"][_u32(ifindexes[iface.key])] = bytes(e)
+            maps["sessions"][_u32(islot)] = _u32(iface.session_id)
+        return result
 
 
 def _u32(v: int) -> bytes:
     return int(v).to_bytes(4, "little")
 
 
-def _add_endpoints(covers, side: str, endpoints: EndpointSet, slot: int) -> None:
-    if endpoints is None:  # ANY
-        covers[f"{side}_v4"].add(slot, 0, 0)
-        covers[f"{side}_v6"].add(slot, 0, 0)
-        return
+def _prefix(cidr: str) -> tuple[int, int, int]:
+    """(IP version, value, prefix length) of a CIDR (host bits may be set)."""
+    addr, _, plen = cidr.partition("/")
+    if ":" in addr:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, addr), "big"), \
+            int(plen or 128)
+    return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big"), int(plen or 32)
+
+
+def _endpoint_blocks(endpoints: tuple, tries: dict[str, _Trie]) -> dict[int, tuple]:
+    """An endpoint set's blocks, by IP version (4, 6), each block's exceptions of its own
+    version only."""
+    out: dict[int, list[Block]] = {}
     for block in endpoints:
-        net = block.network()
-        fam = "v4" if net.version == 4 else "v6"
+        version, value, plen = _prefix(block.cidr)
+        trie = tries[f"src_v{version}"]
         excepts = []
         for e in block.excepts:
-            en = ipaddress.ip_network(e, strict=False)
-            if en.version == net.version:
-                excepts.append((int(en.network_address), en.prefixlen))
-        covers[f"{side}_{fam}"].add(slot, int(net.network_address), net.prefixlen, excepts)
+            ev, evalue, eplen = _prefix(e)
+            if ev == version:
+                excepts.append(trie.norm(evalue, eplen))
+        out.setdefault(version, []).append((trie.norm(value, plen), tuple(excepts)))
+    return {version: tuple(blocks) for version, blocks in out.items()}
 
 
-def _add_ports(cover: _PrefixCover, ports: tuple[PortRange, ...], slot: int) -> None:
+@functools.lru_cache(maxsize=1024)
+def _port_blocks(ports: tuple[PortRange, ...]) -> tuple[Block, ...]:
+    """The (protocol, port) trie's blocks for a rule's ports: 8 bits of protocol, then 16
+    of port."""
     if not ports:
-        cover.add(slot, 0, 0)  # every protocol, every port
-        return
+        return (((0, 0), ()),)  # every protocol, every port
+    out = []
     for pr in ports:
         if pr.port_lo is None:
-            cover.add(slot, pr.protocol << 16, 8)
+            out.append(((pr.protocol << 16, 8), ()))
             continue
         hi = pr.port_hi if pr.port_hi is not None else pr.port_lo
         for value, plen in port_prefixes(pr.port_lo, hi):
-            cover.add(slot, (pr.protocol << 16) | value, 8 + plen)
+            shift = 16 - plen
+            out.append((((pr.protocol << 16) | (value >> shift << shift), 8 + plen), ()))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -306,10 +420,14 @@ class MapWriter:
     def __init__(self, maps: dict, adopt: bool = True):
         self.maps = maps
         self.written: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
+        # map -> the plan's dict last written in full (a plan may hand the same dict again)
+        self._applied: dict[str, dict[bytes, bytes]] = {}
         if adopt:
             for m in MANAGED_MAPS:
                 zero = bytes(maps[m].value_size)
-                self.written[m] = {k: v for k, v in maps[m].items() if v != zero}
+                values: dict[bytes, bytes] = {}  # equal values held once (tries repeat them)
+                self.written[m] = {k: values.setdefault(v, v) for k, v in maps[m].items()
+                                   if v != zero}
 
     def current_ifslots(self) -> dict[int, int]:
         """ifindex -> interface slot, as found in the maps (for adoption after restart)."""
@@ -321,12 +439,15 @@ class MapWriter:
 
     def apply(self, p: Plan) -> int:
         """Write the plan; returns the number of entries written or removed."""
+        applied, self._applied = self._applied, {}
         changes = 0
         # New and changed entries first, so that nothing referenced is missing...
         order = ("destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
                  "analyzers", "sessions", "interfaces")
         for m in order:
             want, have = p.maps[m], self.written[m]
+            if want is applied.get(m):  # the very contents written last time: no change
+                continue
             for k, v in want.items():
                 if have.get(k) != v:
                     self._reset_stats(m, k)
@@ -336,6 +457,8 @@ class MapWriter:
         # ...then what is no longer wanted, interfaces first (they reference the rest).
         for m in reversed(order):
             want, have = p.maps[m], self.written[m]
+            if want is applied.get(m):
+                continue
             for k in [k for k in have if k not in want]:
                 if m in ARRAY_MAPS:
                     self._reset_stats(m, k)
@@ -346,6 +469,7 @@ class MapWriter:
                 changes += 1
         if changes:
             self.bump_generation()
+        self._applied = dict(p.maps)  # all written: the next plan may skip what it shares
         return changes
 
     def _reset_stats(self, m: str, key: bytes) -> None:

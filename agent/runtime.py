@@ -4,7 +4,7 @@ A *source* (agent/filesource.py for YAML files, agent/kube.py for the Kubernetes
 delivers complete :class:`~cn2mirror.agent.snapshot.Snapshot` objects; the
 :class:`Agent` turns each one into the node's datapath state and applies it::
 
-    source --on_change(snapshot)--> Agent: compile_node -> Node.apply -> names.json
+    source --on_change(snapshot)--> Agent: Compiler.compile -> Node.apply -> names.json
 
 The Source protocol (all a new source has to implement):
 
@@ -14,7 +14,9 @@ The Source protocol (all a new source has to implement):
     debouncing bursts of changes; at least once, as soon as the first complete view is
     known. May call it from any thread, and synchronously from within ``start``.
     ``on_change`` never blocks (the Agent only stores the snapshot and wakes its worker)
-    and never raises.
+    and never raises. An object (a dict) handed over once is never changed in place: a
+    changed object comes as a new dict (the compiler keeps what it parsed from each dict
+    for as long as the same dict keeps coming).
 ``stop()``
     Stop watching; idempotent. After it returns, ``on_change`` is not called again.
 ``ready() -> bool``
@@ -57,7 +59,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .compiler import compile_node, explain, id_table, session_table
+from .compiler import Compiler, explain, id_table, session_table
 from .node import ApplyResult, describe
 from .snapshot import Snapshot
 from .state import NodeState
@@ -237,6 +239,8 @@ class Agent:
         self.last_result: ApplyResult | None = None
         self.last_snapshot: Snapshot | None = None
         self.last_report: ReconcileReport | None = None
+        self.compiler = Compiler(node_name)  # remembers: a change costs what it touches
+        self._written: dict[str, Any] = {}  # file name -> what this agent last wrote there
         self.reconcile_count = 0
         self.failed_count = 0
         self.errors: tuple[Problem, ...] = ()
@@ -383,9 +387,10 @@ class Agent:
         self.last_snapshot = snapshot
         started, t0 = time.time(), time.monotonic()
         try:
-            state = compile_node(snapshot, self.node_name)
+            state = self.compiler.compile(snapshot)
         except Exception as e:  # a compiler bug must not stop the agent
             log.exception("compiling the snapshot failed")
+            self.compiler = Compiler(self.node_name)  # what it kept may be half updated
             return self._finish("snapshot", started, t0, since, None, None, e)
         self.desired_state = state
         return self._apply(state, "snapshot", started, t0, since)
@@ -477,6 +482,9 @@ class Agent:
         return report
 
     def _write_files(self, state: NodeState, result: ApplyResult) -> None:
-        write_atomic(os.path.join(self.state_dir, NAMES_FILE), describe(state, result))
-        write_atomic(os.path.join(self.state_dir, CAPTURE_NAMES_FILE), capture_names(state))
+        for name, data in ((NAMES_FILE, describe(state, result)),
+                           (CAPTURE_NAMES_FILE, capture_names(state))):
+            if self._written.get(name) != data:  # unchanged: not written (and synced) again
+                write_atomic(os.path.join(self.state_dir, name), data)
+                self._written[name] = data
 

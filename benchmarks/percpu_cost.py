@@ -5,8 +5,14 @@ interleaved with it: the floor is an empty SCHED_CLS program (returns TC_ACT_UNS
 run on the same packet with the same context. What is measured, per rule count
 (N generated rules, plus one mirroring rule for the copy case):
 
-- established flow, matching nothing (the flow table holds the flow with no copies):
-  repeat=R per measurement, floor and classifier alternated, IPv4 and IPv6;
+- established flow, matching nothing, IPv4 and IPv6, on both of its paths:
+  * flow cache hit (`udp4_nomatch`, `udp6_nomatch`): the flow's second packet cached it
+    in the per-CPU flow cache; repeat=R per measurement, so every run but the first of
+    each jiffy (which takes the full path once, by design) is a hit;
+  * flow cache miss (`udp4_nomatch_miss`, `udp6_nomatch_miss`): two established flows
+    whose probes land in the same cache slot, alternated by a wrapper program (two_flows)
+    on every run, so that every run finds the slot holding the other flow: the flow-table
+    path plus the refill of the slot. Its floor is the wrapper calling the empty program;
 - established flow, one copy per packet: the clone goes to the node's mirror port, is
   wrapped in jmirror by mirror_wrap and delivered to the analyzer pod's veth, where an
   nft netdev hook counts and drops it (BPF_PROG_TEST_RUN runs the softirq that carries
@@ -29,11 +35,14 @@ pod (a /32 and a /128); rules 0..8 mirror TCP ports 8000..8008 to the analyzer, 
 ends the policy for every other TCP port without a copy. The first-packet flow goes to
 the last policy's pod on TCP port 9999: the walk ends on the last rule of all.
 
-Also measured, to attribute the costs: building blocks (one kernel timestamp, one
-lookup in each of the datapath's maps, one flow-table lookup and insert) with tiny
-programs; ablations (the classifier compiled with one per-packet step removed, in
-memory); BPF run-time statistics of classifier and wrapper on the copy path; and a walk
-longer than the tail-call budget (thousands of policies all matching one flow).
+Also measured, to attribute the costs: building blocks (one kernel timestamp, jiffies,
+one lookup in each of the datapath's maps, a flow cache slot, one flow-table lookup and
+insert, also into a flow table with BPF_F_NO_COMMON_LRU) with tiny programs; ablations
+(the classifier compiled with one per-packet step removed, in memory); BPF run-time
+statistics of classifier and wrapper on the copy path; and a walk longer than the
+tail-call budget (thousands of policies all matching one flow).
+
+Run alone: `python -m benchmarks.percpu_cost --help`.
 """
 
 from __future__ import annotations
@@ -94,6 +103,36 @@ int new_flow(struct __sk_buff *skb)
 }
 """
 
+# Two established flows alternated inside one BPF_PROG_TEST_RUN: each run writes one of
+# two source ports (set from Python, network order) into the packet and tail-calls the
+# measured program. With two ports whose flow cache probes share a slot, every run is a
+# flow cache miss of an established flow.
+TWOFLOWS_PROG = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+BPF_PROG_ARRAY(tf_next, 1);
+BPF_PERCPU_ARRAY(tf_seq, __u32, 1);
+BPF_ARRAY(tf_ports, __u16, 2);
+int two_flows(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    __u32 *c = tf_seq.lookup(&zero);
+    if (!c)
+        return TC_ACT_UNSPEC;
+    __u32 v = (*c + 1) & 1;
+    *c = v;
+    __u16 *port = tf_ports.lookup(&v);
+    if (!port)
+        return TC_ACT_UNSPEC;
+    __u16 p = *port;
+    __u32 off = skb->protocol == bpf_htons(ETH_P_IPV6) ? ETH_HLEN + 40 : ETH_HLEN + 20;
+    bpf_skb_store_bytes(skb, off, &p, 2, 0);
+    tf_next.call(skb, 0);
+    return TC_ACT_UNSPEC;
+}
+"""
+
 # Building blocks, on the datapath's own pinned maps where it has them (interfaces,
 # analyzers, the tries), on a flow table of the same sizes otherwise. Each block writes
 # what it read into cb[] so that nothing is optimised out.
@@ -104,6 +143,8 @@ BLOCKS_PROG = r"""
 #include <uapi/linux/ip.h>
 @DECLS@
 BPF_TABLE("lru_hash", struct flow_key, struct flow_entry, bb_flows, 131072);
+BPF_F_TABLE("lru_hash", struct flow_key, struct flow_entry, bb_flows_nc, 131072, 2);
+BPF_PERCPU_ARRAY(bb_cache, struct flow_cache_entry, FLOW_CACHE_SLOTS);
 BPF_PERCPU_ARRAY(bb_seq, __u32, 1);
 
 static __always_inline struct iphdr *ip_of(struct __sk_buff *skb)
@@ -138,6 +179,22 @@ int bb_parse(struct __sk_buff *skb)
 int bb_ktime(struct __sk_buff *skb)
 {
     skb->cb[0] = (__u32)bpf_ktime_get_ns();
+    return TC_ACT_UNSPEC;
+}
+int bb_jiffies(struct __sk_buff *skb)
+{
+    skb->cb[0] = (__u32)bpf_jiffies64();
+    return TC_ACT_UNSPEC;
+}
+int bb_cache_slot(struct __sk_buff *skb)
+{
+    struct iphdr *ip = ip_of(skb);
+    if (!ip)
+        return TC_ACT_UNSPEC;
+    __u32 slot = (ip->saddr * 0x9E3779B1U) >> (32 - FLOW_CACHE_BITS);
+    struct flow_cache_entry *c = bb_cache.lookup(&slot);
+    if (c)
+        skb->cb[0] = c->generation;
     return TC_ACT_UNSPEC;
 }
 int bb_iface(struct __sk_buff *skb)
@@ -207,31 +264,51 @@ int bb_seq_parse(struct __sk_buff *skb)
     skb->cb[0] = k.addr_lo[1];
     return TC_ACT_UNSPEC;
 }
-int bb_flow_insert(struct __sk_buff *skb)
+static __always_inline void bb_insert(struct __sk_buff *skb, int no_common)
 {
     __u32 zero = 0;
     __u32 *c = bb_seq.lookup(&zero);
     struct flow_key k = {};
     if (!c || !key_of(skb, &k))
-        return TC_ACT_UNSPEC;
+        return;
     __u32 v = *c + 1;
     *c = v;
     k.addr_lo[1] = v;  /* a new key every run */
     k.addr_lo[2] = bpf_get_smp_processor_id();
     struct flow_entry e = {};
     e.generation = 1;
-    bb_flows.update(&k, &e);
+    if (no_common)
+        bb_flows_nc.insert(&k, &e);
+    else
+        bb_flows.insert(&k, &e);
+}
+int bb_flow_insert_nc(struct __sk_buff *skb)
+{
+    bb_insert(skb, 1);
+    return TC_ACT_UNSPEC;
+}
+int bb_flow_insert(struct __sk_buff *skb)
+{
+    bb_insert(skb, 0);
     return TC_ACT_UNSPEC;
 }
 """
-BLOCKS = ("bb_parse", "bb_ktime", "bb_iface", "bb_analyzer", "bb_lpm_dst4", "bb_lpm_port",
-          "bb_flow_hit", "bb_seq_parse", "bb_flow_insert")
+BLOCKS = ("bb_parse", "bb_ktime", "bb_jiffies", "bb_iface", "bb_analyzer", "bb_lpm_dst4",
+          "bb_lpm_port", "bb_cache_slot", "bb_flow_hit", "bb_seq_parse", "bb_flow_insert",
+          "bb_flow_insert_nc")
 
 # Ablations: the classifier compiled with one per-packet step of the established path
 # removed (text replacements on bpf/classifier.c, in memory only), to attribute cost.
 ABLATIONS = {
-    "no_timestamp": [("fe->last_seen_ns = bpf_ktime_get_coarse_ns();", "")],
-    "no_flow_counters": [("    fe->packets++;\n    fe->bytes += skb->len;\n", "")],
+    # every packet takes the flow-table path (the classifier as it was before the cache,
+    # plus the probe): what the flow cache saves on an established flow
+    "no_flow_cache": [("    if (cacheable) {\n        h = flow_cache_hash(&probe);",
+                       "    if (0) {\n        h = flow_cache_hash(&probe);")],
+    # ... and on that path, the flow entry's last-seen timestamp
+    "no_flow_cache_no_timestamp": [
+        ("    if (cacheable) {\n        h = flow_cache_hash(&probe);",
+         "    if (0) {\n        h = flow_cache_hash(&probe);"),
+        ("fe->last_seen_ns = bpf_ktime_get_coarse_ns();", "")],
 }
 
 
@@ -366,6 +443,77 @@ class Stream:
                 lambda: self.measure(self.floor_fd, pkt, repeat))
 
 
+class TwoFlows(Stream):
+    """Established flows alternating on every run: the two_flows wrapper writes one of
+    two source ports and tail-calls the floor or the measured program."""
+
+    def __init__(self, run: Runner, wrapper_fd: int, table, ports, floor_fd: int):
+        super().__init__(run, wrapper_fd, table, floor_fd)
+        self.ports = ports
+
+    def case(self, fd: int, pkt: bytes, repeat: int, ports=(0, 0)):
+        def set_ports():
+            for i, port in enumerate(ports):
+                self.ports[C.c_int(i)] = C.c_uint16(socket_htons(port))
+
+        def measure(f):
+            set_ports()
+            return self.measure(f, pkt, repeat)
+
+        return (lambda: measure(fd), lambda: measure(self.floor_fd))
+
+
+def _probe(node, run_: Runner, pkt: bytes) -> L.FlowCacheEntry:
+    """The flow cache probe classify_from_pod builds for a plain TCP/UDP frame."""
+    e = L.FlowCacheEntry()
+    v6 = pkt[12:14] == b"\x86\xdd"
+    l4 = 14 + (40 if v6 else 20)
+    addrs = (pkt[22:38], pkt[38:54]) if v6 else (pkt[26:30], pkt[30:34])
+    C.memmove(C.addressof(e.src), addrs[0], len(addrs[0]))
+    C.memmove(C.addressof(e.dst), addrs[1], len(addrs[1]))
+    e.proto = pkt[20] if v6 else pkt[23]
+    e.family = L.FAMILY_V6 if v6 else L.FAMILY_V4
+    e.sport = int.from_bytes(pkt[l4:l4 + 2], "little")  # network order kept
+    e.dport = int.from_bytes(pkt[l4 + 2:l4 + 4], "little")
+    e.ifindex, e.dir = run_.ifindex, L.Dir.EGRESS
+    e.generation = L.Config.from_buffer_copy(
+        node.datapath.maps["config"].lookup(bytes(4))).generation
+    return e
+
+
+def colliding_port(node, run_: Runner, pkt: bytes) -> int:
+    """A source port whose flow lands in the same flow cache slot as pkt's flow."""
+    slot, _ = L.flow_cache_hash(_probe(node, run_, pkt))
+    v6 = pkt[12:14] == b"\x86\xdd"
+    off = 14 + (40 if v6 else 20)
+    sport = int.from_bytes(pkt[off:off + 2], "big")
+    for port in range(1024, 65536):
+        if port == sport:
+            continue
+        other = pkt[:off] + port.to_bytes(2, "big") + pkt[off + 2:]
+        if L.flow_cache_hash(_probe(node, run_, other))[0] == slot:
+            return port
+    raise cm.BenchError("no colliding source port")
+
+
+def cache_slot_of(node, run_: Runner, pkt: bytes, any_port: bool = False):
+    """The cache slot (of any CPU) holding pkt's flow, or with any_port, any flow that
+    differs from it in the source port only; None when there is none."""
+    probe = _probe(node, run_, pkt)
+    slot, _ = L.flow_cache_hash(probe)
+    tags = node.datapath.maps["flow_cache_tags"].lookup(bytes(4))
+    for cpu, raw in enumerate(node.datapath.maps["flow_cache"].lookup(
+            slot.to_bytes(4, "little"))):
+        e = L.FlowCacheEntry.from_buffer_copy(raw)
+        if not L.FlowCacheTags.from_buffer_copy(tags[cpu]).tag[slot]:
+            continue
+        if any_port:
+            e.sport = probe.sport
+        if bytes(e)[:L.FLOW_CACHE_KEY_BYTES] == bytes(probe)[:L.FLOW_CACHE_KEY_BYTES]:
+            return e
+    return None
+
+
 def flow_count(node) -> int:
     return sum(1 for _ in node.datapath.maps["flows"].keys())
 
@@ -385,7 +533,16 @@ def flow_present(node, src: str, dst: str, sport: int, dport: int, proto: int,
 
 
 # ------------------------------------------------------------------ the benchmark
-def params(quick: bool) -> dict:
+def params(quick: bool, rule_counts=None, rounds=None) -> dict:
+    prm = _params(quick)
+    if rule_counts:
+        prm["rule_counts"] = tuple(rule_counts)
+    if rounds:
+        prm["rounds"] = rounds
+    return prm
+
+
+def _params(quick: bool) -> dict:
     if quick:
         return {"rule_counts": (1, 100), "rounds": 3, "rounds_full": 1, "repeat": 20000,
                 "repeat_copy": 2000, "repeat_first": 2000, "ablation": False,
@@ -396,8 +553,9 @@ def params(quick: bool) -> dict:
             "overlong": 4000}
 
 
-def run(quick: bool = False, log=print) -> dict:
-    prm = params(quick)
+def run(quick: bool = False, log=print, rule_counts=None, rounds=None,
+        sections=("blocks", "overlong", "stats", "ablation")) -> dict:
+    prm = params(quick, rule_counts, rounds)
     out: dict = {"method": {
         "tool": "BPF_PROG_TEST_RUN (ns per run, averaged by the kernel over `repeat`)",
         "rounds": prm["rounds"], "repeat": prm["repeat"], "repeat_copy": prm["repeat_copy"],
@@ -421,8 +579,13 @@ def run(quick: bool = False, log=print) -> dict:
                 nf = BPF(text=NEWFLOW_PROG, cflags=["-w"])
                 objs.append(nf)
                 wrapper_fd = nf.load_func("new_flow", BPF.SCHED_CLS).fd
+                tf = BPF(text=TWOFLOWS_PROG, cflags=["-w"])
+                objs.append(tf)
+                tf_fd = tf.load_func("two_flows", BPF.SCHED_CLS).fd
             run_ = Runner(ns, node.datapath.ifindex(lab.pods["web"].host_ifname))
             stream = Stream(run_, wrapper_fd, nf.get_table("nf_next"), floor_fd)
+            two = TwoFlows(run_, tf_fd, tf.get_table("tf_next"), tf.get_table("tf_ports"),
+                           floor_fd)
             cls_fd = node.datapath.prog_fd("classify_from_pod")
             # Churn the flow table once (fill it, then _measure_rules empties it): its free
             # list is then in the scattered order of a node that has been running, not in
@@ -434,27 +597,34 @@ def run(quick: bool = False, log=print) -> dict:
                 t0 = time.time()
                 res = node.apply(cm.state(lab, targeted_policies(n_rules)))
                 t_apply = time.time() - t0
-                row = _measure_rules(node, lab, run_, stream, cls_fd, floor_fd, n_rules,
+                row = _measure_rules(node, lab, run_, stream, two, cls_fd, floor_fd, n_rules,
                                      res.plan.ifslots[cm.WEB_KEY], prm)
                 row["apply_s"] = round(t_apply, 2)
                 out["by_rules"].append(row)
+                est_ = row["established"]
+
+                def med(d, k):
+                    return d[k]["over_floor_ns"]["median"]
+
                 log(f"  per-packet cost, {n_rules:>5} rules: established "
-                    f"+{row['established']['udp4_nomatch']['over_floor_ns']['median']:.0f} ns,"
-                    f" 1 copy +{row['established']['udp4_copy']['over_floor_ns']['median']:.0f}"
-                    f" ns, first packet (TCP SYN) "
-                    f"+{row['first_packet']['syn4']['over_floor_ns']['median']:.0f} ns")
+                    f"+{med(est_, 'udp4_nomatch'):.0f} ns (cache hit), "
+                    f"+{med(est_, 'udp4_nomatch_miss'):.0f} ns (cache miss), 1 copy "
+                    f"+{med(est_, 'udp4_copy'):.0f} ns, first packet (TCP SYN) "
+                    f"+{med(row['first_packet'], 'syn4'):.0f} ns")
             # Building blocks on the datapath's maps as the largest rule set left them.
-            with entered(ns):
-                decls = L.c_declarations(node.datapath.pin_root)
-                blocks = BPF(text=BLOCKS_PROG.replace("@DECLS@", decls), cflags=["-w"])
-                objs.append(blocks)
-            out["blocks"] = _measure_blocks(run_, stream, blocks, floor_fd, prm,
-                                            last_pod(prm["rule_counts"][-1])[0])
-            if prm["overlong"]:
+            if "blocks" in sections:
+                with entered(ns):
+                    decls = L.c_declarations(node.datapath.pin_root)
+                    blocks = BPF(text=BLOCKS_PROG.replace("@DECLS@", decls), cflags=["-w"])
+                    objs.append(blocks)
+                out["blocks"] = _measure_blocks(run_, stream, blocks, floor_fd, prm,
+                                                last_pod(prm["rule_counts"][-1])[0])
+            if prm["overlong"] and "overlong" in sections:
                 out["overlong_walk"] = _measure_overlong(node, lab, run_, cls_fd, floor_fd,
                                                          prm["overlong"])
-            out["bpf_stats"] = _stats_breakdown(node, lab, run_, cls_fd, prm)
-            if prm["ablation"]:
+            if "stats" in sections:
+                out["bpf_stats"] = _stats_breakdown(node, lab, run_, cls_fd, prm)
+            if prm["ablation"] and "ablation" in sections:
                 out["ablation"] = _measure_ablation(lab, run_, floor_fd, prm, log)
         finally:
             for o in objs:
@@ -463,8 +633,8 @@ def run(quick: bool = False, log=print) -> dict:
     return out
 
 
-def _measure_rules(node, lab, run_: Runner, stream: Stream, cls_fd, floor_fd, n_rules,
-                   ifslot, prm) -> dict:
+def _measure_rules(node, lab, run_: Runner, stream: Stream, two_flows: TwoFlows, cls_fd,
+                   floor_fd, n_rules, ifslot, prm) -> dict:
     pod4, pod6 = last_pod(n_rules)
     est = {
         "udp4_nomatch": (CLIENT4, "198.19.200.1", "udp", 40000, cm.PROD_PORT),
@@ -475,12 +645,28 @@ def _measure_rules(node, lab, run_: Runner, stream: Stream, cls_fd, floor_fd, n_
     cases = {}
     for name, (src, dst, proto, sp, dp) in est.items():
         pkt = packet(src, dst, proto, sp, dp)
-        run_.avg(cls_fd, pkt, 1)  # the first packet: evaluates and caches the flow
+        run_.avg(cls_fd, pkt, 1)  # the first packet: evaluates the flow, inserts it
+        run_.avg(cls_fd, pkt, 1)  # the second: a flow-table hit (and, no copies: cached)
         if not flow_present(node, src, dst, sp, dp, 17, ifslot):
-            raise cm.BenchError(f"{name}: the flow was not cached after its first packet")
+            raise cm.BenchError(f"{name}: the flow was not in the flow table after its "
+                                "first packet")
+        if name.endswith("nomatch") and cache_slot_of(node, run_, pkt) is None:
+            raise cm.BenchError(f"{name}: the flow was not cached after its second packet")
         rep = prm["repeat_copy"] if name.endswith("copy") else prm["repeat"]
         cases[name] = (lambda p=pkt, r=rep: run_.avg(cls_fd, p, r),
                        lambda p=pkt, r=rep: run_.avg(floor_fd, p, r))
+    # Cache misses of established flows: two flows sharing a slot, alternated per run.
+    for name in ("udp4_nomatch", "udp6_nomatch"):
+        src, dst, proto, sp, dp = est[name]
+        sp2 = colliding_port(node, run_, packet(src, dst, proto, sp, dp))
+        for port in (sp, sp2):
+            for _ in range(2):
+                run_.avg(cls_fd, packet(src, dst, proto, port, dp), 1)
+            if not flow_present(node, src, dst, port, dp, 17, ifslot):
+                raise cm.BenchError(f"{name}_miss: flow with port {port} not in the table")
+        two = two_flows.case(cls_fd, packet(src, dst, proto, sp, dp), prm["repeat"],
+                             (sp, sp2))
+        cases[name + "_miss"] = two
     sink_ns = lab.pods["analyzer"].netns
     before_sink = cm.sink_count(sink_ns)
     before = cm.datapath_counters(node)
@@ -506,6 +692,11 @@ def _measure_rules(node, lab, run_: Runner, stream: Stream, cls_fd, floor_fd, n_
     fill = packet("198.18.128.1", "198.19.202.1", "udp", 1, cm.PROD_PORT)
     stream.measure(cls_fd, fill, L.FLOW_TABLE_SIZE + 1000)
     full = interleaved(run_, first_cases, prm["rounds_full"])
+    for name in ("udp4_nomatch", "udp6_nomatch"):  # the pair still shares one slot
+        src, dst, proto, sp, dp = est[name]
+        got = cache_slot_of(node, run_, packet(src, dst, proto, sp, dp), any_port=True)
+        if got is None:
+            raise cm.BenchError(f"{name}_miss: neither flow of the pair is in their slot")
     return {"rules": n_rules, "established": est_res, "first_packet": first,
             "first_packet_full": full,
             "copies": {"expected": expected, "cloned": copies["cloned"],
@@ -530,11 +721,12 @@ def _measure_blocks(run_: Runner, stream: Stream, blocks, floor_fd, prm, dst4: s
     fds = {n: blocks.load_func(n, BPF.SCHED_CLS).fd for n in BLOCKS}
     flows = blocks.get_table("bb_flows")
     pkt = packet(CLIENT4, dst4, "tcp", 40000, 9999)
-    for i in range(50000):  # a populated flow table, and the measured flow in it
-        k = flows.Key()
-        k.addr_lo[0] = 0x0A000000 + i
-        k.port_lo = i & 0xFFFF
-        flows[k] = flows.Leaf()
+    for table in (flows, blocks.get_table("bb_flows_nc")):
+        for i in range(50000):  # populated flow tables, and the measured flow in one
+            k = table.Key()
+            k.addr_lo[0] = 0x0A000000 + i
+            k.port_lo = i & 0xFFFF
+            table[k] = table.Leaf()
     run_.avg(fds["bb_flow_insert"], pkt, 1)
     k = flows.Key()
     src, dst = ipaddress.ip_address(CLIENT4).packed, ipaddress.ip_address(dst4).packed
@@ -544,7 +736,8 @@ def _measure_blocks(run_: Runner, stream: Stream, blocks, floor_fd, prm, dst4: s
     k.proto, k.family = 6, 4
     flows[k] = flows.Leaf()
     rep = {n: prm["repeat"] for n in BLOCKS}
-    rep["bb_flow_insert"] = rep["bb_seq_parse"] = prm["repeat_first"]
+    for n in ("bb_flow_insert", "bb_flow_insert_nc", "bb_seq_parse"):
+        rep[n] = prm["repeat_first"]
     cases = {n: (lambda n=n: run_.avg(fds[n], pkt, rep[n]),
                  lambda n=n: run_.avg(floor_fd, pkt, rep[n])) for n in BLOCKS}
     res = interleaved(run_, cases, prm["rounds"])
@@ -647,7 +840,8 @@ def _measure_ablation(lab, run_: Runner, floor_fd, prm, log) -> dict:
             w.apply(p)
             w.set_mirror_port(idx)  # no copies are made on this flow
             fd = dp.prog_fd("classify_from_pod")
-            run_.avg(fd, pkt, 1)
+            run_.avg(fd, pkt, 1)  # evaluated, inserted
+            run_.avg(fd, pkt, 1)  # a flow-table hit: cached (when the build has the cache)
             cases[name] = (lambda fd=fd: run_.avg(fd, pkt, prm["repeat"]),
                            lambda: run_.avg(floor_fd, pkt, prm["repeat"]))
         res = interleaved(run_, cases, prm["rounds"])
@@ -657,3 +851,44 @@ def _measure_ablation(lab, run_: Runner, floor_fd, prm, log) -> dict:
             dp.remove_pins()
     return {"rules": 100, "flow": "established, matching nothing (UDP/IPv4)",
             "replacements": {k: v for k, v in ABLATIONS.items()}, "results": res}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.percpu_cost",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="small repeats, 1 and 100 rules, no ablation or long walk")
+    ap.add_argument("--rules", help="comma-separated rule counts (default: by mode)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default: by mode)")
+    ap.add_argument("--sections", default="blocks,overlong,stats,ablation",
+                    help="extra sections to run: blocks, overlong, stats, ablation "
+                         "(comma-separated; empty for none)")
+    ap.add_argument("--json", help="also write the full results to this file")
+    args = ap.parse_args(argv)
+    rules = [int(x) for x in args.rules.split(",")] if args.rules else None
+    res = run(args.quick, rule_counts=rules, rounds=args.rounds,
+              sections=tuple(x for x in args.sections.split(",") if x))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    for row in res["by_rules"]:
+        for part in ("established", "first_packet", "first_packet_full"):
+            cells = ", ".join(f"{k} +{v['over_floor_ns']['median']:.0f}"
+                              for k, v in row[part].items())
+            print(f"{row['rules']:>6} rules, {part}: {cells} ns over the floor")
+    for section in ("blocks", "ablation"):
+        d = res.get(section) or {}
+        d = d.get("results", d)
+        cells = ", ".join(f"{k} {v['over_floor_ns']['median']:.0f}" for k, v in d.items()
+                          if isinstance(v, dict) and "over_floor_ns" in v)
+        if cells:
+            print(f"{section}: {cells} ns over the floor")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

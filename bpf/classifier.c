@@ -243,7 +243,8 @@ struct eval_scratch {
     __u32 skip_below;           /* first rule slot not yet decided by its policy */
     __u32 n;
     __u32 overflow;
-    __u32 pad;
+    __u32 generation;           /* the policy generation the walk started under */
+    __u32 had_old;              /* the flow table held a stale entry for the flow */
     __u32 rules[MAX_FLOW_DESTS];
 };
 BPF_PERCPU_ARRAY(eval_scratch_map, struct eval_scratch, 1);
@@ -395,6 +396,135 @@ static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifin
     }
 }
 
+/* ------------------------------------------------------------------ flow cache */
+/* A per-CPU, direct-mapped cache in front of the flow table for established flows that
+ * are mirrored by no rule (FlowCacheEntry in agent/layout.py): a hit is two inlined
+ * array lookups and a few compares, no hash table, no interface lookup, no clock.
+ *
+ * - Filled only from a flow-table hit with a current verdict and no copies (the flow's
+ *   second packet in a direction, or later): a flow's first packet pays no fill, and
+ *   flows with copies always reach the flow table, which counts their packets.
+ * - The key holds the generation: after a policy change no slot matches.
+ * - A slot serves for the jiffy it was filled in; the flow's first packet in a later
+ *   jiffy takes the full path again, which refreshes the flow entry's last_seen_ns (as
+ *   coarse as before: the coarse clock ticks in jiffies) and its LRU age, re-checks the
+ *   verdict, and fills the slot again.
+ * - Only plain packets have a probe: TCP (not a bare SYN: that opens a flow) or UDP in
+ *   IPv4 without options or IPv6 without extension headers, no VLAN tag in the data,
+ *   the transport header as far as parse_l4() reads it in the linear area. The probe is
+ *   then what the full parse reads (probe_is() checks it before a fill), so a hit gives
+ *   the verdict the flow table gives. Any other packet takes the full path. */
+union cache_probe {
+    struct flow_cache_entry e;
+    __u64 w[8];  /* w[0..5]: the compared key (FLOW_CACHE_KEY_BYTES) */
+};
+
+static __always_inline int cache_probe(struct __sk_buff *skb, union cache_probe *k,
+                                       __u64 w4, __u64 w5)
+{
+    void *data = CTX_LOAD(skb, data);
+    void *data_end = CTX_LOAD(skb, data_end);
+    if (data + ETH_HLEN > data_end)
+        return 0;
+    __u16 eth_proto = *(__u16 *)(data + 12);
+    __u8 *l4;
+    __u8 proto;
+    if (eth_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = data + ETH_HLEN;
+        if ((void *)(ip + 1) > data_end)
+            return 0;
+        if (*(__u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(0x1FFF)))
+            return 0;
+        proto = ip->protocol;
+        k->w[0] = ip->saddr;
+        k->w[1] = 0;
+        k->w[2] = ip->daddr;
+        k->w[3] = 0;
+        w5 |= (__u64)FAMILY_V4 << 8;
+        l4 = (void *)(ip + 1);
+    } else if (eth_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = data + ETH_HLEN;
+        if ((void *)(ip6 + 1) > data_end)
+            return 0;
+        if ((*(__u8 *)ip6 >> 4) != 6)
+            return 0;
+        proto = ip6->nexthdr;
+        __u64 *a = (__u64 *)&ip6->saddr;
+        k->w[0] = a[0];
+        k->w[1] = a[1];
+        k->w[2] = a[2];
+        k->w[3] = a[3];
+        w5 |= (__u64)FAMILY_V6 << 8;
+        l4 = (void *)(ip6 + 1);
+    } else {
+        return 0;
+    }
+    if (proto == IPPROTO_TCP) {
+        if ((void *)(l4 + 14) > data_end)
+            return 0;
+        /* A SYN without ACK opens a flow: nothing to find here, take the full path. */
+        if ((l4[13] & 0x12) == 0x02)
+            return 0;
+    } else if (proto == IPPROTO_UDP) {
+        if ((void *)(l4 + 4) > data_end)
+            return 0;
+    } else {
+        return 0;
+    }
+    k->w[4] = w4 | *(__u32 *)l4;  /* the ports; the interface above them */
+    k->w[5] = w5 | proto;
+    return 1;
+}
+
+/* The probe's hash: the slot is its top FLOW_CACHE_BITS bits, the tag (never 0) 16 bits
+ * from its middle. Keep in step with flow_cache_hash() in agent/layout.py. */
+static __always_inline __u64 flow_cache_hash(union cache_probe *k)
+{
+    __u64 h = (k->w[0] ^ k->w[1]) * 0x9E3779B97F4A7C15ULL;
+    h = (h ^ k->w[2] ^ k->w[3]) * 0xC2B2AE3D27D4EB4FULL;
+    return (h ^ k->w[4] ^ (__u32)k->w[5]) * 0x165667B19E3779F9ULL;
+}
+
+#define CACHE_SLOT(h) ((__u32)((h) >> (64 - FLOW_CACHE_BITS)))
+#define CACHE_TAG(h) ((__u16)((h) >> 32) | 1)
+
+/* The first FLOW_CACHE_KEY_BYTES (addresses, ports, interface, protocol, direction and
+ * generation) are equal. */
+static __always_inline int cache_same(struct flow_cache_entry *c, union cache_probe *k)
+{
+    __u64 *a = (__u64 *)c, *b = k->w;
+    return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+             (a[4] ^ b[4]) | (a[5] ^ b[5]));
+}
+
+/* The full parse read the same flow as the probe (a safety net: then a hit and the flow
+ * table give the same verdict). */
+static __always_inline int probe_is(union cache_probe *u, struct parsed *p)
+{
+    struct flow_cache_entry *k = &u->e;
+    __u32 d = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        d |= (k->src[i] ^ p->src[i]) | (k->dst[i] ^ p->dst[i]);
+    return p->ok && !d && k->sport == p->sport && k->dport == p->dport &&
+           k->proto == p->proto && k->family == p->family;
+}
+
+static __always_inline void cache_fill(union cache_probe *k, __u64 h, __u32 port_rule,
+                                       __u16 ifslot)
+{
+    __u32 slot = CACHE_SLOT(h);
+    __u32 zero = 0;
+    struct flow_cache_entry *c = flow_cache.lookup(&slot);
+    struct flow_cache_tags *t = flow_cache_tags.lookup(&zero);
+    if (!c || !t)
+        return;
+    k->e.port_rule = port_rule;
+    k->e.ifslot = ifslot;
+    *c = k->e;
+    t->tag[slot & (FLOW_CACHE_SLOTS - 1)] = CACHE_TAG(h);
+}
+
 /* Copies on their way to an analyzer, and the analyzer's ICMP errors about them. */
 static __always_inline int is_copy_stream(struct parsed *p)
 {
@@ -415,13 +545,41 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
 {
     if (skb->mark == COPY_MARK)
         return TC_ACT_UNSPEC;  /* one of our own copies passing by: never mirror it */
-    __u32 ifindex = skb->ifindex;
-    struct iface_entry *ifc = interfaces.lookup(&ifindex);
-    if (!ifc)
-        return TC_ACT_UNSPEC;
     __u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->mirror_ifindex)
+        return TC_ACT_UNSPEC;
+    /* Read before anything the verdict depends on: the agent bumps the generation after
+     * writing the maps, so a verdict cached under it never mixes in older maps. */
+    __u32 generation = cfg->generation;
+    __u32 ifindex = skb->ifindex;
+
+    /* An established flow mirrored by no rule: the per-CPU flow cache. The slot is read
+     * only when its tag matches: a new flow's probe then touches only the small, hot tag
+     * array, not a cold slot. (The probe's words are written by cache_probe() before any
+     * read: left uninitialised here, which the fast path notices.) */
+    union cache_probe probe;
+    probe.w[6] = (__u32)bpf_jiffies64();  /* tick; port_rule 0 */
+    probe.w[7] = 0;
+    int cacheable = cache_probe(skb, &probe, (__u64)ifindex << 32,
+                                ((__u64)generation << 32) | ((__u64)(dir & 0xFF) << 16));
+    __u64 h = 0;
+    if (cacheable) {
+        h = flow_cache_hash(&probe);
+        __u32 slot = CACHE_SLOT(h);
+        struct flow_cache_tags *t = flow_cache_tags.lookup(&zero);
+        if (t && t->tag[slot & (FLOW_CACHE_SLOTS - 1)] == CACHE_TAG(h)) {
+            struct flow_cache_entry *c = flow_cache.lookup(&slot);
+            if (c && cache_same(c, &probe) && c->tick == probe.e.tick) {
+                if (c->port_rule)
+                    send_copy(skb, cfg->mirror_ifindex, c->ifslot, c->port_rule);
+                return TC_ACT_UNSPEC;
+            }
+        }
+    }
+
+    struct iface_entry *ifc = interfaces.lookup(&ifindex);
+    if (!ifc)
         return TC_ACT_UNSPEC;
     __u16 ifslot = ifc->ifslot;
     __u32 port_rule = ifc->port_rule[dir & 1];
@@ -432,16 +590,22 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     parse(skb, &p);
     /* Copies on their way to an analyzer (from another node) are never mirrored. Per
      * packet only for port mirroring; a flow is checked once, when it is evaluated. */
-    if (port_rule && !(p.ok && is_copy_stream(&p)))
+    __u32 port_copy = 0;
+    if (port_rule && !(p.ok && is_copy_stream(&p))) {
+        port_copy = port_rule;
         send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule);
+    }
 
     if (!(ifc->flags & IFACE_HAS_POLICIES) || !p.ok)
         return TC_ACT_UNSPEC;
 
     make_key(&p, ifslot);
+    cacheable = cacheable && probe_is(&probe, &p);
     struct flow_entry *fe = flows.lookup(&p.key);
-    if (fe && fe->generation == cfg->generation) {
+    if (fe && fe->generation == generation) {
         mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe);
+        if (cacheable && !fe->n_rules)
+            cache_fill(&probe, h, port_copy, ifslot);
         return TC_ACT_UNSPEC;
     }
     /* First packet of the flow, or the policy changed since: evaluate it, in
@@ -456,6 +620,8 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     s->overflow = 0;
     s->started = 0;
     s->never = is_copy_stream(&p);
+    s->generation = generation;
+    s->had_old = fe != NULL;
     eval_progs.call(skb, 0);
     /* Only reached when the continuation is missing (agent mid-restart). */
     count_node(DROP_NO_DESTINATION);
@@ -494,7 +660,7 @@ int eval_continue(struct __sk_buff *skb)
     struct flow_key key = s->p.key;
     __u64 now = bpf_ktime_get_coarse_ns();
     struct flow_entry fresh = {};
-    fresh.generation = cfg->generation;
+    fresh.generation = s->generation;
     __u32 n_rules = s->n;
     fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
 #pragma unroll
@@ -504,21 +670,34 @@ int eval_continue(struct __sk_buff *skb)
     fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->never ? FLOW_NEVER_MIRROR : 0) |
                   (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
     fresh.first_seen_ns = now;
-    struct flow_entry *old = flows.lookup(&key);
-    if (old) {
-        /* Re-evaluated after a policy change: keep the flow's history. */
-        fresh.first_seen_ns = old->first_seen_ns;
-        fresh.packets = old->packets;
-        fresh.bytes = old->bytes;
-        fresh.flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (old->flags & FLOW_INITIATOR_LO);
-    }
     fresh.last_seen_ns = now;
     __u32 n = fresh.n_rules;
     if (n) {
-        fresh.packets++;
-        fresh.bytes += skb->len;
+        fresh.packets = 1;
+        fresh.bytes = skb->len;
     }
-    flows.update(&key, &fresh);
+    /* A new flow is inserted (BPF_NOEXIST: no lookup first); a flow re-evaluated after a
+     * policy change is rewritten in place and keeps its history. */
+    struct flow_entry *old = NULL;
+    if (s->had_old || flows.insert(&key, &fresh) != 0)
+        old = flows.lookup(&key);  /* or another CPU inserted it meanwhile */
+    if (old) {
+        old->n_rules = fresh.n_rules;
+#pragma unroll
+        for (int i = 0; i < MAX_FLOW_DESTS; i++)
+            old->rules[i] = fresh.rules[i];
+        old->flags = (fresh.flags & ~FLOW_INITIATOR_LO) | (old->flags & FLOW_INITIATOR_LO);
+        old->last_seen_ns = now;
+        if (n) {
+            old->packets++;
+            old->bytes += skb->len;
+        }
+        /* The generation last: a reader that sees it sees the verdict it belongs to. */
+        asm volatile("" ::: "memory");
+        old->generation = fresh.generation;
+    } else if (s->had_old) {
+        flows.update(&key, &fresh);  /* evicted meanwhile */
+    }
     if (overflow) {
         __u32 slot = key.ifslot;
         struct counters *c = stats_iface.lookup(&slot);

@@ -482,7 +482,10 @@ int mirror_wrap_inline(struct __sk_buff *skb)
 {
     if (needs_kernel_finish(skb))
         return TC_ACT_OK;
-    return wrap_copy(skb, 1);
+    int rc = wrap_copy(skb, 1);
+    /* A copy dropped here is counted by the wrapper; TC_ACT_SHOT would also fail the
+     * classifier's bpf_clone_redirect (NET_XMIT_DROP) and count it twice. */
+    return rc == TC_ACT_SHOT ? TC_ACT_STOLEN : rc;
 }
 
 int analyzer_port_rx(struct xdp_md *ctx)

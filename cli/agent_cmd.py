@@ -12,6 +12,7 @@ attachments without a gap. ``--cleanup-on-exit`` removes everything instead.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -46,12 +47,11 @@ def check_environment(netns: str | None) -> None:
     if os.geteuid() != 0:
         raise AgentError("cn2mirror agent must run as root: it loads BPF programs, pins "
                          "maps and attaches to interfaces (try sudo)")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # Found, not imported: only the loader subprocess (agent/loader.py) loads bcc.
+    if importlib.util.find_spec("bcc") is None:
         raise AgentError("bcc is not importable: install Debian's python3-bpfcc and run "
                          "from a venv made with --system-site-packages (make setup does "
-                         "both)") from None
+                         "both)")
     if netns and not os.path.exists(os.path.join("/var/run/netns", netns)):
         raise AgentError(f"unknown network namespace {netns!r} (see `ip netns list`)")
 

@@ -70,6 +70,14 @@ class PacketNode:
                                   ifindex=self.ifindex, mark=mark)
         return rc, out
 
+    def repeat(self, prog: str, packet: bytes, times: int) -> tuple[int, bytes]:
+        """Run a classifier `times` times on the same packet in one BPF_PROG_TEST_RUN
+        (the last run's verdict and packet)."""
+        with entered(self.netns):
+            rc, out, _ = test_run(self.node.datapath.prog_fd(prog), packet,
+                                  ifindex=self.ifindex, repeat=times)
+        return rc, out
+
     def from_pod(self, packet: bytes, mark: int = 0) -> tuple[int, bytes]:
         return self.run("classify_from_pod", packet, mark)
 
@@ -81,6 +89,43 @@ class PacketNode:
         m = self.node.datapath.maps["flows"]
         entry = L.flow_entry_type(self.node.datapath.max_flow_dests)
         return [(L.FlowKey.from_buffer_copy(k), entry.from_buffer_copy(v)) for k, v in m.items()]
+
+    def clear_flows(self) -> None:
+        """Empty the flow table and the per-CPU flow cache (verdicts start again)."""
+        m = self.node.datapath.maps["flows"]
+        for k in list(m.keys()):
+            m.delete(k)
+        # A zero tag matches no probe: every slot is then as good as empty.
+        tags = self.node.datapath.maps["flow_cache_tags"]
+        tags.update(bytes(4), bytes(tags.value_size))
+
+    def cache_entries(self) -> list[L.FlowCacheEntry]:
+        """Every live flow cache slot (tagged), of every CPU."""
+        c = self.node.datapath.maps["flow_cache"]
+        out = []
+        for cpu, raw in enumerate(self.node.datapath.maps["flow_cache_tags"].lookup(bytes(4))):
+            tags = L.FlowCacheTags.from_buffer_copy(raw).tag
+            out += [L.FlowCacheEntry.from_buffer_copy(c.lookup(slot.to_bytes(4, "little"))[cpu])
+                    for slot in range(L.FLOW_CACHE_SLOTS) if tags[slot]]
+        return out
+
+    def cached(self, packet: bytes, direction: int = L.Dir.EGRESS) -> L.FlowCacheEntry | None:
+        """The flow cache slot holding this packet's flow (plain Ethernet + IP + TCP/UDP),
+        found where flow_cache_hash() says it must be, with the tag it must carry."""
+        probe = probe_of(packet, self.ifindex, direction, self.generation())
+        slot, tag = L.flow_cache_hash(probe)
+        tags = self.node.datapath.maps["flow_cache_tags"].lookup(bytes(4))
+        for cpu, raw in enumerate(self.node.datapath.maps["flow_cache"].lookup(
+                slot.to_bytes(4, "little"))):
+            e = L.FlowCacheEntry.from_buffer_copy(raw)
+            if bytes(e)[:L.FLOW_CACHE_KEY_BYTES] == bytes(probe)[:L.FLOW_CACHE_KEY_BYTES]:
+                assert L.FlowCacheTags.from_buffer_copy(tags[cpu]).tag[slot] == tag
+                return e
+        return None
+
+    def generation(self) -> int:
+        return L.Config.from_buffer_copy(self.node.datapath.maps["config"].lookup(
+            bytes(4))).generation
 
     def flow_rules(self, a: str, b: str) -> list[tuple[str, int]] | None:
         """(policy, rule index) the flow between addresses a and b is mirrored by."""
@@ -109,6 +154,24 @@ class PacketNode:
                 pass
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         subprocess.run(["rm", "-rf", self.pin_root], capture_output=True)
+
+
+def probe_of(packet: bytes, ifindex: int, direction: int, generation: int) -> L.FlowCacheEntry:
+    """The flow cache key the classifier builds for a plain IPv4/IPv6 TCP or UDP frame."""
+    e = L.FlowCacheEntry()
+    ethertype = int.from_bytes(packet[12:14], "big")
+    if ethertype == 0x0800:
+        e.family, e.proto, l4 = L.FAMILY_V4, packet[23], 14 + 20
+        C.memmove(C.addressof(e.src), packet[26:30], 4)
+        C.memmove(C.addressof(e.dst), packet[30:34], 4)
+    else:
+        e.family, e.proto, l4 = L.FAMILY_V6, packet[20], 14 + 40
+        C.memmove(C.addressof(e.src), packet[22:38], 16)
+        C.memmove(C.addressof(e.dst), packet[38:54], 16)
+    e.sport = int.from_bytes(packet[l4:l4 + 2], "little")  # kept in network order
+    e.dport = int.from_bytes(packet[l4 + 2:l4 + 4], "little")
+    e.ifindex, e.dir, e.generation = ifindex, direction, generation
+    return e
 
 
 # ---------------------------------------------------------------------- state builders

@@ -59,10 +59,8 @@ def pn():
 
 @pytest.fixture
 def fresh(pn):
-    """Clear the flow table between tests (verdicts are per test)."""
-    m = pn.node.datapath.maps["flows"]
-    for k in list(m.keys()):
-        m.delete(k)
+    """Clear the flow table and the flow cache between tests (verdicts are per test)."""
+    pn.clear_flows()
     return pn
 
 
@@ -350,6 +348,125 @@ def test_thousands_of_rules_first_match_and_continuation(fresh):
     assert pn.flow_rules(POD, "198.19.0.1") == []
 
 
+# ---------------------------------------------------------------------- flow cache
+def udp(src=POD, dst=PEER, sport=5000, dport=53, v6=False):
+    ip_ = IPv6(src=POD6 if v6 else src, dst=PEER6 if v6 else dst) if v6 else \
+        IP(src=src, dst=dst)
+    return bytes(ETH / ip_ / UDP(sport=sport, dport=dport))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_an_established_flow_mirrored_by_nothing_is_cached_where_the_hash_says(fresh, v6):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    pkt = udp(v6=v6)
+    run_unchanged(pn, pkt)  # first packet: evaluated and inserted, not cached
+    assert pn.cached(pkt) is None and pn.cache_entries() == []
+    run_unchanged(pn, pkt)  # a flow-table hit with no copies: cached
+    e = pn.cached(pkt)  # at the slot and with the tag layout.flow_cache_hash() gives
+    assert e is not None and e.port_rule == 0
+    assert e.ifslot == pn.node.last.plan.ifslots["demo/web/eth0"]
+    assert len(pn.cache_entries()) == 1
+    rc, out = pn.repeat("classify_from_pod", pkt, 1000)  # hits
+    assert rc == TC_ACT_UNSPEC and out == pkt
+    (_, entry), = pn.flows()
+    assert entry.n_rules == 0 and entry.packets == 0
+
+
+def test_a_policy_change_reevaluates_a_cached_flow(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    pkt = udp()
+    run_unchanged(pn, pkt)
+    run_unchanged(pn, pkt)
+    assert pn.cached(pkt) is not None
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[PortRange(17, 53, 53)]))))
+    slot = pn.rule_slot("demo/p", 0)
+    before = pn.counters("rule", slot).cloned
+    run_unchanged(pn, pkt)  # the cached slot belongs to the old generation
+    assert pn.flow_rules(POD, PEER) == [("demo/p", 0)]
+    assert pn.counters("rule", slot).cloned == before + 1
+    (_, entry), = pn.flows()
+    assert entry.generation == pn.generation() and entry.packets == 1
+
+
+def test_a_flow_with_copies_is_never_cached_and_every_packet_is_copied(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[PortRange(17, 53, 53)]))))
+    slot = pn.rule_slot("demo/p", 0)
+    before = pn.counters("rule", slot)
+    pkt = udp()
+    pn.repeat("classify_from_pod", pkt, 50)
+    after = pn.counters("rule", slot)
+    assert (after.cloned + after.drops["clone_failed"]) - \
+        (before.cloned + before.drops["clone_failed"]) == 50
+    assert pn.cache_entries() == []
+    (_, entry), = pn.flows()
+    assert entry.packets == 50  # show flows: every mirrored packet counted
+
+
+def test_port_mirroring_copies_every_packet_of_a_cached_flow(fresh):
+    pn = fresh
+    iface = pod_iface(port_mirrors=[PortMirror("an", Direction.EGRESS, 4242)])
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)])), iface=iface))
+    port = next(s for s, (o, _) in pn.node.last.plan.rule_slots.items()
+                if o.startswith("port:"))
+    pkt = udp()
+    run_unchanged(pn, pkt)
+    run_unchanged(pn, pkt)
+    assert pn.cached(pkt).port_rule == port
+    before = pn.counters("rule", port)
+    pn.repeat("classify_from_pod", pkt, 40)
+    after = pn.counters("rule", port)
+    assert (after.cloned + after.drops["clone_failed"]) - \
+        (before.cloned + before.drops["clone_failed"]) == 40
+    # A copy stream to an analyzer is cached too, and still never copied.
+    stream = udp(dst="198.18.200.10", sport=30030, dport=30030)
+    run_unchanged(pn, stream)
+    run_unchanged(pn, stream)
+    assert pn.cached(stream).port_rule == 0
+    before = pn.counters("rule", port)
+    pn.repeat("classify_from_pod", stream, 40)
+    assert pn.counters("rule", port).cloned == before.cloned
+
+
+def test_packets_without_a_plain_probe_take_the_full_path(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    slot = pn.rule_slot("demo/p", 0)
+    # A TCP header cut before the flags: the full parse finds no ports (a flow with
+    # ports 0, not mirrored); it must not be cached for the flow with the real ports.
+    cut = bytes(ETH / IP(src=POD, dst=PEER, proto=6) / bytes.fromhex("9c400050"))
+    for _ in range(3):
+        run_unchanged(pn, cut)
+    assert pn.cache_entries() == []
+    before = pn.counters("rule", slot).cloned
+    run_unchanged(pn, ack(POD, PEER, 40000, 80))
+    assert pn.counters("rule", slot).cloned == before + 1
+    for pkt in (bytes(ETH / Dot1Q(vlan=5) / IP(src=POD, dst=PEER) / UDP(sport=1, dport=2)),
+                bytes(ETH / IP(src=POD, dst=PEER, options=b"\x01\x01\x01\x00") /
+                      UDP(sport=1, dport=2)),
+                syn(dport=443)):
+        run_unchanged(pn, pkt)
+        run_unchanged(pn, pkt)
+    assert pn.cache_entries() == []
+
+
+def test_a_cached_flow_still_refreshes_its_entry_every_jiffy(fresh):
+    pn = fresh
+    pn.apply(state(policy("demo/p", rule("demo/p", 0, ports=[tcp_ports(80)]))))
+    pkt = udp()
+    run_unchanged(pn, pkt)
+    run_unchanged(pn, pkt)
+    (_, first), = pn.flows()
+    for _ in range(3):
+        time.sleep(0.03)  # several jiffies at any HZ
+        pn.repeat("classify_from_pod", pkt, 100)
+    (_, later), = pn.flows()
+    assert later.last_seen_ns > first.last_seen_ns
+    assert later.first_seen_ns == first.first_seen_ns
+
+
 # ---------------------------------------------------------------------- any packet
 packets = st.one_of(
     st.binary(min_size=0, max_size=200),
@@ -414,8 +531,7 @@ def test_kernel_verdict_equals_explain(fresh, peer, proto, sport, dport, syn, ou
                                                 host_ifname="vpod"))
     if pn.node.last is None or pn.node.last.plan.rule_slots.get(1) != ("a/web", 0):
         pn.apply(st_)
-    for k in list(pn.node.datapath.maps["flows"].keys()):
-        pn.node.datapath.maps["flows"].delete(k)
+    pn.clear_flows()
     src, dst = (POD, peer) if outbound else (peer, POD)
     if proto == 6:
         l4 = TCP(sport=sport, dport=dport, flags="S" if syn else "A")
@@ -431,3 +547,20 @@ def test_kernel_verdict_equals_explain(fresh, peer, proto, sport, dport, syn, ou
     want = explain(st_, src, dst, proto, interface_key="demo/web/eth0",
                    tcp_syn=(proto == 6 and syn), **ports)
     assert kernel == sorted(c.mirror_id for c in want.copies)
+    # Later packets of the flow (the flow table, then the flow cache when nothing is
+    # mirrored) make the same copies: one per rule, every packet.
+    later = bytes(ETH / IP(src=src, dst=dst) / (TCP(sport=sport, dport=dport, flags="A")
+                                                 if proto == 6 else l4))
+    before = copies_made(pn)
+    for _ in range(3):
+        run_unchanged(pn, later, "from" if outbound else "to")
+    assert copies_made(pn) - before == 3 * len(want.copies)
+
+
+def copies_made(pn) -> int:
+    """Clones attempted for every rule slot in use (made or failed)."""
+    total = 0
+    for slot in pn.node.last.plan.rule_slots:
+        t = pn.counters("rule", slot)
+        total += t.cloned + t.drops["clone_failed"]
+    return total

@@ -439,3 +439,31 @@ def test_in_cluster_config(monkeypatch, tmp_path):
     assert c.configuration.api_key["BearerToken"].endswith("secret-token")
     assert c.configuration.ssl_ca_cert == str(cert)
     assert c.configuration.retries is False
+
+
+def test_unchanged_kinds_and_objects_are_handed_over_as_the_same_objects(emu, make_source):
+    """What the incremental compiler relies on: a kind none of whose objects changed comes
+    as the same tuple, an unchanged object as the same dict, also across a relist (an
+    object whose uid and resourceVersion did not change is not trimmed or kept again)."""
+    src, snaps = make_source(cluster(), emu)
+    first = snaps.last
+    emu.apply(csp("mirror-web", "demo", "web", "analyzer1"))
+    second = snaps.wait(lambda s: s.policies, what="the policy")
+    assert second.pods is first.pods and second.namespaces is first.namespaces
+    assert second.policies is not first.policies
+    # A pod changes: a new pods tuple, in which the other pods are the same dicts.
+    emu.apply(pod("client", "demo", "node1", "198.18.1.99", {"app": "client"}))
+    third = snaps.wait(lambda s: any(p["status"]["podIP"] == "198.18.1.99" for p in s.pods))
+    assert third.pods is not second.pods and third.policies is second.policies
+    before = {id(p) for p in second.pods}
+    assert sorted(n for p in third.pods if id(p) not in before
+                  for n in [p["metadata"]["name"]]) == ["client"]
+    # Every watch cut and history compacted: a full relist, the objects kept as they were.
+    relists = {r: x.stats.relists for r, x in src.reflectors.items()}
+    emu.compact(everyone=True)
+    emu.cut_watches()
+    wait_until(lambda: all(x.stats.relists > relists[r] and x.connected
+                           for r, x in src.reflectors.items()), 10, what="the relists")
+    pods = src.reflectors[kube.PODS]
+    assert pods.objects() is third.pods  # the same dicts: even the same tuple
+    assert src.snapshot().pods is third.pods

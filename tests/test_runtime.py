@@ -200,17 +200,17 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
 def test_a_compiler_crash_does_not_stop_the_agent(make_agent, monkeypatch):
     agent, source, node = make_agent()
     agent.start()
-    real = runtime.compile_node
+    real = runtime.Compiler.compile
 
-    def crash(snapshot, node_name):
+    def crash(self, snapshot):
         raise ValueError("compiler bug")
 
-    monkeypatch.setattr(runtime, "compile_node", crash)
+    monkeypatch.setattr(runtime.Compiler, "compile", crash)
     source.emit(snap())
     assert agent.wait_for(1, 5)
     assert not agent.last_report.ok and "compiler bug" in agent.last_report.exception
     assert node.applied == []
-    monkeypatch.setattr(runtime, "compile_node", real)
+    monkeypatch.setattr(runtime.Compiler, "compile", real)
     source.emit(snap())
     assert agent.wait_for(2, 5) and agent.last_report.ok
 
