@@ -99,27 +99,6 @@ def prog_id(prog_fd: int) -> int:
     return info.id
 
 
-def prog_maps(prog_fd: int) -> dict[str, int]:
-    """The maps a loaded program uses, opened: name (as the kernel has it, at most 15
-    characters) -> a new fd. For maps that are not pinned."""
-    info = _ProgInfo()
-    size = C.c_uint32(C.sizeof(info))
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, C.byref(info), C.byref(size)), "prog info")
-    ids = (C.c_uint32 * info.nr_map_ids)()
-    info2 = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=C.addressof(ids))
-    size = C.c_uint32(C.sizeof(info2))
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, C.byref(info2), C.byref(size)), "prog info")
-    out = {}
-    for map_id in ids[: min(info.nr_map_ids, info2.nr_map_ids)]:
-        fd = _check(lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
-        name = map_info(fd).name.decode()
-        if name in out:
-            os.close(fd)
-        else:
-            out[name] = fd
-    return out
-
-
 def possible_cpus() -> int:
     """Number of possible CPUs: the size of a per-CPU map value's array."""
     text = open("/sys/devices/system/cpu/possible").read().strip()

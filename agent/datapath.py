@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from . import layout
-from .bpfsys import BpfMap, obj_get, prog_maps
+from .bpfsys import BpfMap, obj_get
 from .netns import iproute, run, sysctl
 
 log = logging.getLogger(__name__)
@@ -142,31 +142,12 @@ class Datapath:
         try:
             for name in PROGRAMS:
                 self.progs[name] = obj_get(prog_pin(self.pin_root, name))
-            unpinned: dict[str, int] | None = None  # the programs' own maps, by name
             for spec in layout.map_specs(self.max_flow_dests):
                 if spec.kind == "prog":
                     continue
-                percpu = spec.kind.startswith("percpu")
-                if spec.pinned:
-                    self.maps[spec.name] = BpfMap.pinned(f"{self.pin_root}/{spec.name}",
-                                                         C.sizeof(spec.key),
-                                                         C.sizeof(spec.value), percpu=percpu)
-                    continue
-                if unpinned is None:  # found through the programs that use them
-                    unpinned = {}
-                    for fd in self.progs.values():
-                        for name, map_fd in prog_maps(fd).items():
-                            if name in unpinned:
-                                os.close(map_fd)
-                            else:
-                                unpinned[name] = map_fd
-                fd = unpinned.pop(spec.name[:15], None)  # the kernel keeps 15 characters
-                if fd is None:
-                    raise DatapathError(f"no loaded program uses map {spec.name}")
-                self.maps[spec.name] = BpfMap(fd, C.sizeof(spec.key), C.sizeof(spec.value),
-                                              percpu=percpu)
-            for fd in (unpinned or {}).values():
-                os.close(fd)
+                self.maps[spec.name] = BpfMap.pinned(f"{self.pin_root}/{spec.name}",
+                                                     C.sizeof(spec.key), C.sizeof(spec.value),
+                                                     percpu=spec.kind.startswith("percpu"))
         except BaseException as e:
             self.close()
             if isinstance(e, OSError):

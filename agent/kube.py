@@ -85,6 +85,15 @@ class Vanished(Exception):
     """404 on list: the resource is no longer served (its CRD was removed)."""
 
 
+def _raise_stream_error(e: Exception) -> None:
+    """Raise what a failed list or watch call (an ApiException) means for the stream, if
+    it means one: Gone (410: relist) or Vanished (404: the kind is not served)."""
+    if e.status == 410:
+        raise Gone() from e
+    if e.status == 404:
+        raise Vanished() from e
+
+
 # --- Resources -----------------------------------------------------------------------------
 
 
@@ -382,10 +391,7 @@ class _Reflector:
                 data = _get_json(self._call, limit=self.source.page_size, _continue=token,
                                  _request_timeout=self.source.request_timeout)
             except ApiException as e:
-                if e.status == 404:
-                    raise Vanished() from e
-                if e.status == 410:
-                    raise Gone() from e
+                _raise_stream_error(e)
                 raise
             for item in data.get("items") or []:
                 obj = self._accept(item, self.cache)
@@ -437,10 +443,7 @@ class _Reflector:
                               timeout_seconds=timeout,
                               _request_timeout=(src.request_timeout, timeout + 30))
         except ApiException as e:
-            if e.status == 410:
-                raise Gone() from e
-            if e.status == 404:
-                raise Vanished() from e
+            _raise_stream_error(e)
             raise
         self._resp = resp
         if self.stopped.is_set():

@@ -139,8 +139,9 @@ class FlowCacheEntry(C.Structure):
     are filled from flow-table hits only; flows with copies are never cached, so every
     packet of theirs reaches the flow table, which counts it. `tick` is the jiffy the slot
     was filled in: a hit in a later jiffy takes the full path once more (refreshing the
-    flow entry's last_seen_ns and LRU age, and re-checking the verdict). Not pinned: each
-    load of the programs starts with an empty cache.
+    flow entry's last_seen_ns and LRU age, and re-checking the verdict). Pinned like the
+    flow table: a restarted agent adopts it, and a slot serves at most until the next
+    jiffy before the flow table is asked again.
     """
 
     _fields_ = [
@@ -290,16 +291,13 @@ class MapSpec:
     value: type
     entries: int
     flags: int = 0
-    pinned: bool = True  # False: private to one load of the programs (a cache)
 
 
 BPF_F_NO_PREALLOC = 1
 
 
 def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ...]:
-    """Every map the programs use. All but the flow cache are pinned under the pin root by
-    name (the cache is private to one load of the programs: a restarted agent's programs
-    start with an empty one, whatever an older version kept in it)."""
+    """Every map the programs use, each pinned under the pin root by its name."""
     return (
         MapSpec("config", "array", u32, Config, 1),
         MapSpec("interfaces", "hash", u32, InterfaceEntry, MAX_INTERFACES),  # by ifindex
@@ -307,9 +305,8 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         MapSpec("rules", "array", u32, RuleEntry, MAX_RULES),
         MapSpec("destinations", "array", u32, DestEntry, MAX_DESTINATIONS),
         MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests), FLOW_TABLE_SIZE),
-        MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS,
-                pinned=False),
-        MapSpec("flow_cache_tags", "percpu_array", u32, FlowCacheTags, 1, pinned=False),
+        MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS),
+        MapSpec("flow_cache_tags", "percpu_array", u32, FlowCacheTags, 1),
         MapSpec("src_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("dst_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
         MapSpec("src_v6", "lpm_trie", LpmV6Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
@@ -411,10 +408,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
     for spec in map_specs(max_flow_dests):
         path = f"{pin_root}/{spec.name}"
         key, value = _c_type_name(spec.key), _c_type_name(spec.value)
-        if not spec.pinned:
-            out.append(f'BPF_F_TABLE("{spec.kind}", {key}, {value}, {spec.name}, '
-                       f'{spec.entries}, {spec.flags});')
-        elif spec.flags:
+        if spec.flags:
             out.append(
                 f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
                 f'{spec.entries}, "{path}", {spec.flags});'

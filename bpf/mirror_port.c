@@ -126,20 +126,25 @@ static __always_inline int fit_mtu(struct __sk_buff *skb, __u32 l2_len, __u32 ov
     return 0;
 }
 
-/* Remove VLAN tags: jmirror carries the packet from its IP header on. */
-static __always_inline void strip_vlans(struct __sk_buff *skb)
+/* Remove VLAN tags: jmirror carries the packet from its IP header on. Returns the
+ * ethertype the frame ends with (still a VLAN one if a tag could not be removed), or 0
+ * if it cannot be read. */
+static __always_inline __u16 strip_vlans(struct __sk_buff *skb)
 {
+    __u16 proto = 0;
 #pragma unroll
     for (int i = 0; i < 3; i++) {
-        __u16 proto = 0;
         if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
-            return;
+            return 0;
         if (!skb->vlan_present && proto != bpf_htons(ETH_P_8021Q) &&
             proto != bpf_htons(ETH_P_8021AD))
-            return;
+            return proto;
         if (bpf_skb_vlan_pop(skb) < 0)
-            return;
+            return proto;
     }
+    if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+        return 0;
+    return proto;
 }
 
 /* Internal result: wrapped inline, but the next hop's MAC is unknown: go on through the
@@ -198,9 +203,8 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
                                         __u32 mirror_id, __u32 session_id, int *truncated,
                                         int in_line)
 {
-    strip_vlans(skb);
-    __u16 proto = 0;
-    if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+    __u16 proto = strip_vlans(skb);
+    if (!proto)
         return -DROP_WRAP_FAILED;
     if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
         return -DROP_NOT_IP;
@@ -288,6 +292,25 @@ static __always_inline int count_result(__u32 rule_slot, __u32 ifslot, __u32 des
     return TC_ACT_SHOT;
 }
 
+/* What a copy's mark (clone or wrapped tag) refers to: its rule, interface and
+ * destination, with the rule's and destination's entries (NULL when absent). */
+struct copy_ref {
+    __u32 rule_slot;
+    __u32 ifslot;
+    __u32 dest_slot;
+    struct rule_entry *r;
+    struct dest_entry *d;
+};
+
+static __always_inline void copy_ref_of(__u32 mark, struct copy_ref *c)
+{
+    c->rule_slot = mark & CLONE_RULE_MASK;
+    c->ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
+    c->r = rules.lookup(&c->rule_slot);
+    c->dest_slot = c->r ? c->r->dest : 0;
+    c->d = destinations.lookup(&c->dest_slot);
+}
+
 static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
 {
     __u32 mark = skb->mark;
@@ -295,16 +318,15 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
         count_node(DROP_FOREIGN);
         return TC_ACT_SHOT;
     }
-    __u32 rule_slot = mark & CLONE_RULE_MASK;
-    __u32 ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
-    struct rule_entry *r = rules.lookup(&rule_slot);
-    __u32 dest_slot = r ? r->dest : 0;
-    struct dest_entry *d = destinations.lookup(&dest_slot);
+    struct copy_ref c;
+    copy_ref_of(mark, &c);
+    struct rule_entry *r = c.r;
+    struct dest_entry *d = c.d;
     if (!r || !d || d->mode == MODE_NONE) {
-        count_copy(rule_slot, ifslot, dest_slot, DROP_NO_DESTINATION, 0, 0);
+        count_copy(c.rule_slot, c.ifslot, c.dest_slot, DROP_NO_DESTINATION, 0, 0);
         return TC_ACT_SHOT;
     }
-    __u32 *sid = sessions.lookup(&ifslot);
+    __u32 *sid = sessions.lookup(&c.ifslot);
     int truncated = 0;
     int rc;
     switch (d->mode) {
@@ -362,35 +384,21 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
                     (mark & ~CLONE_TAG_MASK);
         return TC_ACT_OK;
     }
-    return count_result(rule_slot, ifslot, dest_slot, rc, skb->len, truncated);
+    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, truncated);
 }
 
-/* A copy wrapped inline whose next hop needed resolving: route it from its outer header. */
+/* A copy wrapped inline (jmirror) whose next hop needed resolving: route it as its
+ * destination says, from this clean softirq context. */
 static __always_inline int route_wrapped(struct __sk_buff *skb, __u32 mark)
 {
-    __u32 rule_slot = mark & CLONE_RULE_MASK;
-    __u32 ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
+    struct copy_ref c;
+    copy_ref_of(mark, &c);
     int truncated = (mark & CLONE_TAG_MASK) == WRAPPED_TRUNCATED_TAG;
-    struct rule_entry *r = rules.lookup(&rule_slot);
-    __u32 dest_slot = r ? r->dest : 0;
-    struct dest_entry *d = destinations.lookup(&dest_slot);
-    if (!d)
-        return count_result(rule_slot, ifslot, dest_slot, -DROP_NO_DESTINATION, 0, 0);
-    __u16 proto = 0;
-    __u32 addrs[8] = {};  /* source, then destination */
-    int rc = -DROP_WRAP_FAILED;
-    bpf_skb_load_bytes(skb, 12, &proto, 2);
-    if (proto == bpf_htons(ETH_P_IP) &&
-        bpf_skb_load_bytes(skb, ETH_HLEN + 12, addrs, 8) == 0) {
-        addrs[4] = addrs[1];
-        rc = send_routed(skb, FAMILY_V4, addrs, &addrs[4], d->udp_port,
-                         skb->len - ETH_HLEN, 0);
-    } else if (proto == bpf_htons(ETH_P_IPV6) &&
-               bpf_skb_load_bytes(skb, ETH_HLEN + 8, addrs, 32) == 0) {
-        rc = send_routed(skb, FAMILY_V6, addrs, &addrs[4], d->udp_port,
-                         skb->len - ETH_HLEN, 0);
-    }
-    return count_result(rule_slot, ifslot, dest_slot, rc, skb->len, truncated);
+    int rc = -DROP_NO_DESTINATION;
+    if (c.d)
+        rc = send_routed(skb, c.d->mode == MODE_JMIRROR6 ? FAMILY_V6 : FAMILY_V4,
+                         c.d->src_addr, c.d->dst_addr, c.d->udp_port, skb->len - ETH_HLEN, 0);
+    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, truncated);
 }
 
 /* The copies that went through the port: segmented, checksums finished; or already
@@ -401,13 +409,6 @@ int mirror_wrap(struct __sk_buff *skb)
     if (tag == WRAPPED_TAG || tag == WRAPPED_TRUNCATED_TAG)
         return route_wrapped(skb, skb->mark);
     return wrap_copy(skb, 0);
-}
-
-static __always_inline __u16 fold16(__u32 sum)
-{
-    sum = (sum & 0xFFFF) + (sum >> 16);
-    sum = (sum & 0xFFFF) + (sum >> 16);
-    return sum;
 }
 
 /* Whether the kernel still has to finish a TCP or UDP checksum of this copy. The sender
@@ -431,7 +432,7 @@ static __always_inline int l4_csum_unfinished(struct __sk_buff *skb, __u32 l4_of
         return proto == IPPROTO_SCTP;  /* CRC32c offload: also PARTIAL */
     }
     pseudo_sum += bpf_htons(proto) + bpf_htons(l4_len);
-    return check == fold16(pseudo_sum);
+    return check == (__u16)~csum_fold(pseudo_sum);  /* the folded sum, uncomplemented */
 }
 
 /* Whether a copy must go through the port for the kernel to finish it (segmentation,
@@ -471,8 +472,7 @@ static __always_inline int needs_kernel_finish(struct __sk_buff *skb)
         return l4_csum_unfinished(skb, ETH_HLEN + sizeof(ip6), nh, sum,
                                   bpf_ntohs(ip6.payload_len));
     }
-    /* VLAN-tagged and other frames: the long way. Non-IP frames never need finishing,
-     * but they are rare enough not to be worth a case of their own. */
+    /* ARP never needs finishing; VLAN-tagged and other frames take the long way. */
     return proto != bpf_htons(ETH_P_ARP);
 }
 

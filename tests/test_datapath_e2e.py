@@ -205,11 +205,19 @@ def ip_of(frame) -> bytes:
     return bytes(frame[IP] if IP in frame else frame[IPv6])
 
 
-def rx_packets(netns: str, dev: str = "eth0") -> int:
+def link(netns: str, dev: str) -> dict:
+    """`ip -j -s link show` of one interface: its address, and its counters in stats64."""
     import json
 
-    link = json.loads(ns_sh(netns, "ip", "-j", "-s", "link", "show", dev).stdout)[0]
-    return link["stats64"]["rx"]["packets"]
+    return json.loads(ns_sh(netns, "ip", "-j", "-s", "link", "show", dev).stdout)[0]
+
+
+def rx_packets(netns: str, dev: str = "eth0") -> int:
+    return link(netns, dev)["stats64"]["rx"]["packets"]
+
+
+def tx_packets(netns: str, dev: str) -> int:
+    return link(netns, dev)["stats64"]["tx"]["packets"]
 
 
 def counters(node, kind: str, slot: int):
@@ -279,30 +287,17 @@ def test_jmirror_to_analyzers_on_this_node_another_node_and_outside(lab, node):
         assert after.packets == after.cloned and sum(after.drops.values()) == 0, name
 
 
-def tx_packets(netns: str, dev: str) -> int:
-    import json
-
-    link = json.loads(ns_sh(netns, "ip", "-j", "-s", "link", "show", dev).stdout)[0]
-    return link["stats64"]["tx"]["packets"]
-
-
 def raw_udp_from(lab, pod: str, dst_ip: str, n: int, dport: int) -> None:
     """UDP datagrams with finished checksums, written to the pod's eth0 as frames (not
     CHECKSUM_PARTIAL, like packets that entered the node from a wire)."""
     p = lab.pods[pod]
-    gw_mac = json_link(lab.nodes["node1"].netns, p.host_ifname)["address"]
+    gw_mac = link(lab.nodes["node1"].netns, p.host_ifname)["address"]
     frames = [bytes(Ether(dst=gw_mac, src=p.mac) / IP(src=p.ip, dst=dst_ip) /
                     UDP(sport=41000, dport=dport) / (bytes([i]) * 60)) for i in range(n)]
     code = ("import socket;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW);"
             "s.bind(('eth0',0))\n"
             f"for h in {[f.hex() for f in frames]!r}: s.send(bytes.fromhex(h))")
     ns_sh(p.netns, "python3", "-c", code)
-
-
-def json_link(netns: str, dev: str) -> dict:
-    import json
-
-    return json.loads(ns_sh(netns, "ip", "-j", "link", "show", dev).stdout)[0]
 
 
 def test_finished_copies_are_wrapped_inline_the_rest_through_the_port(lab, node):
