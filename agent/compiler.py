@@ -21,14 +21,29 @@ Policies
 Pods
   Finished pods (Succeeded, Failed) are ignored: their addresses may be reused. Pods on
   the host network are never attached to nor endpoints (their address is the node's),
-  but may be analyzers. Selected pods stand for their status.podIPs, as /32 and /128.
+  nor analyzers. Selected pods stand for their status.podIPs, as /32 and /128.
+
+  What a pod's owner writes is not believed where it decides where traffic goes or
+  which interface is attached: a pod's network annotations (Multus network-status, the
+  cn2mirror.io/mac and cn2mirror.io/host-interface annotations) count only in namespaces
+  an admin labelled cn2mirror.io/trusted-network-annotations=true. Elsewhere a pod has
+  one interface, its default one, with the kubelet's addresses and no MAC or host
+  interface name: the node finds the host side from its own tables (agent/discovery.py).
+  Secondary (Multus) interfaces there are not attached, and that is said on the pod.
 
 Destinations
   The analyzer pod is chosen among the live pods labelled core.juniper.net/analyzer-pod
-  with the destination's value: usable ones first (an address on the receiving
-  interface, and a MAC in L2 mode), running ones first among those, then by namespace
-  and name. The choice is recomputed from scratch, so it moves when the pod goes away.
-  Its address: the first IPv4 one of the receiving interface, else the first IPv6 one.
+  with the destination's value, in the namespaces an admin allows: those listed on the
+  MirrorDestination (spec.analyzerNamespaces in this project's group, or the annotation
+  cn2mirror.io/analyzer-namespaces "ns1,ns2" in either group) and those labelled
+  cn2mirror.io/analyzer-namespace=true. Labelled pods elsewhere, and hostNetwork pods,
+  are never chosen and are named in the destination's errors. Among the allowed ones:
+  usable ones first (an address on the receiving interface, and a MAC in L2 mode),
+  running ones first among those, then by namespace and name. The choice is recomputed
+  from scratch, so it moves when the pod goes away. Its address: the first IPv4 one of
+  the receiving interface, else the first IPv6 one; the receiving interface is the
+  default one (status.podIPs) unless the pod marks a Multus one and its namespace is
+  trusted for network annotations (see Pods).
 
 Flow evaluation (the datapath's, mirrored by explain())
   The first packet of a flow is evaluated, on each local interface that sees it, against
@@ -75,6 +90,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .model import (
+    ANN_ANALYZER_NAMESPACES,
+    ANN_HOST_INTERFACE,
     ANN_MAC,
     ANN_MIRROR_DESTINATION,
     ANN_MULTUS_STATUS,
@@ -84,14 +101,17 @@ from .model import (
     KIND_MD,
     KIND_NAMESPACE,
     KIND_POD,
+    LABEL_ANALYZER_NAMESPACE,
     LABEL_ANALYZER_POD,
     LABEL_ANALYZER_SELECTOR,
+    LABEL_TRUSTED_NETWORK_ANNOTATIONS,
     PROTOCOLS,
     MirrorDestination,
     ModelError,
     Namespace,
     Peer,
     Pod,
+    PodInterface,
     PolicyPort,
     PolicyRule,
     SecurityPolicy,
@@ -196,6 +216,48 @@ class _World:
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         return (self.namespaces.get(name) or implicit_namespace(name)).labels
 
+    def trusts_network_annotations(self, namespace: str) -> bool:
+        """Whether an admin vouches for the network annotations of this namespace's pods."""
+        return self.namespace_labels(namespace).get(LABEL_TRUSTED_NETWORK_ANNOTATIONS) == "true"
+
+    def allows_analyzers(self, md: MirrorDestination, namespace: str) -> bool:
+        """Whether an admin allows ``md``'s analyzer pods in ``namespace``."""
+        return namespace in md.analyzer_namespaces or \
+            self.namespace_labels(namespace).get(LABEL_ANALYZER_NAMESPACE) == "true"
+
+
+def _believed_interfaces(pod: Pod, world: _World) -> tuple[PodInterface, ...]:
+    """The pod's interfaces as far as cn2mirror believes them (see Pods above): all of
+    them in a trusted namespace; else the default one with the kubelet's addresses only."""
+    if not pod.interfaces or world.trusts_network_annotations(pod.namespace):
+        return pod.interfaces
+    default = pod.interfaces[0]
+    return (replace(default, mac=None, host_ifname=None,
+                    ips=() if default.ips_from_annotations else default.ips),)
+
+
+def _disbelieved(pod: Pod, selected: set[str]) -> list[str]:
+    """What of a local pod's own network annotations is ignored and matters, said on it."""
+    out = []
+    default = pod.interfaces[0] if pod.interfaces else None
+    if default is not None and default.host_ifname:
+        out.append(f"annotation {ANN_HOST_INTERFACE} ignored: {_untrusted_note(pod)}; "
+                   f"the node finds the host interface from its own tables")
+    if default is not None and default.ips and default.ips_from_annotations:
+        out.append(f"addresses of {default.name} from {ANN_MULTUS_STATUS} ignored until the "
+                   f"kubelet reports status.podIPs: {_untrusted_note(pod)}")
+    secondary = [i.name for i in pod.interfaces[1:]]
+    if secondary and pod.key in selected:
+        out.append(f"secondary interfaces {', '.join(secondary)} not mirrored: their "
+                   f"addresses come from the pod's own {ANN_MULTUS_STATUS}, and "
+                   f"{_untrusted_note(pod)}")
+    return out
+
+
+def _untrusted_note(pod: Pod) -> str:
+    return (f"namespace {pod.namespace} is not labelled {LABEL_TRUSTED_NETWORK_ANNOTATIONS}"
+            f"=true, so the pod's own network annotations are not believed")
+
 
 class _Parsed:
     """One object of a snapshot and what parsing it gave (kept while the object is)."""
@@ -278,15 +340,55 @@ def _preferred_ip(ips: tuple[str, ...]) -> str:
     return next((ip for ip in ips if ipaddress.ip_address(ip).version == 4), ips[0])
 
 
-def _analyzer_problem(pod: Pod, mode: DeliveryMode) -> str | None:
-    iface = pod.analyzer_interface()
+def _receiving_interface(pod: Pod, world: _World) -> PodInterface | str:
+    """The analyzer pod's receiving interface as believed, or why there is none."""
+    marked = pod.analyzer_interface()
+    believed = _believed_interfaces(pod, world)
+    if not marked.default and marked not in believed:
+        return (f"analyzer pod {pod.key} marks {marked.name} as its receiving interface, "
+                f"whose addresses come from its own network-status annotation, and "
+                f"{_untrusted_note(pod)}")
+    return marked if marked in believed else believed[0]
+
+
+def _analyzer_problem(pod: Pod, mode: DeliveryMode, world: _World) -> str | None:
+    iface = _receiving_interface(pod, world)
+    if isinstance(iface, str):
+        return iface
     if not iface.ips:
         return f"analyzer pod {pod.key} has no IP on {iface.name} yet"
     if mode is DeliveryMode.L2 and iface.mac is None:
+        known = pod.analyzer_interface().mac is not None
         return (f"juniperHeader false sends the frame to the analyzer's MAC, and none is known "
                 f"for pod {pod.key} interface {iface.name} (annotation {ANN_MAC} or "
-                f"{ANN_MULTUS_STATUS})")
+                f"{ANN_MULTUS_STATUS}" + (f"; {_untrusted_note(pod)})" if known else ")"))
     return None
+
+
+def _analyzer_refusal(pod: Pod, md: MirrorDestination, world: _World) -> str | None:
+    """Why a pod carrying the analyzer label may not be ``md``'s analyzer, if it may not."""
+    if pod.host_network:
+        return f"pod {pod.key} is on the host network (never an analyzer)"
+    if not world.allows_analyzers(md, pod.namespace):
+        return (f"pod {pod.key} is in namespace {pod.namespace}, which no admin allowed "
+                f"analyzers in")
+    return None
+
+
+def refused_analyzers(md: MirrorDestination, world: _World) -> list[str]:
+    """Pods carrying ``md``'s analyzer label that are never chosen, and why."""
+    if md.analyzer_selector is None or md.external_analyzer or \
+            md.mode in (DeliveryMode.VXLAN, DeliveryMode.VLAN):
+        return []
+    return [why for p in world.pods
+            if not p.terminal and p.labels.get(LABEL_ANALYZER_POD) == md.analyzer_selector
+            and (why := _analyzer_refusal(p, md, world))]
+
+
+def _how_to_allow(md: MirrorDestination) -> str:
+    return (f"allow a namespace with `kubectl label namespace <ns> "
+            f"{LABEL_ANALYZER_NAMESPACE}=true` or, on this MirrorDestination, "
+            f"spec.analyzerNamespaces or the annotation {ANN_ANALYZER_NAMESPACES}")
 
 
 def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | str:
@@ -308,26 +410,32 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
     if md.analyzer_selector is None:
         return (f"no analyzer: label the MirrorDestination {LABEL_ANALYZER_SELECTOR}=<value> "
                 f"(or set externalAnalyzer and analyzerIP)")
-    candidates = [
+    labelled = [
         p for p in world.pods
         if not p.terminal and p.labels.get(LABEL_ANALYZER_POD) == md.analyzer_selector
     ]
-    if not candidates:
+    if not labelled:
         return f"no pod has label {LABEL_ANALYZER_POD}={md.analyzer_selector}"
+    # Only admins decide where copies go: pods elsewhere never become the analyzer.
+    candidates = [p for p in labelled if _analyzer_refusal(p, md, world) is None]
+    if not candidates:
+        return (f"no pod labelled {LABEL_ANALYZER_POD}={md.analyzer_selector} may be the "
+                f"analyzer ({'; '.join(refused_analyzers(md, world))}): {_how_to_allow(md)}")
     # Usable pods first, running ones first among them, then by namespace/name. The choice
     # is recomputed each time: it moves when the chosen pod goes away (or a better one comes).
-    chosen = min(candidates, key=lambda p: (_analyzer_problem(p, mode) is not None,
+    chosen = min(candidates, key=lambda p: (_analyzer_problem(p, mode, world) is not None,
                                             p.phase != "Running", p.namespace, p.name))
-    problem = _analyzer_problem(chosen, mode)
+    problem = _analyzer_problem(chosen, mode, world)
     if problem:
         return problem
-    iface = chosen.analyzer_interface()
+    iface = _receiving_interface(chosen, world)
+    assert not isinstance(iface, str)  # no problem above
     destination = Destination(name=md.name, mode=mode, analyzer_ip=_preferred_ip(iface.ips),
                               analyzer_pod=chosen.key)
     if mode is DeliveryMode.JMIRROR:
         return replace(destination, udp_port=md.udp_port)
-    # L2: analyzer_ip is for display; the host side of a local analyzer, when annotated,
-    # spares the datapath a search by MAC.
+    # L2: analyzer_ip is for display; the host side of a local analyzer, when annotated
+    # (and believed), spares the datapath a search by MAC.
     return replace(destination, analyzer_mac=iface.mac,
                    analyzer_ifname=iface.host_ifname if chosen.node == node else None)
 
@@ -497,6 +605,7 @@ class Compiler:
         self._mirror_ids: dict[str, int] = {}
         self._session_ids: dict[str, int] = {}
         self._resolved: dict[str, Destination | str] = {}
+        self._refused: dict[str, list[str]] = {}  # destination -> labelled pods not allowed
         self._selections: dict[tuple[Peer, str | None], _Selection] = {}
         self._policies: dict[str, _PolicyRecord] = {}  # by policy key
         self._analyzers_changed = False  # a pod labelled as an analyzer changed
@@ -625,12 +734,19 @@ class Compiler:
                 self._mirror_ids = assign_ids(keys, MIRROR_ID_MAX)
         mirror_ids = self._mirror_ids
 
-        if first or changed[KIND_MD] or self._analyzers_changed:
+        if first or changed[KIND_MD] or changed[KIND_NAMESPACE] or self._analyzers_changed:
             self._resolved = {name: _resolve(md, world, node)
                               for name, md in sorted(world.destinations.items())}
+            # Labelled pods an admin did not allow: said on the destination even when
+            # another pod is its analyzer.
+            self._refused = {name: refused for name, md in world.destinations.items()
+                             if isinstance(self._resolved[name], Destination)
+                             and (refused := refused_analyzers(md, world))}
         resolved = self._resolved
         errors += [ObjectError(KIND_MD, name, r) for name, r in resolved.items()
                    if isinstance(r, str)]
+        errors += [ObjectError(KIND_MD, name, "not chosen as the analyzer: " + "; ".join(r))
+                   for name, r in self._refused.items()]
 
         policies = []
         used_selections: set[tuple[Peer, str | None]] = set()
@@ -655,8 +771,12 @@ class Compiler:
             del self._selections[key]
 
         port_mirrors: dict[str, PortMirror] = {}
+        selected = {key.rsplit("/", 1)[0] for p in policies for key in p.interfaces}
         for pod in self._node_pods:
             problems = list(pod.problems)
+            believed = _believed_interfaces(pod, world)
+            if not pod.host_network and believed is not pod.interfaces:
+                problems += _disbelieved(pod, selected)
             for i in pod.interfaces:
                 if not i.mirror_to:
                     continue
@@ -664,6 +784,8 @@ class Compiler:
                 dest = world.broken_destinations.get(i.mirror_to) or resolved.get(i.mirror_to)
                 if pod.host_network:
                     problems.append(f"{where}: a hostNetwork pod has no interface of its own")
+                elif not i.default and i not in believed:
+                    problems.append(f"{where}: not mirrored: {_untrusted_note(pod)}")
                 elif dest is None:
                     problems.append(f"{where}: no MirrorDestination named {i.mirror_to}")
                 elif isinstance(dest, str):
@@ -691,7 +813,7 @@ class Compiler:
                 port_mirrors=(port_mirrors[key],) if key in port_mirrors else (),
             )
             for pod in self._local_pods
-            for i in pod.interfaces
+            for i in _believed_interfaces(pod, world)
             if (key := f"{pod.key}/{i.name}") in needed
         )
         used = {r.destination for p in policies for r in p.rules if r.destination}
@@ -754,7 +876,7 @@ class Compiler:
             f"{pod.key}/{i.name}"
             for pod in self._local_pods
             if any(_selects(s, policy.namespace, pod, world) for s in selectors)
-            for i in pod.interfaces
+            for i in _believed_interfaces(pod, world)
         )
         if not interfaces:
             return None

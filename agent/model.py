@@ -58,6 +58,20 @@ ANN_MULTUS_STATUS = "k8s.v1.cni.cncf.io/network-status"
 ANN_MAC = "cn2mirror.io/mac"  # the default interface's MAC, when no network-status gives it
 ANN_HOST_INTERFACE = "cn2mirror.io/host-interface"  # host side of the default interface
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
+# Who decides where copies go (issue 11). Namespaces and MirrorDestinations are
+# cluster-scoped, so only cluster admins write these; a pod's owner writes its pods'
+# labels and annotations, which cn2mirror therefore never trusts for these decisions.
+# A namespace whose pods may be analyzers of every MirrorDestination:
+LABEL_ANALYZER_NAMESPACE = "cn2mirror.io/analyzer-namespace"
+# On a MirrorDestination (either API group): "ns1,ns2", namespaces whose pods may be its
+# analyzer (CN2's group has no spec field for it; ours also has spec.analyzerNamespaces).
+ANN_ANALYZER_NAMESPACES = "cn2mirror.io/analyzer-namespaces"
+# A namespace whose pods' own network annotations (Multus network-status, cn2mirror.io/mac,
+# cn2mirror.io/host-interface) are believed as if the node had reported them:
+LABEL_TRUSTED_NETWORK_ANNOTATIONS = "cn2mirror.io/trusted-network-annotations"
+NAMESPACE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label
+NAMESPACE_NAME_MAX_LENGTH = 63
+ANALYZER_NAMESPACES_MAX = 64
 
 # --- Enumerations, defaults and ranges (the CRDs use these) ------------------------------
 
@@ -120,6 +134,9 @@ class MirrorDestination:
     nic_assisted_vlan_id: int | None = None
     external_analyzer: bool = False
     analyzer_ip: str | None = None
+    # Namespaces an admin allows this destination's analyzer pods in (spec field of this
+    # project's group, or the ANN_ANALYZER_NAMESPACES annotation), sorted.
+    analyzer_namespaces: tuple[str, ...] = ()
 
     @property
     def mode(self) -> DeliveryMode:
@@ -240,6 +257,11 @@ class PodInterface:
     mirror_to: str | None = None  # port mirroring to this MirrorDestination
     analyzer: bool = False  # marked as the analyzer's receiving interface
     host_ifname: str | None = None
+    # Whether ips come only from the pod's own network-status annotation rather than from
+    # the kubelet (status.podIPs). Such addresses, like mac and host_ifname (always from
+    # annotations), are believed only in a namespace labelled
+    # LABEL_TRUSTED_NETWORK_ANNOTATIONS.
+    ips_from_annotations: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +418,7 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
     name, _, meta = _metadata(obj, KIND_MD)
     api_version = _api_version(obj, KIND_MD)
     labels = _string_map(meta.get("labels"), "metadata.labels")
+    annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     spec = _mapping(obj.get("spec"), "spec")
     p = "spec"
 
@@ -411,6 +434,19 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
     _in_range(vlan, VLAN_ID_MIN, VLAN_ID_MAX, "spec.nicAssistedVlanID")
     external = _typed(spec, "externalAnalyzer", p, bool, False)
     analyzer_ip = _ip(_typed(spec, "analyzerIP", p, str), "spec.analyzerIP")
+
+    namespaces = [
+        _namespace_name(n, f"spec.analyzerNamespaces[{i}]")
+        for i, n in enumerate(_list(spec.get("analyzerNamespaces"), "spec.analyzerNamespaces"))]
+    annotated = annotations.get(ANN_ANALYZER_NAMESPACES)
+    if annotated is not None:
+        where = f"metadata.annotations.{ANN_ANALYZER_NAMESPACES}"
+        if not isinstance(annotated, str):
+            raise _fail(where, "must be a comma-separated string of namespace names")
+        namespaces += [_namespace_name(n.strip(), where) for n in annotated.split(",")
+                       if n.strip()]
+    if len(set(namespaces)) > ANALYZER_NAMESPACES_MAX:
+        raise _fail("spec.analyzerNamespaces", f"at most {ANALYZER_NAMESPACES_MAX} namespaces")
 
     static = None
     if "staticNextHopHeader" in spec:
@@ -446,7 +482,15 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         nic_assisted_vlan_id=vlan,
         external_analyzer=external,
         analyzer_ip=analyzer_ip,
+        analyzer_namespaces=tuple(sorted(set(namespaces))),
     )
+
+
+def _namespace_name(value: Any, path: str) -> str:
+    if not isinstance(value, str) or len(value) > NAMESPACE_NAME_MAX_LENGTH or \
+            not re.match(NAMESPACE_NAME_PATTERN, value):
+        raise _fail(path, f"{value!r} is not a namespace name")
+    return value
 
 
 def _static_next_hop(value: Any, path: str) -> StaticNextHop:
@@ -652,10 +696,12 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
 
     statuses = _network_status(annotations.get(ANN_MULTUS_STATUS), problems)
     default_status = next((s for s in statuses if s.get("default") is True), {})
+    kubelet_ips = _kubelet_ips(status, problems)
     default = PodInterface(
         name=default_status.get("interface") or "eth0",
         default=True,
-        ips=_pod_ips(status, default_status, problems),
+        ips=kubelet_ips or _status_ips(default_status, problems),
+        ips_from_annotations=not kubelet_ips,
         mac=_annotated_mac(annotations, problems) or _status_mac(default_status, problems),
         mirror_to=_annotated_name(annotations, ANN_MIRROR_DESTINATION, "annotation", problems),
         analyzer=_is_true(annotations.get(ANN_ANALYZER_INTERFACE)),
@@ -679,6 +725,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
             network=f"{entry.get('namespace') or namespace}/{entry['name']}",
             mirror_to=_annotated_name(args, ANN_MIRROR_DESTINATION, where, problems),
             analyzer=_is_true(args.get(ANN_ANALYZER_INTERFACE)),
+            ips_from_annotations=True,
         ))
     marked = [i.name for i in interfaces if i.analyzer]
     if len(marked) > 1:
@@ -751,16 +798,16 @@ def _valid_ips(values: Any, where: str, problems: list[str]) -> tuple[str, ...]:
     return tuple(ips)
 
 
-def _pod_ips(status: Mapping[str, Any], default_status: Mapping[str, Any],
-             problems: list[str]) -> tuple[str, ...]:
-    """status.podIPs (both families), else status.podIP, else the network-status default."""
+def _kubelet_ips(status: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:
+    """status.podIPs (both families), else status.podIP: what the kubelet reports. (Without
+    them the default interface's addresses come from the network-status annotation.)"""
     entries = status.get("podIPs")
     if isinstance(entries, list) and entries:
         values = [e.get("ip") if isinstance(e, Mapping) else e for e in entries]
         return _valid_ips(values, "status.podIPs", problems)
     if status.get("podIP"):
         return _valid_ips([status["podIP"]], "status.podIP", problems)
-    return _status_ips(default_status, problems)
+    return ()
 
 
 def _status_ips(entry: Mapping[str, Any], problems: list[str]) -> tuple[str, ...]:

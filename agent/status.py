@@ -416,11 +416,12 @@ def _destination_fields(d: Destination, world: Any) -> tuple[dict, str]:
     pod = next((p for p in world.pods if p.key == d.analyzer_pod), None)
     fields["analyzerPod"] = d.analyzer_pod
     node = "an unscheduled node"
-    if pod is not None:
-        iface = pod.analyzer_interface()
+    iface = compiler._receiving_interface(pod, world) if pod is not None else None
+    if iface is not None and not isinstance(iface, str):
         fields["analyzerInterface"] = iface.name
         fields["analyzerMac"] = iface.mac
-        node = f"node {pod.node}" if pod.node else node
+    if pod is not None and pod.node:
+        node = f"node {pod.node}"
     return fields, (f"analyzer pod {d.analyzer_pod} on {node}, interface "
                     f"{fields.get('analyzerInterface', '?')}, {where}")
 
@@ -464,6 +465,9 @@ def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]
             r = resolved.get(parsed.name)
             if isinstance(r, Destination):
                 fields, message = _destination_fields(r, world)
+                refused = compiler.refused_analyzers(world.destinations[parsed.name], world)
+                if refused:  # labelled pods an admin did not allow: never chosen
+                    message += "; not chosen as the analyzer: " + "; ".join(refused)
                 out.append((chosen, _status(chosen, True, "Resolved", message, fields)))
             else:
                 out.append((chosen, _status(chosen, False, "AnalyzerUnavailable",

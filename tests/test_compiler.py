@@ -49,6 +49,8 @@ ANALYZER_POD = "core.juniper.net/analyzer-pod"
 MIRROR_ANN = "core.juniper.net/mirror-destination"
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+ANALYZER_NS = "cn2mirror.io/analyzer-namespace"
+TRUSTED = "cn2mirror.io/trusted-network-annotations"
 
 # --- Object builders -----------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ def host(*ips: str) -> tuple[Cidr, ...]:
 
 # The cluster most tests start from. Node n1: web-1, other-web, db; node n2: the rest.
 WORLD = [
-    namespace("demo", team="a"),
+    namespace("demo", team="a", **{ANALYZER_NS: "true"}),
     namespace("other", team="b"),
     pod("web-1", labels={"app": "web", "track": "stable"}, ips=("198.18.1.1", "fd00::1:1"),
         ports=(("http", 80, "TCP"), ("metrics", 9100, "TCP"))),
@@ -144,6 +146,13 @@ WORLD = [
 
 def world(*extra: dict, without: tuple[str, ...] = ()) -> list[dict]:
     return [o for o in WORLD if o["metadata"]["name"] not in without] + list(extra)
+
+
+def trusted_world(*extra: dict) -> list[dict]:
+    """WORLD with namespace demo trusted for its pods' network annotations (an admin's
+    label): Multus interfaces, MACs and host interfaces are believed there."""
+    return world(namespace("demo", team="a", **{ANALYZER_NS: "true", TRUSTED: "true"}),
+                 *extra, without=("demo",))
 
 
 def only_policy(state: NodeState):
@@ -474,6 +483,11 @@ def state_with_md(*objects: dict, name: str = "d") -> NodeState:
     return build(*world(*objects, csp("p", selectors=SELECT_WEB, secondaryActions=mirror(name))))
 
 
+def trusted_state_with_md(*objects: dict, name: str = "d") -> NodeState:
+    return build(*trusted_world(*objects, csp("p", selectors=SELECT_WEB,
+                                               secondaryActions=mirror(name))))
+
+
 def test_internal_analyzer():
     state = state_with_md(md("d", "analyzer1", udpPort=8099))
     assert state.errors == ()
@@ -507,7 +521,7 @@ def test_one_analyzer_pod_is_chosen_deterministically(candidates, chosen):
     pods = [pod(name, ns=ns, phase=phase, ips=ips, labels={ANALYZER_POD: "sel"})
             for ns, name, phase, ips in candidates]
     for order in (pods, pods[::-1]):
-        state = state_with_md(md("d", "sel"), *order)
+        state = state_with_md(md("d", "sel", analyzerNamespaces=["a", "b"]), *order)
         assert state.destination("d").analyzer_pod == chosen
 
 
@@ -527,13 +541,13 @@ def test_analyzer_interface_on_a_multus_network():
         "core.juniper.net/analyzer-interface": "true"}}]
     analyzer = pod("a", labels={ANALYZER_POD: "sel"}, ips=("198.18.9.1",), annotations={
         NETWORKS: json.dumps(networks), NETWORK_STATUS: json.dumps(status)})
-    state = state_with_md(md("d", "sel"), analyzer)
+    state = trusted_state_with_md(md("d", "sel"), analyzer)
     assert state.destination("d").analyzer_ip == "198.18.200.5"
-    state = state_with_md(md("d", "sel", juniperHeader=False), analyzer)
+    state = trusted_state_with_md(md("d", "sel", juniperHeader=False), analyzer)
     assert state.destination("d").analyzer_mac == "02:00:00:00:00:05"
     # Without network-status, the marked interface has no address yet.
     del analyzer["metadata"]["annotations"][NETWORK_STATUS]
-    state = state_with_md(md("d", "sel"), analyzer)
+    state = trusted_state_with_md(md("d", "sel"), analyzer)
     assert ObjectError("MirrorDestination", "d", "analyzer pod demo/a has no IP on net1 yet") \
         in state.errors
 
@@ -547,12 +561,12 @@ def test_external_analyzer():
 def test_l2_analyzer_mac_from_annotation_and_local_host_interface():
     analyzer = pod("a", labels={ANALYZER_POD: "sel"}, ips=("198.18.9.1",), annotations={
         "cn2mirror.io/mac": "02:AA:00:00:00:01", "cn2mirror.io/host-interface": "veth-a"})
-    state = state_with_md(md("d", "sel", juniperHeader=False), analyzer)
+    state = trusted_state_with_md(md("d", "sel", juniperHeader=False), analyzer)
     assert state.destinations == (Destination(
         name="d", mode=DeliveryMode.L2, analyzer_ip="198.18.9.1",
         analyzer_mac="02:aa:00:00:00:01", analyzer_ifname="veth-a", analyzer_pod="demo/a"),)
     analyzer["spec"]["nodeName"] = "n2"  # elsewhere: the datapath finds it by MAC
-    state = state_with_md(md("d", "sel", juniperHeader=False), analyzer)
+    state = trusted_state_with_md(md("d", "sel", juniperHeader=False), analyzer)
     assert state.destination("d").analyzer_ifname is None
 
 
@@ -562,7 +576,7 @@ def test_l2_analyzer_mac_from_network_status_and_preferred_over_one_without():
     without = pod("a", labels={ANALYZER_POD: "sel"}, ips=("198.18.9.1",))
     with_mac = pod("b", labels={ANALYZER_POD: "sel"}, ips=("198.18.9.2",),
                    annotations={NETWORK_STATUS: json.dumps(status)})
-    state = state_with_md(md("d", "sel", juniperHeader=False), without, with_mac)
+    state = trusted_state_with_md(md("d", "sel", juniperHeader=False), without, with_mac)
     assert (state.destination("d").analyzer_pod, state.destination("d").analyzer_mac) == (
         "demo/b", "02:00:00:00:00:02")
 
@@ -682,7 +696,7 @@ def test_cn2_group_objects_compile_like_ours():
 
 
 def test_port_mirroring_of_the_default_interface():
-    state = build(*world(pod("tap", labels={"app": "tap"}, ips=("198.18.8.1", "fd00::8:1"),
+    state = build(*trusted_world(pod("tap", labels={"app": "tap"}, ips=("198.18.8.1", "fd00::8:1"),
                              annotations={MIRROR_ANN: "external",
                                           "cn2mirror.io/mac": "02:00:00:00:08:01",
                                           "cn2mirror.io/host-interface": "cali123"})))
@@ -704,7 +718,7 @@ def test_port_mirroring_of_multus_interfaces():
                "mac": "02:00:00:00:00:01"},
               {"name": "demo/macvlan", "interface": "net1", "ips": ["198.18.200.1", "bad"],
                "mac": "02:00:00:00:00:02"}]
-    state = build(*world(pod("tap", ips=("198.18.8.1",), annotations={
+    state = build(*trusted_world(pod("tap", ips=("198.18.8.1",), annotations={
         NETWORKS: json.dumps(networks), NETWORK_STATUS: json.dumps(status)})))
     # The default interface and net3 are not mirrored, so not attached.
     assert [(i.pod_ifname, i.ips, i.mac, [m.destination for m in i.port_mirrors])
@@ -717,8 +731,9 @@ def test_port_mirroring_of_multus_interfaces():
 
 
 def test_policy_attaches_to_every_interface_of_its_pods():
-    state = build(*world(pod("multi", labels={"app": "web"}, ips=("198.18.8.1",), annotations={
-        NETWORKS: "macvlan, infra/sriov@eth5"}),
+    multi = pod("multi", labels={"app": "web"}, ips=("198.18.8.1",),
+                annotations={NETWORKS: "macvlan, infra/sriov@eth5"})
+    state = build(*trusted_world(multi,
         csp("p", selectors=SELECT_WEB, secondaryActions=mirror("analyzer1"))))
     assert only_policy(state).interfaces == {
         "demo/multi/eth0", "demo/multi/net1", "demo/multi/eth5", "demo/web-1/eth0"}
@@ -1055,3 +1070,158 @@ def test_compiled_state_is_consistent(objects):
         if '"missing"' in spec and (o["kind"] != "Pod" or (
                 o["spec"].get("nodeName") == "n1" and o["status"]["phase"] != "Succeeded")):
             assert any(e.name.endswith(o["metadata"]["name"]) for e in state.errors), o
+
+
+# --- Only admins decide where traffic goes (issue 11) --------------------------------------------
+# Each test is an attack a tenant can make with nothing but the right to create, label and
+# annotate pods in its own namespace; the compiler is the one every node runs.
+
+EVIL = "evil"
+
+
+def tenant_world(*extra: dict) -> list[dict]:
+    """WORLD plus a tenant namespace that no admin labelled."""
+    return world(namespace(EVIL), *extra)
+
+
+def test_analyzer_hijack_from_another_namespace_is_refused_and_reported():
+    # evil/sink sorts before demo/analyzer and carries the same label: it took md
+    # analyzer1 over (every copy of another namespace went to the tenant).
+    sink = pod("sink", ns=EVIL, node="n2", labels={ANALYZER_POD: "analyzer1"},
+               ips=("198.18.66.6",))
+    state = build(*tenant_world(sink, csp("p", selectors=SELECT_WEB,
+                                          secondaryActions=mirror("analyzer1"))))
+    assert state.destination("analyzer1").analyzer_pod == "demo/analyzer"
+    assert state.destination("analyzer1").analyzer_ip == "198.18.9.9"
+    assert ObjectError("MirrorDestination", "analyzer1", (
+        "not chosen as the analyzer: pod evil/sink is in namespace evil, which no admin "
+        "allowed analyzers in")) in state.errors
+
+
+def test_analyzer_only_in_namespaces_the_destination_or_a_namespace_label_allows():
+    sink = pod("sink", ns=EVIL, node="n2", labels={ANALYZER_POD: "s"}, ips=("198.18.66.6",))
+    state = build(*tenant_world(sink, md("d", "s"), csp("p", selectors=SELECT_WEB,
+                                                         secondaryActions=mirror("d"))))
+    assert state.destinations == () and state.policies == ()
+    (error,) = [e for e in state.errors if e.kind == "MirrorDestination"]
+    assert error.reason.startswith("no pod labelled core.juniper.net/analyzer-pod=s may be "
+                                   "the analyzer (pod evil/sink is in namespace evil, which "
+                                   "no admin allowed analyzers in): allow a namespace with "
+                                   "`kubectl label namespace <ns> cn2mirror.io/analyzer-"
+                                   "namespace=true`")
+    # The admin's three ways: the spec field (this project's group), the annotation (both
+    # groups: CN2's schema has no such field), the namespace label.
+    by_field = md("d", "s", analyzerNamespaces=[EVIL])
+    by_annotation = md("d", "s", api=f"{CN2_GROUP}/v4")
+    by_annotation["metadata"]["annotations"] = {"cn2mirror.io/analyzer-namespaces": "x, evil"}
+    for allowed in ([by_field, namespace(EVIL)], [by_annotation, namespace(EVIL)],
+                    [md("d", "s"), namespace(EVIL, **{ANALYZER_NS: "true"})]):
+        state = build(*world(sink, *allowed, csp("p", selectors=SELECT_WEB,
+                                                 secondaryActions=mirror("d"))))
+        assert state.errors == ()
+        assert state.destination("d").analyzer_pod == "evil/sink"
+    # A label value other than "true" allows nothing; a Namespace object that does not
+    # exist carries no label.
+    for ns_obj in ([namespace(EVIL, **{ANALYZER_NS: "yes"})], []):
+        state = build(*world(sink, md("d", "s"), *ns_obj, csp(
+            "p", selectors=SELECT_WEB, secondaryActions=mirror("d"))))
+        assert state.destinations == ()
+
+
+def test_host_network_pod_is_never_the_analyzer():
+    node_pod = pod("agent", ns="demo", node="n2", labels={ANALYZER_POD: "analyzer1"},
+                   ips=("198.18.0.2",), host_network=True)
+    state = state_with_md(node_pod, name="analyzer1")
+    assert state.destination("analyzer1").analyzer_pod == "demo/analyzer"
+    assert ObjectError("MirrorDestination", "analyzer1", (
+        "not chosen as the analyzer: pod demo/agent is on the host network (never an "
+        "analyzer)")) in state.errors
+    alone = build(*world(node_pod, csp("p", selectors=SELECT_WEB,
+                                       secondaryActions=mirror("analyzer1")),
+                         without=("analyzer",)))
+    assert alone.destinations == ()
+
+
+def _multus_analyzer(ns: str, address: str) -> dict:
+    status = [{"name": "k8s-pod-network", "interface": "eth0", "ips": ["198.18.9.1"],
+               "default": True},
+              {"name": f"{ns}/tap", "interface": "net1", "ips": [address],
+               "mac": "02:00:00:00:00:05"}]
+    networks = [{"name": "tap", "cni-args": {"core.juniper.net/analyzer-interface": "true"}}]
+    return pod("a", ns=ns, labels={ANALYZER_POD: "sel"}, ips=("198.18.9.1",), annotations={
+        NETWORKS: json.dumps(networks), NETWORK_STATUS: json.dumps(status)})
+
+
+def test_exfiltration_through_a_self_written_network_status_is_refused():
+    # A pod in an analyzer namespace marks a Multus interface as its receiving interface and
+    # writes its own network-status with any address: the destination resolved to it.
+    outside = "203.0.113.7"
+    state = state_with_md(md("d", "sel"), _multus_analyzer("demo", outside))
+    assert state.destinations == ()
+    assert ObjectError("MirrorDestination", "d", (
+        "analyzer pod demo/a marks net1 as its receiving interface, whose addresses come "
+        "from its own network-status annotation, and namespace demo is not labelled "
+        "cn2mirror.io/trusted-network-annotations=true, so the pod's own network "
+        "annotations are not believed")) in state.errors
+    # The default interface's address comes from the kubelet, never from network-status.
+    status = [{"interface": "eth0", "ips": [outside], "default": True}]
+    no_kubelet_ip = pod("b", labels={ANALYZER_POD: "sel2"},
+                        annotations={NETWORK_STATUS: json.dumps(status)})
+    state = state_with_md(md("d", "sel2"), no_kubelet_ip)
+    assert state.destinations == ()
+    assert ObjectError("MirrorDestination", "d", "analyzer pod demo/b has no IP on eth0 yet") \
+        in state.errors
+    # An admin's label on the namespace opts in.
+    state = trusted_state_with_md(md("d", "sel"), _multus_analyzer("demo", outside))
+    assert state.destination("d").analyzer_ip == outside
+
+
+def test_l2_analyzer_mac_and_host_interface_from_annotations_need_a_trusted_namespace():
+    analyzer = pod("a", labels={ANALYZER_POD: "sel"}, ips=("198.18.9.1",), annotations={
+        "cn2mirror.io/mac": "02:aa:00:00:00:01", "cn2mirror.io/host-interface": "cn2m-rx"})
+    state = state_with_md(md("d", "sel", juniperHeader=False), analyzer)
+    assert state.destinations == ()
+    (error,) = [e for e in state.errors if e.kind == "MirrorDestination"]
+    assert error.reason.endswith("namespace demo is not labelled cn2mirror.io/trusted-network-"
+                                 "annotations=true, so the pod's own network annotations are "
+                                 "not believed)")
+
+
+def test_host_interface_annotation_ignored_outside_trusted_namespaces():
+    # The annotation made the agent attach to another pod's interface.
+    thief = pod("thief", ns=EVIL, labels={"app": "thief"}, ips=("198.18.66.1",), annotations={
+        "cn2mirror.io/host-interface": "vweb", "cn2mirror.io/mac": "02:00:00:00:00:01"})
+    state = build(*tenant_world(thief, csp("p", ns=EVIL, secondaryActions=mirror("external"))))
+    (iface,) = state.interfaces
+    assert (iface.key, iface.ips, iface.mac, iface.host_ifname) == (
+        "evil/thief/eth0", ("198.18.66.1",), None, None)
+    assert ObjectError("Pod", "evil/thief", (
+        "annotation cn2mirror.io/host-interface ignored: namespace evil is not labelled "
+        "cn2mirror.io/trusted-network-annotations=true, so the pod's own network annotations "
+        "are not believed; the node finds the host interface from its own tables")) \
+        in state.errors
+    trusted = build(*world(namespace(EVIL, **{TRUSTED: "true"}), thief,
+                           csp("p", ns=EVIL, secondaryActions=mirror("external"))))
+    assert trusted.interfaces[0].host_ifname == "vweb"
+
+
+def test_secondary_interface_claiming_a_victims_address_is_not_attached():
+    # A self-written network-status gave a Multus interface web-1's address: the node's
+    # route to it led to web-1's veth, which the tenant's policy then mirrored.
+    status = [{"name": "k8s-pod-network", "interface": "eth0", "ips": ["198.18.66.1"],
+               "default": True},
+              {"name": "evil/net", "interface": "net1", "ips": ["198.18.1.1"]}]
+    thief = pod("thief", ns=EVIL, ips=("198.18.66.1",), annotations={
+        NETWORKS: "net", NETWORK_STATUS: json.dumps(status)})
+    state = build(*tenant_world(thief, csp("p", ns=EVIL, secondaryActions=mirror("external"))))
+    assert [i.key for i in state.interfaces] == ["evil/thief/eth0"]
+    assert [p.interfaces for p in state.policies] == [frozenset({"evil/thief/eth0"})]
+    assert any(e.name == "evil/thief" and "secondary interfaces net1 not mirrored" in e.reason
+               for e in state.errors)
+    # Port mirroring of that interface: refused the same way, and said.
+    networks = [{"name": "net", "cni-args": {MIRROR_ANN: "external"}}]
+    thief["metadata"]["annotations"][NETWORKS] = json.dumps(networks)
+    state = build(*tenant_world(thief))
+    assert state.interfaces == ()
+    assert any(e.name == "evil/thief" and "mirror-destination on net1: not mirrored" in e.reason
+               for e in state.errors)

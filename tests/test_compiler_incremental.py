@@ -21,7 +21,9 @@ from cn2mirror.agent.model import CN2_GROUP
 from cn2mirror.agent.snapshot import FIELDS, Snapshot
 
 from .test_compiler import (
+    ANALYZER_NS,
     ANALYZER_POD,
+    TRUSTED,
     cluster_st,
     csp,
     eps,
@@ -43,7 +45,11 @@ def step_st(draw):
     out = []
     for o in objects:
         if o["kind"] == "Namespace" and draw(st.booleans()):
-            o = namespace(o["metadata"]["name"], team=draw(st.sampled_from(["a", "b", "c"])))
+            # An admin allows or disallows analyzers there, or vouches for annotations.
+            admin = draw(st.sampled_from([{}, {ANALYZER_NS: "true"}, {TRUSTED: "true"},
+                                          {ANALYZER_NS: "true", TRUSTED: "true"}]))
+            o = namespace(o["metadata"]["name"], team=draw(st.sampled_from(["a", "b", "c"])),
+                          **admin)
         elif o["kind"] == "Pod" and o["metadata"]["name"] == "analyzer":
             choice = draw(st.sampled_from(["same", "moved", "gone", "no-ip"]))
             if choice == "gone":
@@ -144,7 +150,7 @@ def test_incremental_compile_equals_full_compile(first, steps, rnd):
 
 def test_one_changed_policy_is_the_only_one_compiled_again(monkeypatch):
     """With nothing else changed, a policy edit recompiles that policy alone."""
-    objects = [namespace("demo", team="a"),
+    objects = [namespace("demo", team="a", **{ANALYZER_NS: "true"}),
                md("analyzer1", "analyzer1"),
                pod("analyzer", node="n2", labels={ANALYZER_POD: "analyzer1"},
                    ips=("198.18.9.9",)),
@@ -190,7 +196,7 @@ def test_one_changed_policy_is_the_only_one_compiled_again(monkeypatch):
 
 
 def test_named_ports_follow_the_pods_that_define_them():
-    objects = [namespace("demo", team="a"), md("analyzer1", "analyzer1"),
+    objects = [namespace("demo", team="a", **{ANALYZER_NS: "true"}), md("analyzer1", "analyzer1"),
                pod("analyzer", node="n2", labels={ANALYZER_POD: "analyzer1"},
                    ips=("198.18.9.9",)),
                pod("web", labels={"app": "web"}, ips=("198.18.0.1",)),

@@ -67,12 +67,16 @@ def csp(name: str, ns: str, app: str, mirror_to: str, api_version: str = MD_V,
 
 
 ANALYZER = {"core.juniper.net/analyzer-pod": "analyzer1"}
+# What an admin sets on the analyzers' namespace: analyzers allowed there, and their own
+# network annotations (the MAC) believed.
+ADMIN_TOOLS = {"cn2mirror.io/analyzer-namespace": "true",
+               "cn2mirror.io/trusted-network-annotations": "true"}
 
 
 def cluster() -> list[dict]:
     """web and client on node1, db and the analyzer on node2."""
     return [
-        namespace("demo"), namespace("tools"),
+        namespace("demo"), namespace("tools", **ADMIN_TOOLS),
         pod("web", "demo", "node1", "198.18.1.2", {"app": "web"}),
         pod("client", "demo", "node1", "198.18.1.3", {"app": "client"}),
         pod("db", "demo", "node2", "198.18.2.2", {"app": "db"}),

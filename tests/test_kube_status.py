@@ -34,7 +34,7 @@ from cn2mirror.agent.status import (
 
 from .kube_emulator import KubeEmulator, crd_files, wait_until
 from .test_crds import schema_of, unknown_fields
-from .test_kube import ANALYZER, csp, md, namespace, pod
+from .test_kube import ADMIN_TOOLS, ANALYZER, csp, md, namespace, pod
 
 V = f"{GROUP}/v1alpha1"
 NS = "cn2mirror-system"
@@ -47,7 +47,7 @@ def objects() -> list[dict]:
         {"ports": [{"protocol": "TCP", "port": "http"}]},
         {"ports": [{"protocol": "UDP"}], "secondaryActions": {"mirrorTo": "ext"}}])
     return [
-        namespace("demo"), namespace("tools"), namespace("other"),
+        namespace("demo"), namespace("tools", **ADMIN_TOOLS), namespace("other"),
         pod("web", "demo", "node1", "198.18.1.2", {"app": "web"}),
         pod("analyzer", "tools", "node2", "198.18.2.10", ANALYZER,
             {"cn2mirror.io/mac": "02:00:00:00:02:10"}),

@@ -23,6 +23,8 @@ import yaml
 
 from cn2mirror.agent.model import (
     ACTIONS,
+    ANALYZER_NAMESPACES_MAX,
+    ANN_ANALYZER_NAMESPACES,
     CN2_GROUP,
     DEFAULT_ACTION,
     DEFAULT_DIRECTION,
@@ -36,9 +38,12 @@ from cn2mirror.agent.model import (
     KIND_CSP,
     KIND_GCSP,
     KIND_MD,
+    LABEL_ANALYZER_NAMESPACE,
     MAC_PATTERN,
     NAME_MAX_LENGTH,
     NAME_PATTERN,
+    NAMESPACE_NAME_MAX_LENGTH,
+    NAMESPACE_NAME_PATTERN,
     NEXT_HOP_MODES,
     PORT_MAX,
     PORT_MIN,
@@ -301,7 +306,17 @@ def policy_spec(global_: bool) -> dict[str, Any]:
     )
 
 
-def md_spec() -> dict[str, Any]:
+def md_spec(group: str = GROUP) -> dict[str, Any]:
+    # CN2's group keeps CN2's fields exactly; there an admin allows analyzer namespaces
+    # with the annotation or the namespace label instead.
+    own = {} if group != GROUP else {"analyzerNamespaces": {
+        **array(string(maxLength=NAMESPACE_NAME_MAX_LENGTH, pattern=NAMESPACE_NAME_PATTERN),
+                ANALYZER_NAMESPACES_MAX,
+                f"Namespaces whose pods may be this destination's analyzer (besides "
+                f"namespaces labelled {LABEL_ANALYZER_NAMESPACE}=true and those in the "
+                f"annotation {ANN_ANALYZER_NAMESPACES}). A labelled pod elsewhere is never "
+                f"chosen."),
+        "x-kubernetes-list-type": "set"}}
     return obj(
         {
             "juniperHeader": {
@@ -335,9 +350,11 @@ def md_spec() -> dict[str, Any]:
                                  "description": "The analyzer is outside the cluster, at "
                                                 "analyzerIP."},
             "analyzerIP": ip_string("The external analyzer's address."),
+            **own,
         },
         "The analyzer pod is the one labelled core.juniper.net/analyzer-pod with the value "
-        "of this object's label core.juniper.net/analyzer-pod-selector.",
+        "of this object's label core.juniper.net/analyzer-pod-selector, in a namespace an "
+        "admin allows.",
         default={},
         **rules(STATIC_NEEDS_HEADER, STATIC_FORBIDS_JUNIPER_HEADER, EXTERNAL_NEEDS_IP,
                 NIC_NEEDS_VLAN, NIC_EXCLUDES_STATIC, EXTERNAL_IS_DYNAMIC),
@@ -418,7 +435,7 @@ def crd(group: str, kind: str) -> dict[str, Any]:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": spec(),
+            "spec": spec(group) if kind == KIND_MD else spec(),
             "status": status(),
         },
         description,
