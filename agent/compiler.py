@@ -811,6 +811,7 @@ class Compiler:
                 mac=i.mac,
                 host_ifname=i.host_ifname,
                 port_mirrors=(port_mirrors[key],) if key in port_mirrors else (),
+                from_annotations=bool(i.host_ifname) or i.ips_from_annotations,
             )
             for pod in self._local_pods
             for i in _believed_interfaces(pod, world)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from . import layout
 from .datapath import Datapath, DatapathError
-from .discovery import NodeTables
+from .discovery import NodeTables, Placement
 from .netns import iproute
 from .programmer import MapWriter, Plan, PlanError, Planner
 from .state import NodeState
@@ -79,6 +79,31 @@ def describe(state: NodeState, result: ApplyResult) -> dict:
             "interfaces": ifaces, "problems": dict(result.problems)}
 
 
+def one_owner_per_interface(placed: dict[str, Placement],
+                            problems: dict[str, str]) -> dict[str, Placement]:
+    """Each host interface for one pod interface only. When several claim one, the one
+    proven from the node's tables keeps it (then the first by key, so every run decides
+    the same); the conflict is said on every claimant, winner included."""
+    by_ifindex: dict[int, list[str]] = {}
+    for key, p in placed.items():
+        by_ifindex.setdefault(p.ifindex, []).append(key)
+    kept = dict(placed)
+    for keys in by_ifindex.values():
+        if len(keys) < 2:
+            continue
+        keys.sort(key=lambda k: (not placed[k].proven, k))
+        owner, others = keys[0], keys[1:]
+        where = placed[owner]
+        problems[f"Interface {owner}"] = (
+            f"keeps {where.ifname} ({where.how}); also claimed by {', '.join(others)}")
+        for key in others:
+            del kept[key]
+            problems[f"Interface {key}"] = (
+                f"{where.ifname} ({placed[key].how}) belongs to {owner} "
+                f"({where.how}{'' if where.proven else ', claimed first'}): not attached")
+    return kept
+
+
 class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
@@ -88,6 +113,7 @@ class Node:
         self.writer: MapWriter | None = None
         self.planner = Planner()  # keeps the tries from plan to plan
         self.attached: dict[int, str] = {}  # ifindex -> interface key
+        self.placed: dict[str, Placement] = {}  # interface key -> where it was placed last
         self.last: ApplyResult | None = None
 
     def start(self) -> None:
@@ -106,15 +132,20 @@ class Node:
         dp = self.datapath
         ipr = iproute(dp.netns)
         try:
-            tables = NodeTables(ipr)
+            tables = NodeTables(ipr, dp.netns)
             problems: dict[str, str] = {}
-            ifindexes: dict[str, int] = {}
+            placed: dict[str, Placement] = {}
             for iface in state.interfaces:
-                idx, how = tables.host_interface(iface)
-                if idx:
-                    ifindexes[iface.key] = idx
-                else:
-                    problems[f"Interface {iface.key}"] = how
+                found = tables.place(iface, self.placed.get(iface.key))
+                if isinstance(found, str):
+                    problems[f"Interface {iface.key}"] = found
+                    continue
+                if found.kept:  # placed, but what places it is missing now: said
+                    problems[f"Interface {iface.key}"] = found.how
+                placed[iface.key] = found
+            placed = one_owner_per_interface(placed, problems)
+            self.placed = placed
+            ifindexes = {key: p.ifindex for key, p in placed.items()}
             resolved = {}
             for d in state.destinations:
                 r = tables.resolve_destination(d, self.uplink)

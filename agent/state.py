@@ -137,6 +137,10 @@ class Interface:
     mac: str | None = None
     host_ifname: str | None = None
     port_mirrors: tuple[PortMirror, ...] = ()
+    # True when host_ifname or the addresses come from the pod's own annotations (believed
+    # because an admin trusts its namespace), not from the kubelet: a placement from them
+    # is a claim, which loses an interface to a pod proven to own it (agent/node.py).
+    from_annotations: bool = False
 
     @property
     def key(self) -> str:

@@ -705,7 +705,8 @@ def test_port_mirroring_of_the_default_interface():
         pod="demo/tap", pod_ifname="eth0", session_id=stable_id("demo/tap/eth0", SESSION_ID_MAX),
         ips=("198.18.8.1", "fd00::8:1"), mac="02:00:00:00:08:01", host_ifname="cali123",
         port_mirrors=(PortMirror("external", Direction.INGRESS,
-                                 stable_id("port/demo/tap/eth0/external", MIRROR_ID_MAX)),)),)
+                                 stable_id("port/demo/tap/eth0/external", MIRROR_ID_MAX)),),
+        from_annotations=True),)
     assert [d.name for d in state.destinations] == ["external"]
 
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from cn2mirror.agent import layout as L
-from cn2mirror.agent.discovery import VXLAN_DEVICE, NodeTables
+from cn2mirror.agent.discovery import VXLAN_DEVICE, NodeTables, Placement
 from cn2mirror.agent.lab import Lab
 from cn2mirror.agent.netns import iproute
 from cn2mirror.agent.state import DeliveryMode, Destination, Interface
@@ -34,7 +34,7 @@ def tables(blab):
     def get(node: str) -> NodeTables:
         ipr = iproute(blab.nodes[node].netns)
         opened.append(ipr)
-        return NodeTables(ipr)
+        return NodeTables(ipr, blab.nodes[node].netns)
 
     yield get
     for ipr in opened:
@@ -86,44 +86,128 @@ def test_pods_not_on_this_node(blab, tables):
     assert t.host_interface(pod_iface(blab, "web")) == (None, "the pod has no IP address yet")
 
 
+def forget_fdb(node_ns: str, port: str, mac: str) -> None:
+    """The bridge forgets a learned MAC (as when its entry ages out)."""
+    subprocess.run(["ip", "netns", "exec", node_ns, "bridge", "fdb", "del", mac, "dev", port,
+                    "master"], capture_output=True)
+
+
+def hide_namespaces(t: NodeTables) -> NodeTables:
+    """As on a node whose pod namespaces the agent cannot see (no /var/run/netns)."""
+    t.netns_names = dict  # type: ignore[method-assign]
+    return t
+
+
+def test_bridged_pod_found_from_its_veth_peer_without_neighbour_or_fdb(blab, tables):
+    # The node has no neighbour entry for the pod and the bridge has forgotten its MAC:
+    # the pod's veth peer, in the pod's own namespace, holds its address (issue 13).
+    db = blab.pods["db"]
+    node2 = blab.nodes["node2"].netns
+    ns(node2, "ip", "neigh", "flush", "to", db.ip)
+    forget_fdb(node2, "vdb", db.mac)
+    t = tables("node2")
+    found = t.place(pod_iface(blab, "db", ips=(db.ip, db.ip6)))
+    assert (found.ifindex, found.ifname, found.proven, found.mac) == (
+        ifindex(blab, "node2", "vdb"), "vdb", True, db.mac)
+    assert found.how == f"veth peer in namespace {db.netns} holds {db.ip}"
+
+
 def test_bridged_pod_found_by_its_mac_in_the_fdb(blab, tables):
     db = blab.pods["db"]
     ns(db.netns, "ping", "-c", "1", "-W", "2", "198.18.2.1")  # the bridge learns its MAC
-    t = tables("node2")
+    t = hide_namespaces(tables("node2"))
     vdb = ifindex(blab, "node2", "vdb")
     assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), mac=db.mac)) == \
         (vdb, f"bridge port holding {db.mac}")
     assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), mac=db.mac.upper()))[0] == vdb
 
 
-def test_bridged_pod_mac_missing_from_the_fdb(blab, tables):
+def test_bridged_pod_that_cannot_be_placed_says_what_was_looked_up(blab, tables):
     db = blab.pods["db"]
-    t = tables("node2")
+    node2 = blab.nodes["node2"].netns
+    ns(node2, "ip", "neigh", "flush", "to", db.ip)
+    t = hide_namespaces(tables("node2"))
     missing = "02:00:00:00:00:99"
-    assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), mac=missing)) == \
-        (None, f"{db.ip} is behind bridge cni0 but its MAC is not in the bridge's FDB yet")
+    assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), mac=missing)) == (None, (
+        f"{db.ip} is behind bridge cni0; the pod's annotated MAC, {missing}, is not in its "
+        f"FDB; {db.ip} is behind bridge cni0; the node has no neighbour entry for it; no "
+        f"veth peer of the 2 ports of bridge cni0 holds {db.ip} (2 in namespaces not under "
+        f"/var/run/netns)"))
 
 
 def test_bridged_pod_without_mac_uses_the_neighbour_table(blab, tables):
     db = blab.pods["db"]
     node2 = blab.nodes["node2"].netns
-    ns(node2, "ip", "neigh", "flush", "to", db.ip)
-    t = tables("node2")
-    assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,))) == \
-        (None, f"{db.ip} is behind bridge cni0 but its MAC is not in the bridge's FDB yet")
     ns(node2, "ping", "-c", "1", "-W", "2", db.ip)  # the node resolves the pod's MAC
+    t = hide_namespaces(tables("node2"))
     assert t.neighbour_mac(db.ip) == db.mac
     assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,))) == \
         (ifindex(blab, "node2", "vdb"), f"bridge port holding {db.mac}")
 
 
-def test_explicit_host_interface_overrides(blab, tables):
-    t = tables("node2")
+def test_a_placed_pod_is_kept_while_its_interface_exists(blab, tables):
     db = blab.pods["db"]
-    # Explicit wins even over addresses that would say otherwise.
-    assert t.host_interface(pod_iface(blab, "db", ips=("198.18.9.9",), host_ifname="vdb")) == \
-        (ifindex(blab, "node2", "vdb"), "explicit")
-    assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), host_ifname="nope0")) == \
+    node2 = blab.nodes["node2"].netns
+    t = tables("node2")
+    iface = pod_iface(blab, "db", ips=(db.ip,))
+    first = t.place(iface)
+    vdb = ifindex(blab, "node2", "vdb")
+    assert first.ifindex == vdb
+    # Nothing places it any more (no neighbour, no FDB entry, namespaces out of sight):
+    # the interface it had is still there, so it stays, and what is missing is said.
+    ns(node2, "ip", "neigh", "flush", "to", db.ip)
+    forget_fdb(node2, "vdb", db.mac)
+    hidden = hide_namespaces(tables("node2"))
+    assert hidden.place(iface, first) == first  # unchanged: the same port, no lookup
+    moved = Placement(vdb, "vdb", first.how, True, bridge=None)  # a routed placement
+    kept = hidden.place(iface, moved)
+    assert kept.kept and kept.ifindex == vdb
+    assert kept.how.startswith(f"kept on vdb: {db.ip} is behind bridge cni0; the node has "
+                               f"no neighbour entry for it")
+    # An interface that is gone, or another one under its number, is not kept.
+    other = Placement(vdb, "vweb", first.how, True, bridge=first.bridge)
+    assert isinstance(hidden.place(iface, other), str)
+
+
+@pytest.mark.parametrize("claimed, reason", [
+    ("cn2m-rx", "cn2m-rx is cn2mirror's own interface"),
+    ("cni0", "cni0 is a bridge device, not a pod's host-side veth"),
+    ("lo", "lo is the loopback"),
+    ("ul0", "ul0 holds the node's address 198.19.0.2: not a pod's interface"),
+])
+def test_explicit_host_interface_never_an_interface_that_is_not_a_pods(blab, tables, claimed,
+                                                                       reason):
+    node2 = blab.nodes["node2"].netns
+    ns(node2, "ip", "link", "add", "cn2m-rx", "type", "veth", "peer", "name", "cn2m-tx")
+    try:
+        t = tables("node2")
+        db = blab.pods["db"]
+        assert t.host_interface(pod_iface(blab, "db", ips=(db.ip,), host_ifname=claimed,
+                                          from_annotations=True)) == \
+            (None, f"{reason} (explicit)")
+    finally:
+        ns(node2, "ip", "link", "del", "cn2m-rx")
+
+
+def test_explicit_host_interface_refused_where_the_node_says_another_pod_is(blab, tables):
+    db, web = blab.pods["db"], blab.pods["web"]
+    ns(db.netns, "ping", "-c", "1", "-W", "2", "198.18.2.1")  # the bridge learns db's MAC
+    # Bridged: the port leads to another MAC than the claimant's.
+    claim = pod_iface(blab, "db", ips=("198.18.9.9",), mac="02:00:00:00:00:42",
+                      host_ifname="vdb", from_annotations=True)
+    assert tables("node2").host_interface(claim) == (
+        None, f"bridge port vdb leads to MAC {db.mac}, not this interface's (explicit)")
+    # Routed: the node routes another address there.
+    claim = pod_iface(blab, "web", ips=("198.18.9.9",), host_ifname="vweb",
+                      from_annotations=True)
+    assert tables("node1").host_interface(claim) == (
+        None, f"the node routes {web.ip} to vweb: another pod's interface (explicit)")
+    # The pod's own interface, as an admin-trusted annotation names it: accepted.
+    own = pod_iface(blab, "web", ips=(web.ip, web.ip6), host_ifname="vweb",
+                    from_annotations=True)
+    assert tables("node1").host_interface(own) == (ifindex(blab, "node1", "vweb"), "explicit")
+    assert tables("node1").host_interface(pod_iface(blab, "db", ips=(db.ip,),
+                                                    host_ifname="nope0")) == \
         (None, "no interface nope0")
 
 
