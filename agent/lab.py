@@ -24,6 +24,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .model import LABEL_ANALYZER_NAMESPACE, LABEL_ANALYZER_POD
+
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(list(cmd), capture_output=True, text=True)
@@ -239,9 +241,15 @@ class Lab:
         """Pod and Namespace objects for the agent's file source, as the API has them."""
         objs = []
         for nsname in sorted({p.namespace for p in self.pods.values()}):
+            labels = {"kubernetes.io/metadata.name": nsname}
+            # As the lab's admin: analyzers are allowed where the lab put its analyzer
+            # pods. Pods' network annotations are trusted nowhere: the agent places every
+            # pod from the node's own tables (the MAC annotation below goes unused).
+            if any(p.namespace == nsname and LABEL_ANALYZER_POD in p.labels
+                   for p in self.pods.values()):
+                labels[LABEL_ANALYZER_NAMESPACE] = "true"
             objs.append({"apiVersion": "v1", "kind": "Namespace",
-                         "metadata": {"name": nsname,
-                                      "labels": {"kubernetes.io/metadata.name": nsname}}})
+                         "metadata": {"name": nsname, "labels": labels}})
         for p in self.pods.values():
             container = {"name": "main", "image": "x"}
             if p.ports:
