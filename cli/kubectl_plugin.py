@@ -23,7 +23,7 @@ import click
 
 AGENT_LABELS = {"app.kubernetes.io/name": "cn2mirror", "app.kubernetes.io/component": "agent"}
 AGENT_CONTAINER = "agent"
-DEFAULT_NAMESPACE = "cn2mirror"
+DEFAULT_NAMESPACE = "cn2mirror-system"
 
 
 class PluginError(click.ClickException):

@@ -52,7 +52,7 @@ STAND_IN = textwrap.dedent('''\
 
 def agent(name: str, node: str, ready: bool = True) -> dict:
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "cn2mirror",
+            "metadata": {"name": name, "namespace": "cn2mirror-system",
                          "labels": {"app.kubernetes.io/name": "cn2mirror",
                                     "app.kubernetes.io/component": "agent"}},
             "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "x"}]},
@@ -108,7 +108,8 @@ def test_runs_in_the_agent_pod_of_the_pods_node(cluster):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ran show flows --pod demo/web --mirrored in cn2mirror-b"
     (call,) = calls()
-    assert call[call.index("exec"):] == ["exec", "-n", "cn2mirror", "cn2mirror-b", "-c",
+    assert call[call.index("exec"):] == ["exec", "-n", "cn2mirror-system", "cn2mirror-b",
+                                         "-c",
                                          "agent", "--", "cn2mirror", "show", "flows", "--pod",
                                          "demo/web", "--mirrored"]
     assert "--kubeconfig" in call  # kubectl talks to the same cluster as the plugin

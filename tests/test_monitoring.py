@@ -164,3 +164,11 @@ def test_monitors_select_the_agent_pods():
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["targetPort"] in ports
+    # Everything lives in the agent's namespace, where the plugin looks for the agents.
+    from cn2mirror.cli.kubectl_plugin import AGENT_LABELS, DEFAULT_NAMESPACE
+
+    namespace = ds["metadata"]["namespace"]
+    assert DEFAULT_NAMESPACE == namespace and AGENT_LABELS.items() <= pod_labels.items()
+    for path in MONITORING.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["metadata"]["namespace"] == namespace, path.name
