@@ -65,6 +65,31 @@ def _remove_devices(netns: str | None) -> list[str]:
     return removed
 
 
+def _clear(path: str) -> bool:
+    """Remove a directory tree (pins or state); a mount point (the directory a pod was
+    given with a hostPath) is emptied instead, as it cannot be removed from inside.
+    Returns whether anything was there."""
+    if not os.path.lexists(path):
+        return False
+    if os.path.ismount(path):
+        for name in os.listdir(path):
+            child = os.path.join(path, name)
+            if os.path.isdir(child) and not os.path.islink(child):
+                shutil.rmtree(child)
+            else:
+                os.unlink(child)
+    else:
+        shutil.rmtree(path)  # bpffs: unlinking a pin releases it; empty dirs rmdir
+    return True
+
+
+def _present(path: str) -> bool:
+    """Something of ours is there (an emptied mount point is not)."""
+    if not os.path.lexists(path):
+        return False
+    return not (os.path.ismount(path) and not os.listdir(path))
+
+
 def leftovers(pin_root: str, state_dir: str | None, netns: str | None) -> list[str]:
     """Everything of cn2mirror still on the node, each said in a line."""
     left = []
@@ -75,10 +100,10 @@ def leftovers(pin_root: str, state_dir: str | None, netns: str | None) -> list[s
     for name in OWN_DEVICES:
         if name in names.values():
             left.append(f"device {name} still exists")
-    if os.path.exists(pin_root):
+    if _present(pin_root):
         left.append(f"pins still under {pin_root}")
-    if state_dir and os.path.exists(state_dir):
-        left.append(f"state directory {state_dir} still exists")
+    if state_dir and _present(state_dir):
+        left.append(f"state directory {state_dir} still has files")
     return left
 
 
@@ -93,11 +118,7 @@ def uninstall(pin_root: str, state_dir: str | None = None,
         dp.detach(idx)
         report.detached.append(names.get(idx, str(idx)))
     report.devices = _remove_devices(netns)
-    if os.path.exists(pin_root):
-        dp.remove_pins()
-        report.pins = True
-    if state_dir and os.path.isdir(state_dir):
-        shutil.rmtree(state_dir)
-        report.state_dir = True
+    report.pins = _present(pin_root) and _clear(pin_root)
+    report.state_dir = bool(state_dir) and _present(state_dir) and _clear(state_dir)
     report.left = leftovers(pin_root, state_dir, netns)
     return report

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -103,8 +102,6 @@ def _identity(d: dict) -> tuple:
     return d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed "
-                    "(make setup installs Debian's kubernetes-client)")
 def test_kustomizations_render_and_validate(offline):
     """`kubectl kustomize manifests/deploy` renders every manifest of the folder (and only
     those), with the image set; the output validates against the Kubernetes schemas;

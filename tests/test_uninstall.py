@@ -78,3 +78,34 @@ def test_uninstall_stops_every_copy_and_leaves_nothing(lab, pin_root, state_dir,
     assert again.returncode == 0, again.stderr
     assert "nothing of cn2mirror was installed here" in again.stdout
     assert "clean" in again.stdout
+
+
+def test_uninstall_empties_directories_it_was_given_as_mounts(tmp_path):
+    """In the uninstall DaemonSet the pin root and the state directory are hostPath
+    mounts: they cannot be removed from inside the pod, so they are emptied, and an
+    emptied mount point counts as clean."""
+    from cn2mirror.agent.uninstall import uninstall
+
+    netns = f"cn2m-un-{os.getpid()}"
+    pins, state = tmp_path / "pins", tmp_path / "state"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    mounted = []
+    try:
+        for d in (pins, state):
+            d.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)], check=True)
+            mounted.append(d)
+        (pins / "links").mkdir()
+        (pins / "links" / "vweb-ingress").write_text("x")
+        (pins / "flows").write_text("x")
+        (state / "names.json").write_text("{}")
+        report = uninstall(str(pins), str(state), netns)
+        assert report.pins and report.state_dir and report.left == []
+        assert os.path.ismount(pins) and os.listdir(pins) == [] and os.listdir(state) == []
+        # Nothing there any more: nothing to report as removed.
+        again = uninstall(str(pins), str(state), netns)
+        assert not again.pins and not again.state_dir and again.left == []
+    finally:
+        for d in mounted:
+            subprocess.run(["umount", str(d)], check=False)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
