@@ -19,7 +19,6 @@ import yaml
 
 from .test_manifests import KUBE_VERSIONS, kustomize
 
-
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "cn2mirror"
 NAMESPACE = "cn2mirror-system"
