@@ -218,15 +218,38 @@ def test_daemonset_and_dockerfile_give_options_the_agent_knows():
         assert a.split("=", 1)[0] in known, a
 
 
+def test_uninstall_daemonset_gives_options_uninstall_knows():
+    from cn2mirror.cli.uninstall import uninstall
+
+    known = {o for p in uninstall.params for o in p.opts}
+    (ds,) = [d for d in yaml.safe_load_all(
+        (ROOT / "manifests" / "uninstall" / "daemonset.yaml").read_text())]
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"][0] == "uninstall"
+    for a in init["args"][1:]:
+        assert a.split("=", 1)[0] in known, a
+    # The same pin root and state directory as the agent's.
+    agent_args = set(daemonset()["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert set(init["args"][1:]) <= agent_args
+
+
 def test_dockerfile_is_debian_12_with_bcc_and_the_project():
     text = (ROOT / "Dockerfile").read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert lines[0].startswith("FROM debian:bookworm")
     assert "python3-bpfcc" in text and "--system-site-packages" in text
+    copied = set()
     for line in lines:
         if line.startswith("COPY "):
             for src in shlex.split(line)[1:-1]:
                 assert (ROOT / src).exists(), src
+                copied.add(src)
+    # pip install of the project reads its readme and package folders: all copied.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {project["project"]["readme"], *project["tool"]["setuptools"]["package-dir"].values()}
+    assert needed <= copied, needed - copied
     assert re.search(r'^ENTRYPOINT \["cn2mirror"\]$', text, re.M)
     # Every Debian package named here exists in Debian 12 (as far as this machine knows
     # them: the packages the project's own setup installs are checked).
