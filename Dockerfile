@@ -1,6 +1,6 @@
 # The cn2mirror node agent (manifests/deploy/daemonset.yaml runs it).
 #
-#   docker build -t cn2mirror:0.1.0 .
+#   make image IMAGE=registry.example/cn2mirror:0.1.0     (docker or podman build)
 #
 # bcc comes from Debian (python3-bpfcc); the venv is made with --system-site-packages so
 # that it imports it (reference/platform.md). Kernel headers are the node's: the
@@ -16,7 +16,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY cn2mirror ./cn2mirror
 COPY agent ./agent
 COPY cli ./cli

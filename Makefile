@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,15 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# The agent's container image (Dockerfile), with docker or podman. Then push it where the
+# nodes can pull it and set the same name in manifests/deploy/kustomization.yaml (images:)
+# or the chart's image values.
+IMAGE ?= cn2mirror:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@engine=$$(command -v docker || command -v podman) || \
+	  { echo "make image: needs docker or podman" >&2; exit 1; }; \
+	$$engine build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

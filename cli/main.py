@@ -17,6 +17,7 @@ COMMANDS = {
     "ids": ("show", "ids", "Map mirror and session ids back to policies, rules and pods."),
     "lab": ("lab_cmd", "lab", "Build or remove a lab of network namespaces."),
     "show": ("show", "show", "Read the pinned maps: interfaces, rules, flows, counters."),
+    "uninstall": ("uninstall", "uninstall", "Remove cn2mirror from this node; verify."),
 }
 
 

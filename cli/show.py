@@ -711,21 +711,56 @@ evaluated again on its next packet.
 @click.option("--pod", metavar="NS/NAME", help="Only flows on this pod's interfaces "
               "(needs names.json).")
 @click.option("--mirrored", is_flag=True, help="Only flows that are mirrored somewhere.")
-def show_flows(pin_root, state_dir, fmt, pod, mirrored):
+@click.option("--rule", metavar="POLICY[#N]", help="Only flows copied by this policy "
+              "(namespace/name, or name for a global one), or by its rule N (from 0); "
+              "a port mirror by its MirrorDestination name (needs names.json).")
+@click.option("--mirror-id", type=click.IntRange(0), help="Only flows copied with this "
+              "mirror id.")
+@click.option("--destination", metavar="NAME", help="Only flows copied to this "
+              "MirrorDestination (needs names.json).")
+@click.option("--protocol", "protocol_text", metavar="PROTO",
+              help="Only this protocol: tcp, udp, icmp, icmpv6, sctp or a number.")
+@click.option("--port", type=click.IntRange(0, 65535), help="Only flows with this port on "
+              "either side.")
+def show_flows(pin_root, state_dir, fmt, pod, mirrored, rule, mirror_id, destination,
+               protocol_text, port):
     """Flow table: both directions in one line, age, packets and bytes mirrored, where
-    copies go, stale entries."""
+    copies go, stale entries. Filters combine (all must hold)."""
+    protocol = _protocol(protocol_text) if protocol_text is not None else None
+    wanted = flow_filter(pod=pod, mirrored=mirrored, rule=rule, mirror_id=mirror_id,
+                         destination=destination, protocol=protocol, port=port)
 
     def collect(pm, names):
-        if pod and not names.available:
-            raise click.ClickException(f"--pod needs names: {names.reason}")
-        flows = collect_flows(pm, names)
-        if pod:
-            flows = [f for f in flows if f["pod"] == pod]
-        if mirrored:
-            flows = [f for f in flows if f["mirrored"]]
-        return flows
+        if (pod or rule or destination) and not names.available:
+            raise click.ClickException(f"--pod, --rule and --destination need names: "
+                                       f"{names.reason}")
+        return [f for f in collect_flows(pm, names) if wanted(f)]
 
     _run_show("flows", pin_root, state_dir, fmt, collect, _table_flows)
+
+
+def _copy_is(c: dict, rule: str) -> bool:
+    policy, _, index = rule.partition("#")
+    if c.get("kind") == "port":
+        return not index and c.get("port_mirror") == policy
+    return c.get("policy") == policy and (not index or str(c.get("rule")) == index)
+
+
+def flow_filter(pod=None, mirrored=False, rule=None, mirror_id=None, destination=None,
+                protocol=None, port=None):
+    """A predicate over collect_flows() rows: every given filter must hold."""
+    def wanted(f: dict) -> bool:
+        copies = f["copies"]
+        ports = {f["lo"]["port"], f["hi"]["port"]}
+        return ((pod is None or f["pod"] == pod)
+                and (not mirrored or f["mirrored"])
+                and (rule is None or any(_copy_is(c, rule) for c in copies))
+                and (mirror_id is None or any(c["mirror_id"] == mirror_id for c in copies))
+                and (destination is None or any(c["destination"] == destination
+                                                for c in copies))
+                and (protocol is None or f["protocol_number"] == protocol)
+                and (port is None or port in ports))
+    return wanted
 
 
 @show.command("stats", short_help="Counters per rule/interface/destination/node.", epilog="""\b
@@ -739,9 +774,29 @@ DROPPED: copies not delivered, by reason. The datapath counts cloned and clone_f
 per rule only, flow_limit per interface only, and foreign/rx_blocked per node only.
 """)
 @_common
-def show_stats(pin_root, state_dir, fmt):
+@click.option("--watch", "-w", is_flag=True, help="Refresh in place every --interval: "
+              "rates per rule, interface and destination (with -o json: one JSON line "
+              "per refresh).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              metavar="SECONDS", help="With --watch: time between refreshes.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="With --watch: stop after N refreshes (default: until Ctrl-C).")
+def show_stats(pin_root, state_dir, fmt, watch, interval, count):
     """Counters per rule, interface, destination and node, drops by reason."""
-    _run_show("stats", pin_root, state_dir, fmt, collect_stats, _table_stats)
+    if not watch:
+        _run_show("stats", pin_root, state_dir, fmt, collect_stats, _table_stats)
+        return
+    from cn2mirror.cli.watch import watch_stats
+
+    def read() -> dict:
+        pm = open_maps(pin_root)
+        try:
+            with _MapErrors(pin_root):
+                return collect_stats(pm, Names.load(state_dir))
+        finally:
+            pm.close()
+
+    watch_stats(read, fmt, interval, count, labels=(_rule_label, _iface_label, _dest_label))
 
 
 # ============================================================================ explain

@@ -14,6 +14,7 @@ APT_PACKAGES=(
   shellcheck vagrant vagrant-libvirt       # checks of the VM lab's Vagrantfile and scripts
   sockperf                                 # request/response latency benchmark
   python3-matplotlib                       # benchmark plots
+  prometheus                               # promtool: checks the alerting rules
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -28,6 +29,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# kubectl renders the kustomizations in the tests; Debian's kubernetes-client provides it
+# where no other kubectl is installed.
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "installing kubernetes-client (kubectl)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Prefer the running kernel's own
@@ -69,5 +78,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+# `cn2mirror` on PATH: a link to this checkout's venv, unless one already points at a
+# working cn2mirror (another checkout's is left alone).
+link=/usr/local/bin/cn2mirror
+if [ ! -e "$link" ]; then  # absent, or a link whose checkout is gone
+  ln -sfn "$PWD/.venv/bin/cn2mirror" "$link"
+  log "linked $link -> $PWD/.venv/bin/cn2mirror"
 fi
 log "ready"

@@ -198,6 +198,11 @@ class KubeEmulator:
             time.sleep(0.01)
         return len(watches)
 
+    def watching(self, plural: str) -> bool:
+        """Whether a watch stream of ``plural`` is open (lines injected before are lost)."""
+        with self.lock:
+            return any(w.resource.plural == plural for w in self.watches)
+
     def inject_line(self, line: str, plural: str | None = None) -> None:
         """Send a raw line (a malformed event, say) into the open watch streams."""
         with self.lock:

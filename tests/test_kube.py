@@ -330,6 +330,7 @@ def test_malformed_lines_and_objects_are_skipped(emu, make_source):
     and the stream goes on. An object the model rejects is the compiler's ObjectError
     and every other object still applies."""
     src, snaps = make_source(cluster(), emu)
+    wait_until(lambda: emu.watching("pods"), what="the pods watch")
     emu.inject_line("this is not JSON", "pods")
     emu.inject_line(json.dumps({"type": "ADDED", "object": {"metadata": {}}}), "pods")
     bad = csp("bad", "demo", "client", "analyzer1",
@@ -355,7 +356,8 @@ def test_cn2_group_is_discovered_and_watched(emu, make_source):
     src, snaps = make_source(cluster(), emu)
     assert {r.group for r in src.resources()} == {"", GROUP}
     emu.install_crd_files(crd_files(CN2_GROUP))
-    wait_until(lambda: any(r.group == CN2_GROUP for r in src.resources()), 5,
+    # The three CRDs are installed one by one: a rediscovery may see part of the group.
+    wait_until(lambda: sum(r.group == CN2_GROUP for r in src.resources()) == 3, 10,
                what="rediscovery")
     cn2 = sorted((r.kind, r.version) for r in src.resources() if r.group == CN2_GROUP)
     assert cn2 == [("ContrailSecurityPolicy", "v4"), ("GlobalContrailSecurityPolicy", "v4"),

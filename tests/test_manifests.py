@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shlex
 import socket
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -89,19 +90,41 @@ def test_example_custom_resources_fit_their_crds(offline, name, doc):
     assert api_server_errors(doc) == []
 
 
-def test_kustomization_lists_every_manifest_and_our_crds():
+def kustomize(directory: Path) -> list[dict]:
+    """What `kubectl kustomize` renders of a kustomization (a real kustomize run)."""
+    r = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def _identity(d: dict) -> tuple:
+    return d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]
+
+
+def test_kustomizations_render_and_validate(offline):
+    """`kubectl kustomize manifests/deploy` renders every manifest of the folder (and only
+    those), with the image set; the output validates against the Kubernetes schemas;
+    `manifests/crds` renders this project's three CRDs on their own."""
+    rendered = kustomize(DEPLOY)
+    assert sorted(map(_identity, rendered)) == sorted(_identity(d) for _, d in documents())
+    for doc in rendered:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    (ds,) = [d for d in rendered if d["kind"] == "DaemonSet"]
     k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    assert k["kind"] == "Kustomization"
-    resources = k["resources"]
-    assert len(resources) == len(set(resources))
-    local = sorted(r for r in resources if not r.startswith("../"))
-    assert local == sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name !=
-                           "kustomization.yaml")
-    crds = sorted(r for r in resources if r.startswith("../"))
-    assert [str((DEPLOY / r).resolve()) for r in crds] == crd_files(GROUP)
-    for r in crds:
-        (doc,) = yaml.safe_load_all((DEPLOY / r).read_text())
-        assert doc["kind"] == "CustomResourceDefinition" and doc["spec"]["group"] == GROUP
+    (image,) = k["images"]
+    assert {c["image"] for c in ds["spec"]["template"]["spec"]["containers"]} == {
+        f"{image['newName']}:{image['newTag']}"}
+    assert not any(r.startswith("../") for r in k["resources"])  # renders without flags
+
+    crds = kustomize(ROOT / "manifests" / "crds")
+    assert sorted(str(ROOT / "manifests" / "crds" / f"{d['spec']['group']}_"
+                      f"{d['spec']['names']['plural']}.yaml") for d in crds) == crd_files(GROUP)
+    assert {d["kind"] for d in crds} == {"CustomResourceDefinition"}
+
+
+def test_agent_objects_share_one_namespace():
     # The namespace, service account and priority class the others refer to exist.
     (ns,) = by_kind("Namespace")
     namespaced = [d for _, d in documents() if d["kind"] not in (
@@ -195,15 +218,38 @@ def test_daemonset_and_dockerfile_give_options_the_agent_knows():
         assert a.split("=", 1)[0] in known, a
 
 
+def test_uninstall_daemonset_gives_options_uninstall_knows():
+    from cn2mirror.cli.uninstall import uninstall
+
+    known = {o for p in uninstall.params for o in p.opts}
+    (ds,) = [d for d in yaml.safe_load_all(
+        (ROOT / "manifests" / "uninstall" / "daemonset.yaml").read_text())]
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"][0] == "uninstall"
+    for a in init["args"][1:]:
+        assert a.split("=", 1)[0] in known, a
+    # The same pin root and state directory as the agent's.
+    agent_args = set(daemonset()["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert set(init["args"][1:]) <= agent_args
+
+
 def test_dockerfile_is_debian_12_with_bcc_and_the_project():
     text = (ROOT / "Dockerfile").read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert lines[0].startswith("FROM debian:bookworm")
     assert "python3-bpfcc" in text and "--system-site-packages" in text
+    copied = set()
     for line in lines:
         if line.startswith("COPY "):
             for src in shlex.split(line)[1:-1]:
                 assert (ROOT / src).exists(), src
+                copied.add(src)
+    # pip install of the project reads its readme and package folders: all copied.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {project["project"]["readme"], *project["tool"]["setuptools"]["package-dir"].values()}
+    assert needed <= copied, needed - copied
     assert re.search(r'^ENTRYPOINT \["cn2mirror"\]$', text, re.M)
     # Every Debian package named here exists in Debian 12 (as far as this machine knows
     # them: the packages the project's own setup installs are checked).
