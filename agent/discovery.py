@@ -2,7 +2,11 @@
 reached (source address, outgoing interface, MTU), which port holds a MAC address.
 
 Works for routed CNIs (a /32 or /128 route to the pod's veth, as Calico does) and bridged
-CNIs (pods on a bridge, as flannel does: the bridge port that holds the pod's MAC).
+CNIs (pods on a bridge, as flannel does: the port whose veth peer holds the pod's address
+in the pod's own network namespace, else the FDB port holding the pod's MAC). A pod's host
+side is proven from these tables for the kubelet's addresses; what annotations claim
+(trusted namespaces only) is checked against them; interfaces that cannot be a pod's
+(cn2mirror's own, the loopback, bridges, uplinks) are never used (issue 11).
 """
 
 from __future__ import annotations
