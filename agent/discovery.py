@@ -48,7 +48,6 @@ class Placement:
     proven: bool  # from the node's own tables for the kubelet's addresses; else a claim
     bridge: int | None = None  # the bridge it is a port of (bridged CNIs)
     mac: str | None = None  # the pod side's MAC, when read from its namespace
-    kept: bool = False  # not found again this time: kept while the interface exists
 
 
 def _peer_holding(netns: str, peer_index: int, host_index: int, ip: str) -> str | None:
@@ -162,9 +161,9 @@ class NodeTables:
         """Where the pod interface's host side is, proven from the node's own tables (or
         claimed by annotations an admin vouches for), or exactly why it cannot be placed.
 
-        ``previous``: where it was placed last time; kept while that interface exists
-        unchanged and nothing says otherwise, so an expired neighbour entry or FDB entry
-        never detaches a pod (issue 13)."""
+        ``previous``: where it was placed last time. A bridged pod stays on that port while
+        the port exists unchanged and is still on the bridge, so an expired neighbour or
+        FDB entry never detaches it (issue 13)."""
         proven = not iface.from_annotations
         if iface.host_ifname:
             idx = self.ifindex(iface.host_ifname)
@@ -177,17 +176,18 @@ class NodeTables:
             if not route or route.gateway:
                 continue  # no route, or the pod is behind a gateway: not on this node
             if self.kind(route.oif) != "bridge":
-                return self._checked(Placement(route.oif, self.ifname(route.oif) or "",
-                                               f"route to {ip}", proven), iface)
+                how = f"route to {ip}"
+                if previous is not None and (previous.ifindex, previous.how, previous.proven,
+                                             previous.bridge) == (route.oif, how, proven, None) \
+                        and self._unchanged(previous):
+                    return previous  # checked when first placed, and the same one since
+                return self._checked(Placement(route.oif, self.ifname(route.oif) or "", how,
+                                               proven), iface)
             found = self._bridged(route.oif, ip, iface, previous, looked)
             if found is not None:
                 return self._checked(replace(found, proven=proven), iface)
         if looked:
-            why = "; ".join(looked)
-            if previous is not None and self._unchanged(previous):
-                # The interface it had is still there: keep it, and say what is missing.
-                return replace(previous, how=f"kept on {previous.ifname}: {why}", kept=True)
-            return why
+            return "; ".join(looked)
         if not iface.ips:
             return "the pod has no IP address yet"
         return f"no local route to {', '.join(iface.ips)}"
@@ -200,7 +200,7 @@ class NodeTables:
         pod's MAC (annotated and believed, or the node's neighbour entry for ``ip``)."""
         bridge_name = self.ifname(bridge)
         if previous is not None and previous.bridge == bridge and self._unchanged(previous):
-            return replace(previous, kept=False)
+            return previous
         peer = self.veth_peer_holding(bridge, ip)
         if isinstance(peer, Placement):
             return peer

@@ -140,8 +140,6 @@ class Node:
                 if isinstance(found, str):
                     problems[f"Interface {iface.key}"] = found
                     continue
-                if found.kept:  # placed, but what places it is missing now: said
-                    problems[f"Interface {iface.key}"] = found.how
                 placed[iface.key] = found
             placed = one_owner_per_interface(placed, problems)
             self.placed = placed

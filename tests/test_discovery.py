@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 
 import pytest
 
 from cn2mirror.agent import layout as L
-from cn2mirror.agent.discovery import VXLAN_DEVICE, NodeTables, Placement
+from cn2mirror.agent.discovery import VXLAN_DEVICE, NodeTables
 from cn2mirror.agent.lab import Lab
 from cn2mirror.agent.netns import iproute
 from cn2mirror.agent.state import DeliveryMode, Destination, Interface
@@ -152,21 +153,24 @@ def test_a_placed_pod_is_kept_while_its_interface_exists(blab, tables):
     iface = pod_iface(blab, "db", ips=(db.ip,))
     first = t.place(iface)
     vdb = ifindex(blab, "node2", "vdb")
-    assert first.ifindex == vdb
-    # Nothing places it any more (no neighbour, no FDB entry, namespaces out of sight):
-    # the interface it had is still there, so it stays, and what is missing is said.
+    assert first.ifindex == vdb and first.bridge == ifindex(blab, "node2", "cni0")
+    # Nothing would place it now (no neighbour, no FDB entry, namespaces out of sight):
+    # the port it had is still there, on the bridge, so it stays.
     ns(node2, "ip", "neigh", "flush", "to", db.ip)
     forget_fdb(node2, "vdb", db.mac)
     hidden = hide_namespaces(tables("node2"))
-    assert hidden.place(iface, first) == first  # unchanged: the same port, no lookup
-    moved = Placement(vdb, "vdb", first.how, True, bridge=None)  # a routed placement
-    kept = hidden.place(iface, moved)
-    assert kept.kept and kept.ifindex == vdb
-    assert kept.how.startswith(f"kept on vdb: {db.ip} is behind bridge cni0; the node has "
-                               f"no neighbour entry for it")
-    # An interface that is gone, or another one under its number, is not kept.
-    other = Placement(vdb, "vweb", first.how, True, bridge=first.bridge)
-    assert isinstance(hidden.place(iface, other), str)
+    assert hidden.place(iface, first) == first
+    # Another interface under its number, or one taken off the bridge, is looked up again.
+    renamed = replace(first, ifname="vweb")
+    assert hidden.place(iface, renamed) == hidden.place(iface) == (
+        f"{db.ip} is behind bridge cni0; the node has no neighbour entry for it; no veth "
+        f"peer of the 2 ports of bridge cni0 holds {db.ip} (2 in namespaces not under "
+        f"/var/run/netns)")
+    ns(node2, "ip", "link", "set", "vdb", "nomaster")
+    try:
+        assert isinstance(hidden.place(iface, first), str)
+    finally:
+        ns(node2, "ip", "link", "set", "vdb", "master", "cni0")
 
 
 @pytest.mark.parametrize("claimed, reason", [
