@@ -329,6 +329,23 @@ def test_desired_statuses_need_no_api():
     assert rule_key("demo/mirror-web", 0) == "csp/demo/mirror-web/rule/0"
 
 
+def test_status_names_labelled_pods_an_admin_did_not_allow():
+    from cn2mirror.agent.snapshot import snapshot_from_objects
+
+    # A tenant labels its pod as analyzer1's (issue 11): the status says it was refused,
+    # and the analyzer stays the one in the admin's namespace.
+    sink = pod("sink", "evil", "node1", "198.18.1.66", ANALYZER)
+    snap, errors = snapshot_from_objects([*objects(), namespace("evil"), sink])
+    assert errors == []
+    (status,) = [s for o, s in desired_statuses(snap)
+                 if o["metadata"]["name"] == "analyzer1" and o["apiVersion"] == V]
+    assert status["analyzerPod"] == "tools/analyzer"
+    ready = status["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("True", "Resolved")
+    assert ready["message"].endswith("; not chosen as the analyzer: pod evil/sink is in "
+                                     "namespace evil, which no admin allowed analyzers in")
+
+
 # ---------------------------------------------------------------------------- metrics
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})?'

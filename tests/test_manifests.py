@@ -27,7 +27,7 @@ from cn2mirror.agent.status import EventRecorder, LeaderElector, StatusWriter
 
 from .kube_emulator import KubeEmulator, crd_files, wait_until
 from .test_crds import api_server_errors, example_documents
-from .test_kube import ANALYZER, csp, md, namespace, pod
+from .test_kube import ADMIN_TOOLS, ANALYZER, csp, md, namespace, pod
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "manifests" / "deploy"
@@ -334,7 +334,7 @@ def test_rbac_covers_every_request_the_agent_makes():
     events = EventRecorder(api, instance="node1", repeat_interval=0)
     writer = StatusWriter(api, src, elector, events, resync=0.2, min_interval=0.05)
     try:
-        for o in (namespace("demo"), pod("a", "demo", "n", "198.18.1.2", ANALYZER),
+        for o in (namespace("demo", **ADMIN_TOOLS), pod("a", "demo", "n", "198.18.1.2", ANALYZER),
                   md("analyzer1", "analyzer1"), md("nowhere", "nowhere"),
                   md("cn2", "analyzer1", api_version=f"{CN2_GROUP}/v4"),
                   csp("p", "demo", "web", "missing")):
