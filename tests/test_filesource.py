@@ -250,3 +250,43 @@ def test_bad_arguments():
         FileSource([])
     with pytest.raises(ValueError):
         FileSource(["x"], poll_interval=0)
+
+
+def test_show_problems_lists_refused_objects_and_why(tmp_path, state_dir):
+    """A file-mode agent (real FileSource and compiler, a stand-in node that applies
+    nothing) refuses an invalid edit; `cn2mirror show problems` says which object, why,
+    and that its last accepted version stays in use."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cn2mirror.agent.runtime import Agent
+    from cn2mirror.cli.main import main
+    from tests.test_runtime import FakeNode
+
+    f = tmp_path / "objects" / "a.yaml"
+    write(f, md("a"))
+    agent = Agent(FileSource([f.parent], poll_interval=POLL, settle=0.02), "node1",
+                  FakeNode(), state_dir)
+    agent.start()
+    try:
+        assert agent.wait_for(1, 5)
+        write(f, md("a", 70000))
+        deadline = time.monotonic() + 5
+        while not agent.errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = CliRunner().invoke(main, ["show", "problems", "--state-dir", state_dir,
+                                      "-o", "json"])
+        assert r.exit_code == 0, r.output
+        data = json.loads(r.stdout)
+        (p,) = data["problems"]
+        assert p["origin"] == "source" and p["kind"] == "File"
+        assert "MirrorDestination a is invalid" in p["reason"]
+        assert "last accepted version stays in use" in p["reason"]
+        table = CliRunner().invoke(main, ["show", "problems", "--state-dir", state_dir])
+        assert "1 problems" in table.stdout and "spec.udpPort" in table.stdout
+    finally:
+        agent.stop()
+    missing = CliRunner().invoke(main, ["show", "problems", "--state-dir",
+                                        str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
