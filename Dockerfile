@@ -21,6 +21,7 @@ COPY cn2mirror ./cn2mirror
 COPY agent ./agent
 COPY cli ./cli
 COPY bpf ./bpf
+COPY manifests/crds ./manifests/crds
 RUN python3 -m venv --system-site-packages /opt/cn2mirror \
     && /opt/cn2mirror/bin/pip install --no-cache-dir /src \
     && /opt/cn2mirror/bin/python -c "import bcc, cn2mirror.agent.kube" \

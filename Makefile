@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean image
+.PHONY: setup demo test lint bench soak clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# >= 10 minutes of mixed traffic, policy churn and kill -9 restarts; memory, flow table
+# and drops plotted to benchmarks/results/soak.png; fails if anything leaked.
+soak: setup
+	$(PY) -m benchmarks.soak --duration $${SOAK_SECONDS:-600}
 
 # The agent's container image (Dockerfile), with docker or podman. Then push it where the
 # nodes can pull it and set the same name in manifests/deploy/kustomization.yaml (images:)

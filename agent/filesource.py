@@ -9,10 +9,16 @@ reload. Changes are debounced: it loads once the files have stopped changing for
 snapshot. ``on_change`` is called only when the objects or the errors changed.
 
 Errors (``errors``: agent.snapshot.LoadError, each naming file, document and reason) never
-drop anything else: the other documents of the file and the other files are used. A file
-that no longer parses as YAML, after it did, keeps its last good version in use (as the
-API server keeps an object when an update is rejected) until it parses again or is
-removed; the error says so.
+drop anything else: the other documents of the file and the other files are used. The
+files stand in for the API server, and nothing is lost to a bad edit, as with it:
+- a file that no longer parses as YAML, after it did, keeps its last good version in use
+  until it parses again or is removed;
+- an object the API server would refuse (agent/admission.py) is refused, with the API
+  server's message, and its last accepted version from that file stays in use;
+- a path given on the command line that does not exist refuses the start
+  (``SourceError``); one that disappears later keeps what was last read from it in use
+  (a file removed from a given directory is a deletion, as ``kubectl delete`` would be).
+Each error says what stays in use.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .snapshot import YAML_SUFFIXES, LoadError, Snapshot, load_paths
+from .snapshot import FIELDS, YAML_SUFFIXES, LoadError, Snapshot, identity, load_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ class _Loaded:
     good: Snapshot | None  # from the last load in which every document parsed as YAML
 
 
+class SourceError(ValueError):
+    """The files cannot give a state to apply (a given path does not exist)."""
+
+
 def _is_syntax_error(e: LoadError) -> bool:
     return e.reason.startswith("invalid YAML") or e.reason.startswith("cannot read")
 
@@ -79,6 +89,10 @@ class FileSource:
         self.paths = [str(Path(p)) for p in paths]
         if not self.paths:
             raise ValueError("FileSource needs at least one file or directory")
+        missing = [p for p in self.paths if not os.path.exists(p)]
+        if missing:
+            raise SourceError("no such file or directory: " + ", ".join(missing) +
+                              " (a source that does not exist would apply an empty state)")
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self.poll_interval = poll_interval
@@ -130,11 +144,23 @@ class FileSource:
         with self._lock:
             scan = self.scan() if scan is None else scan
             files = list_files(self.paths)
+            vanished: list[LoadError] = []
+            keep: set[str] = set()  # files of given paths that are gone: kept as last read
+            for given in self.paths:
+                if scan.get(given) is None and not os.path.lexists(given):
+                    kept = [f for f in self._files if f == given
+                            or f.startswith(given.rstrip("/") + "/")]
+                    keep.update(kept)
+                    files = [f for f in files if f != given or f in kept]
+                    files += [f for f in kept if f not in files]
+                    vanished.append(LoadError(given, 0, "no such file or directory; the "
+                                              f"{len(kept)} file(s) last read from it stay "
+                                              "in use until it returns"))
             loaded: dict[str, _Loaded] = {}
             for path in files:
                 sig = scan.get(path, _signature(path))
                 old = self._files.get(path)
-                if old is not None and old.signature == sig and sig is not None:
+                if old is not None and (path in keep or (sig is not None and old.signature == sig)):
                     loaded[path] = old
                     continue
                 loaded[path] = self._load(path, sig, old)
@@ -142,7 +168,7 @@ class FileSource:
             self._scan = scan
             self.loads += 1
 
-            snapshot, errors = Snapshot(), []
+            snapshot, errors = Snapshot(), list(vanished)
             for path in files:
                 snapshot = snapshot.merged(loaded[path].snapshot)
                 errors += loaded[path].errors
@@ -163,15 +189,27 @@ class FileSource:
 
     def _load(self, path: str, sig: Signature | None, old: _Loaded | None) -> _Loaded:
         snapshot, errors = load_paths([path])
-        if not any(_is_syntax_error(e) for e in errors):
-            return _Loaded(sig, snapshot, errors, good=snapshot)
         good = old.good if old is not None else None
-        if good is None or sig is None:
-            return _Loaded(sig, snapshot, errors, good=None)
-        # Mid-edit or broken: the last version that parsed stays in use.
-        kept = [replace(e, reason=f"{e.reason}; the file's last good version stays in use")
-                if _is_syntax_error(e) else e for e in errors]
-        return _Loaded(sig, good, kept, good=good)
+        if any(_is_syntax_error(e) for e in errors):
+            if good is None or sig is None:
+                return _Loaded(sig, snapshot, errors, good=None)
+            # Mid-edit or broken: the last version that parsed stays in use.
+            kept = [replace(e, reason=f"{e.reason}; the file's last good version stays "
+                            "in use") if _is_syntax_error(e) else e for e in errors]
+            return _Loaded(sig, good, kept, good=good)
+        # Objects the API server would refuse: their last accepted version stays.
+        previous = {identity(o): (kind, o) for kind, objs in (good or Snapshot()).by_kind()
+                    .items() for o in objs}
+        restored: dict[str, list] = {f: [] for f in FIELDS.values()}
+        out = []
+        for e in errors:
+            if e.rejected and e.rejected in previous:
+                kind, obj = previous[e.rejected]
+                restored[FIELDS[kind]].append(obj)
+                e = replace(e, reason=f"{e.reason}; its last accepted version stays in use")
+            out.append(e)
+        snapshot = snapshot.merged(Snapshot(**{f: tuple(v) for f, v in restored.items()}))
+        return _Loaded(sig, snapshot, out, good=snapshot)
 
     # ------------------------------------------------------------------ polling
     def _poll(self) -> None:

@@ -374,7 +374,7 @@ class _Reflector:
                                     "objects, retrying", self.res.name, self.stats.last_error)
                     self.connected = False
                     src._changed_readiness()
-                    self.stopped.wait(src._backoff(failures - 1))
+                    src._retry_wait(self.stopped, src._backoff(failures - 1))
                 else:
                     log.info("%s: watch broke (%s): resuming", self.res.name,
                              self.stats.last_error)
@@ -407,9 +407,11 @@ class _Reflector:
         self.source._replace(self, items)
         self.rv = rv
         self.synced = True
-        self.connected = True
+        was_connected, self.connected = self.connected, True
         self.failures = 0
         self.source._changed_readiness()
+        if not was_connected:
+            self.source._server_back()
         log.debug("%s: listed %d objects at %s", self.res.name, len(items), rv)
 
     def _accept(self, raw: Any, known: dict | None = None) -> dict | None:
@@ -448,11 +450,14 @@ class _Reflector:
         self._resp = resp
         if self.stopped.is_set():
             self._shutdown_response()
-        if not self.connected:
+        was_connected = self.connected
+        if not was_connected:
             log.info("%s: watching again from %s", self.res.name, self.rv)
         self.connected = True
         self.failures = 0
         src._changed_readiness()
+        if not was_connected:
+            src._server_back()
         try:
             for line in iter_resp_lines(resp):
                 if self.stopped.is_set():
@@ -536,6 +541,8 @@ class KubeSource:
         self._first_change = 0.0
         self._last_change = 0.0
         self._stop = threading.Event()
+        self._retry_cond = threading.Condition()  # failed reflectors wait here
+        self._server_back_generation = 0  # bumped when a reflector reconnects
         self._discovered = False
         self._required: set[WatchedResource] = set()  # must be listed before a snapshot
         self._threads: list[threading.Thread] = []
@@ -614,6 +621,24 @@ class KubeSource:
         return False
 
     # -- internals used by reflectors
+    def _retry_wait(self, stopped: threading.Event, delay: float) -> None:
+        """A failed reflector's backoff, cut short when another reflector reaches the API
+        server again: after an outage every kind retries at once, none waits out its own
+        (up to 30 s) backoff."""
+        with self._retry_cond:
+            generation = self._server_back_generation
+            deadline = time.monotonic() + delay
+            while not stopped.is_set() and generation == self._server_back_generation:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._retry_cond.wait(min(left, 0.5))  # 0.5: notice stop() promptly
+
+    def _server_back(self) -> None:
+        with self._retry_cond:
+            self._server_back_generation += 1
+            self._retry_cond.notify_all()
+
     def _backoff(self, attempt: int) -> float:
         first, cap = self.backoff
         delay = min(cap, first * (2 ** (attempt - 1)))

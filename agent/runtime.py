@@ -70,6 +70,7 @@ DEFAULT_RESYNC_INTERVAL = 30.0
 NAMES_FILE = "names.json"
 CAPTURE_NAMES_FILE = "capture-names.json"
 STATUS_FILE = "status.json"
+RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
 
 # Where a problem comes from.
 ORIGIN_SOURCE = "source"  # an input could not be read (a file, a watch)
@@ -243,7 +244,9 @@ class Agent:
         self._written: dict[str, Any] = {}  # file name -> what this agent last wrote there
         self.reconcile_count = 0
         self.failed_count = 0
+        self.consecutive_failures = 0  # reconciles failed in a row: the retry backs off
         self.errors: tuple[Problem, ...] = ()
+        self.errors_before: tuple[Problem, ...] = ()
 
         self._cond = threading.Condition()
         self._pending: Snapshot | None = None
@@ -461,10 +464,8 @@ class Agent:
         level = logging.INFO if report.ok and (trigger == "snapshot" or report.changes) \
             else logging.DEBUG if report.ok else logging.ERROR
         log.log(level, "%s", report.summary())
-        if trigger == "snapshot" or not report.ok:
-            for p in report.problems:
-                if p.origin != ORIGIN_DATAPATH:  # Node.apply logs those itself
-                    log.warning("  %s", p)
+        self._log_problem_changes(self.errors_before, report.problems)
+        self.errors_before = report.problems
         try:
             write_atomic(os.path.join(self.state_dir, STATUS_FILE), self.status())
         except OSError as e:
@@ -477,9 +478,31 @@ class Agent:
         # Last, so that wait_for() returns once everything of this reconcile is done.
         with self._cond:
             self.reconcile_count = report.number
-            self._next_resync = time.monotonic() + self.resync_interval
+            if report.ok:
+                self.consecutive_failures = 0
+                self._next_resync = time.monotonic() + self.resync_interval
+            else:  # retried soon, backing off: 0.5 s, 1 s, 2 s ... up to the resync interval
+                self.consecutive_failures += 1
+                self._next_resync = time.monotonic() + self.retry_delay()
             self._cond.notify_all()
         return report
+
+    def retry_delay(self) -> float:
+        """How long after a failed reconcile the state is applied again."""
+        n = max(self.consecutive_failures, 1)
+        return min(RETRY_FIRST * 2 ** (n - 1), self.resync_interval)
+
+    @staticmethod
+    def _log_problem_changes(before: tuple[Problem, ...], now: tuple[Problem, ...]) -> None:
+        """Each problem is logged when it appears and when it clears, not at every
+        reconcile. (Node.apply logs the datapath's own when they appear.)"""
+        old, new = set(before), set(now)
+        for p in now:
+            if p not in old and p.origin != ORIGIN_DATAPATH:
+                log.warning("problem: %s", p)
+        for p in before:
+            if p not in new:
+                log.info("cleared: %s", p)
 
     def _write_files(self, state: NodeState, result: ApplyResult) -> None:
         for name, data in ((NAMES_FILE, describe(state, result)),

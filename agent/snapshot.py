@@ -1,10 +1,11 @@
 """A snapshot of the cluster objects the compiler reads, and a loader for YAML files.
 
 The snapshot keeps the objects as plain dicts, exactly as they were read (from files here,
-from the API by the agent's watcher): parsing and validation happen in the compiler, so
-that an invalid object becomes an ``ObjectError`` in the node's state rather than a
-failure to load. The loader only rejects documents that are not Kubernetes objects at
-all, or that it cannot place (no kind, no name, an apiVersion the kind is not served as).
+from the API by the agent's watcher): parsing happens in the compiler. The file loader
+rejects documents that are not Kubernetes objects at all, or that it cannot place (no
+kind, no name, an apiVersion the kind is not served as), and mirroring objects that the
+API server would refuse (agent/admission.py: the CRD's schema, unknown fields, its CEL
+rules), with the API server's message: files stand in for the API server.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class LoadError:
     document: int  # 1-based among the file's non-empty documents; 0: the file itself
     reason: str
     line: int | None = None  # 1-based line where the document starts
+    # The object refused (kind, namespace, name) when it was one the API server would
+    # have refused; its last accepted version may stay in use (agent/filesource.py).
+    rejected: tuple[str, str, str] | None = None
 
     def __str__(self) -> str:
         where = self.path
@@ -180,10 +184,39 @@ def load_text(text: str, source: str = "<text>") -> tuple[Snapshot, list[LoadErr
     snapshot = Snapshot()
     for index, line, data in objects:
         part, errs = snapshot_from_objects([data], source)
+        part, refused = _admitted(part)
         snapshot = snapshot.merged(part)
         errors += [LoadError(source, index, e.reason, line) for e in errs]
+        errors += [LoadError(source, index, reason, line, rejected=ident)
+                   for ident, reason in refused]
     errors.sort(key=lambda e: e.document)
     return snapshot, errors
+
+
+def identity(obj: Obj) -> tuple[str, str, str]:
+    """(kind, namespace, name): what the API server keys an object by."""
+    meta = obj.get("metadata") or {}
+    return obj.get("kind", ""), meta.get("namespace") or "", meta.get("name") or ""
+
+
+def _admitted(snapshot: Snapshot) -> tuple[Snapshot, list[tuple[tuple[str, str, str], str]]]:
+    """The objects the API server would accept, and the refused ones with why."""
+    from .admission import admission_errors
+
+    refused = []
+    kept: dict[str, list[Obj]] = {}
+    for kind, objs in snapshot.by_kind().items():
+        kept[FIELDS[kind]] = []
+        for obj in objs:
+            errors = admission_errors(obj)
+            if errors:
+                kind_, ns, name = identity(obj)
+                shown = f"{ns}/{name}" if ns else name
+                refused.append((identity(obj), f"{kind_} {shown} is invalid (the API server "
+                                f"would refuse it): " + "; ".join(errors)))
+            else:
+                kept[FIELDS[kind]].append(obj)
+    return Snapshot(**{f: tuple(v) for f, v in kept.items()}), refused
 
 
 def _yaml_reason(error: yaml.YAMLError, first_line: int) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .datapath import MIRROR_RX, MIRROR_TX, Datapath
 from .discovery import VXLAN_DEVICE
 from .netns import iproute
+from .ownership import in_use
 
 # The devices the agent creates, removed with it.
 OWN_DEVICES = (MIRROR_TX, MIRROR_RX, VXLAN_DEVICE)
@@ -107,10 +108,18 @@ def leftovers(pin_root: str, state_dir: str | None, netns: str | None) -> list[s
     return left
 
 
+class AgentRunning(RuntimeError):
+    """An agent holds the pin root: it would attach again at its next resync."""
+
+
 def uninstall(pin_root: str, state_dir: str | None = None,
               netns: str | None = None) -> UninstallReport:
     """Detach, remove the devices, unpin (which also releases tcx links), remove the state
-    directory; then look again and report what is left."""
+    directory; then look again and report what is left. Refused while an agent runs."""
+    holder = in_use(pin_root)
+    if holder is not None:
+        raise AgentRunning(f"an agent is running on {pin_root} ({holder}): stop it first "
+                           "(in a cluster, delete the agent DaemonSet)")
     report = UninstallReport()
     dp = Datapath(pin_root, netns)
     names = _ifnames(netns)

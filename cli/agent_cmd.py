@@ -132,8 +132,32 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                                "spec.nodeName)")
     check_environment(netns)
     kube = KubeOptions.from_params(source_options)  # takes the kube_* options
-    source = make_source(sources, poll_interval, kube=kube, node_name=node_name,
-                         **source_options)
+    from cn2mirror.agent.filesource import SourceError
+    from cn2mirror.agent.ownership import OwnedElsewhere, OwnerRecord, PinRootLock
+
+    try:
+        source = make_source(sources, poll_interval, kube=kube, node_name=node_name,
+                             **source_options)
+    except SourceError as e:
+        raise AgentError(f"--source: {e}") from None
+    # One agent per pin root (agent/ownership.py), held until this process ends.
+    lock = PinRootLock(pin_root, state_dir)
+    try:
+        lock.acquire(OwnerRecord(node_name, netns,
+                                 list(sources) if kube is None else ["kubernetes"]))
+    except OwnedElsewhere as e:
+        raise AgentError(str(e)) from None
+    except OSError as e:
+        raise AgentError(f"cannot lock the pin root {pin_root}: {e}") from None
+    try:
+        _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, uplink,
+             resync_interval, once, cleanup_on_exit)
+    finally:
+        lock.release()
+
+
+def _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, uplink,
+         resync_interval, once, cleanup_on_exit) -> None:
     services = None
 
     from cn2mirror.agent.datapath import DatapathError

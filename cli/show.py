@@ -799,6 +799,49 @@ def show_stats(pin_root, state_dir, fmt, watch, interval, count):
     watch_stats(read, fmt, interval, count, labels=(_rule_label, _iface_label, _dest_label))
 
 
+@show.command("problems", short_help="What the agent could not apply, and why.", epilog="""\b
+Examples:
+  cn2mirror show problems
+  cn2mirror show problems -o json | jq '.problems[] | select(.origin == "source")'
+
+Read from <state-dir>/status.json, which the agent rewrites after every reconcile: objects
+refused by the source (a file's YAML, an object the API server would refuse) with what
+stays in use instead, objects the compiler rejected (capacity, references, selectors),
+interfaces and destinations the datapath could not place, and failed reconciles. ORIGIN:
+source, compiler, datapath or agent. Needs no root and no pins.
+""")
+@state_dir_option
+@output_option
+def show_problems(state_dir, fmt):
+    """Objects, interfaces and destinations the agent could not apply, and why."""
+    from cn2mirror.agent.runtime import STATUS_FILE
+
+    path = os.path.join(state_dir, STATUS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            status = json.load(f)
+    except FileNotFoundError:
+        raise click.ClickException(f"{path} does not exist: is an agent running with "
+                                   f"--state-dir {state_dir}?") from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot read {path}: {e}") from None
+    data = {"version": 1, "kind": "problems", "node": status.get("node"),
+            "ready": status.get("ready"), "reconciles": status.get("reconciles"),
+            "problems": status.get("errors") or []}
+
+    def table(d: dict) -> str:
+        head = (f"node {d['node']}: {'ready' if d['ready'] else 'NOT ready'}, "
+                f"{d['reconciles']} reconciles, {len(d['problems'])} problems")
+        if not d["problems"]:
+            return head
+        return head + "\n\n" + render_table(
+            ["ORIGIN", "OBJECT", "REASON"],
+            [[p["origin"], f"{p['kind']} {p['name']}".strip(), p["reason"]]
+             for p in d["problems"]])
+
+    emit(data, fmt, table)
+
+
 # ============================================================================ explain
 EXPLAIN_EPILOG = """\b
 Examples:

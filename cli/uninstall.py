@@ -47,6 +47,7 @@ def _table(data: dict) -> str:
 def uninstall(pin_root, state_dir, netns, fmt):
     """Detach every classifier, remove the mirror port, the VXLAN device, the pins and the
     state directory, then verify that none of it is left. Stop the agent first."""
+    from cn2mirror.agent.uninstall import AgentRunning
     from cn2mirror.agent.uninstall import uninstall as run_uninstall
 
     if os.geteuid() != 0:
@@ -54,7 +55,10 @@ def uninstall(pin_root, state_dir, netns, fmt):
                                    "programs and removes links and pins)")
     if netns and not os.path.exists(os.path.join("/var/run/netns", netns)):
         raise click.ClickException(f"unknown network namespace {netns!r}")
-    report = run_uninstall(pin_root, state_dir, netns)
+    try:
+        report = run_uninstall(pin_root, state_dir, netns)
+    except AgentRunning as e:
+        raise click.ClickException(str(e)) from None
     emit(report.as_dict(), fmt, _table)
     if report.left:
         raise SystemExit(1)

@@ -105,6 +105,7 @@ class UdpStream:
         self.client.connect((ip, port))
         self.sport, self.port = self.client.getsockname()[1], port
         self.sent: list[tuple[float, int]] = []
+        self.received: set[int] = set()  # the sequence numbers that reached the server
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -113,11 +114,14 @@ class UdpStream:
         seq = 0
         while not self._stop.wait(INTERVAL):
             self.sent.append((time.monotonic(), seq))
-            self.client.send(seq.to_bytes(4, "big") + b"p" * 60)
+            with contextlib.suppress(OSError):  # a full socket buffer under a flood
+                self.client.send(seq.to_bytes(4, "big") + b"p" * 60)
             seq += 1
             with contextlib.suppress(BlockingIOError):
                 while True:
-                    self.server.recv(2048)
+                    data, (_, sport) = self.server.recvfrom(2048)
+                    if sport == self.sport:
+                        self.received.add(int.from_bytes(data[:4], "big"))
 
     def key(self, src: str, dst: str) -> tuple:
         return 17, src, self.sport, dst, self.port

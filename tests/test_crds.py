@@ -14,14 +14,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cn2mirror.agent import model
+from cn2mirror.agent import admission, model
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "manifests" / "crds"
@@ -49,133 +48,23 @@ def schema_of(api_version: str, kind: str) -> dict[str, Any]:
         "schema"]["openAPIV3Schema"]
 
 
-# --- An offline stand-in for the API server's validation ----------------------------------
+# --- The API server's validation, offline: agent/admission.py (file mode uses it too) ----
 
-
-def _is_ip(s: Any) -> bool:
-    try:
-        ipaddress.ip_address(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _is_cidr(s: Any) -> bool:
-    try:
-        ipaddress.ip_network(s, strict=False)
-        return "/" in s
-    except ValueError:
-        return False
-
-
-def _contains(outer: str, inner: str) -> bool:
-    a, b = ipaddress.ip_network(outer, strict=False), ipaddress.ip_network(inner, strict=False)
-    return a.version == b.version and b.subnet_of(a)
-
-
-# Every CEL rule of the CRDs, as written there, and the same rule in Python.
-CEL_TWINS = {
-    "!has(self.nextHopMode) || self.nextHopMode != 'static' || has(self.staticNextHopHeader)":
-        lambda s: s.get("nextHopMode") != "static" or "staticNextHopHeader" in s,
-    "!has(self.nextHopMode) || self.nextHopMode != 'static' || "
-    "(has(self.juniperHeader) && !self.juniperHeader)":
-        lambda s: s.get("nextHopMode") != "static" or s.get("juniperHeader") is False,
-    "!has(self.externalAnalyzer) || !self.externalAnalyzer || has(self.analyzerIP)":
-        lambda s: not s.get("externalAnalyzer") or "analyzerIP" in s,
-    "!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring || "
-    "has(self.nicAssistedVlanID)":
-        lambda s: not s.get("nicAssistedMirroring") or "nicAssistedVlanID" in s,
-    "!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring || "
-    "!has(self.nextHopMode) || self.nextHopMode != 'static'":
-        lambda s: not (s.get("nicAssistedMirroring") and s.get("nextHopMode") == "static"),
-    "!has(self.externalAnalyzer) || !self.externalAnalyzer || "
-    "((!has(self.nextHopMode) || self.nextHopMode != 'static') && "
-    "(!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring))":
-        lambda s: not s.get("externalAnalyzer")
-        or (s.get("nextHopMode") != "static" and not s.get("nicAssistedMirroring")),
-    "isIP(self)": _is_ip,
-    "isCIDR(self)": _is_cidr,
-    "!has(self.except) || !isCIDR(self.cidr) || "
-    "self.except.all(e, !isCIDR(e) || cidr(self.cidr).containsCIDR(e))":
-        lambda s: "except" not in s or not _is_cidr(s["cidr"])
-        or all(not _is_cidr(e) or _contains(s["cidr"], e) for e in s["except"]),
-    "has(self.podSelector) || has(self.namespaceSelector) || has(self.ipBlock)":
-        lambda s: bool({"podSelector", "namespaceSelector", "ipBlock"} & set(s)),
-    "!has(self.ipBlock) || (!has(self.podSelector) && !has(self.namespaceSelector))":
-        lambda s: "ipBlock" not in s or not ({"podSelector", "namespaceSelector"} & set(s)),
-    "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
-    "(!has(self.values) || size(self.values) == 0)":
-        lambda s: bool(s.get("values")) if s["operator"] in ("In", "NotIn")
-        else not s.get("values"),
-    "!has(self.endPort) || (has(self.port) && type(self.port) == int && "
-    "self.endPort >= self.port)":
-        lambda s: "endPort" not in s or (
-            isinstance(s.get("port"), int) and not isinstance(s.get("port"), bool)
-            and s["endPort"] >= s["port"]),
-    "!has(self.port) || !has(self.protocol) || !(self.protocol in ['ICMP', 'ICMPv6'])":
-        lambda s: "port" not in s or s.get("protocol") not in ("ICMP", "ICMPv6"),
-}
-
-
-def apply_defaults(schema: dict[str, Any], value: Any) -> None:
-    """Structural defaulting, as the API server does before validating."""
-    if schema.get("type") == "object" and isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                apply_defaults(sub, value[key])
-    elif schema.get("type") == "array" and isinstance(value, list):
-        for item in value:
-            apply_defaults(schema["items"], item)
-
-
-def walk(schema: dict[str, Any], value: Any, path: str = ""):
-    """(schema, value, path) for every value, depth first."""
-    yield schema, value, path
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                yield from walk(sub, value[key], f"{path}.{key}")
-        if isinstance(schema.get("additionalProperties"), dict):
-            for key, item in value.items():
-                yield from walk(schema["additionalProperties"], item, f"{path}.{key}")
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            yield from walk(schema["items"], item, f"{path}[{i}]")
-
-
-def unknown_fields(schema: dict[str, Any], value: Any) -> list[str]:
-    return [
-        f"{path}.{key}"
-        for sub, v, path in walk(schema, value)
-        if isinstance(v, dict) and "properties" in sub
-        for key in v
-        if key not in sub["properties"]
-    ]
-
-
-def cel_violations(schema: dict[str, Any], value: Any) -> list[str]:
-    return [
-        f"{path or '.'}: {rule['message']}"
-        for sub, v, path in walk(schema, value)
-        for rule in sub.get("x-kubernetes-validations", [])
-        if not CEL_TWINS[rule["rule"]](v)
-    ]
+CEL_TWINS = admission.CEL_TWINS
+apply_defaults = admission.apply_defaults
+walk = admission.walk
+unknown_fields = admission.unknown_fields
+cel_violations = admission.cel_violations
 
 
 def api_server_errors(obj: dict[str, Any]) -> list[str]:
     """What the API server would say of ``obj`` (with the CRDs installed); [] if accepted."""
-    schema = schema_of(obj["apiVersion"], obj["kind"])
-    obj = copy.deepcopy(obj)
-    apply_defaults(schema, obj)
-    errors = [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in jsonschema.Draft7Validator(schema).iter_errors(obj)
-    ]
-    errors += [f"unknown field {p}" for p in unknown_fields(schema, obj)]
-    # The API server runs CEL rules only on values of the declared types.
-    return errors or cel_violations(schema, obj)
+    return admission.admission_errors(obj)
+
+
+def test_admission_reads_the_crds_of_this_tree():
+    """The package data the agent validates with is these files."""
+    assert admission.crds() == CRDS
 
 
 def example_documents() -> list[tuple[str, dict[str, Any]]]:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cn2mirror.agent.filesource import FileSource, list_files
+from cn2mirror.agent.filesource import FileSource, SourceError, list_files
 from cn2mirror.agent.runtime import Source
 from cn2mirror.agent.snapshot import Snapshot
 
@@ -165,16 +165,62 @@ def test_file_broken_mid_edit_keeps_its_last_good_version(tmp_path, watched):
     assert names(rec.next()) == {"b": 30500}
 
 
-def test_missing_path_is_reported_then_picked_up(tmp_path, watched):
-    f = tmp_path / "later.yaml"
-    src, rec = watched(f)
+def test_a_missing_source_refuses_the_start(tmp_path):
+    """A path that does not exist would apply an empty state (detach every pod): refused,
+    naming the path."""
+    with pytest.raises(SourceError, match="later.yaml"):
+        FileSource([tmp_path / "later.yaml"])
+
+
+def test_a_vanished_source_keeps_what_it_gave(tmp_path, watched):
+    f = tmp_path / "conf" / "a.yaml"
+    write(f, md("a"))
+    src, rec = watched(tmp_path / "conf")
+    assert names(rec.next()) == {"a": 30030}
+    os.rename(tmp_path / "conf", tmp_path / "moved")
+    snap = rec.next()
+    assert names(snap) == {"a": 30030}  # still in use
+    (err,) = src.errors
+    assert "no such file" in err.reason and "stay in use until it returns" in err.reason
+    os.rename(tmp_path / "moved", tmp_path / "conf")
+    write(f, md("a", 40000))
+    assert names(rec.next()) == {"a": 40000}
+    assert src.errors == ()
+    # A file removed from a given directory is a deletion.
+    f.unlink()
+    assert names(rec.next()) == {}
+
+
+def test_an_edit_the_api_server_would_refuse_keeps_the_last_accepted_version(
+        tmp_path, watched):
+    f = tmp_path / "a.yaml"
+    write(f, md("a") + "---\n" + md("b", 30031))
+    src, rec = watched()
+    assert names(rec.next()) == {"a": 30030, "b": 30031}
+    # udpPort out of range (schema), and an unknown field: both refused, with the API
+    # server's words; the other object of the file takes its edit.
+    write(f, md("a", 70000) + "---\n" + md("b", 30032).replace("spec:", "spec:\n  podSelectr: {}"))
+    time.sleep(0.05)
+    write(f, md("a", 70000) + "---\n" + md("b", 30033) + "  podSelectr: {}\n")
+    snap = rec.next()
+    assert names(snap) == {"a": 30030, "b": 30031}
+    a, b = sorted(src.errors, key=lambda e: e.document)
+    assert "MirrorDestination a is invalid" in a.reason and "spec.udpPort" in a.reason
+    assert "65535" in a.reason and "last accepted version stays in use" in a.reason
+    assert "unknown field .spec.podSelectr" in b.reason
+    # Fixed: applied, and the problem clears.
+    write(f, md("a", 30040) + "---\n" + md("b", 30041))
+    assert names(rec.next()) == {"a": 30040, "b": 30041}
+    assert src.errors == ()
+
+
+def test_a_new_object_the_api_server_would_refuse_is_not_applied(tmp_path, watched):
+    write(tmp_path / "a.yaml", md("a", 0))
+    src, rec = watched()
     assert names(rec.next()) == {}
     (err,) = src.errors
-    assert "no such file" in err.reason and err.document == 0
-    assert src.ready()
-    write(f, md("later"))
-    assert names(rec.next()) == {"later": 30030}
-    assert src.errors == ()
+    assert err.rejected == ("MirrorDestination", "", "a")
+    assert "last accepted" not in err.reason
 
 
 def test_files_in_given_order(tmp_path):
@@ -204,3 +250,43 @@ def test_bad_arguments():
         FileSource([])
     with pytest.raises(ValueError):
         FileSource(["x"], poll_interval=0)
+
+
+def test_show_problems_lists_refused_objects_and_why(tmp_path, state_dir):
+    """A file-mode agent (real FileSource and compiler, a stand-in node that applies
+    nothing) refuses an invalid edit; `cn2mirror show problems` says which object, why,
+    and that its last accepted version stays in use."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cn2mirror.agent.runtime import Agent
+    from cn2mirror.cli.main import main
+    from tests.test_runtime import FakeNode
+
+    f = tmp_path / "objects" / "a.yaml"
+    write(f, md("a"))
+    agent = Agent(FileSource([f.parent], poll_interval=POLL, settle=0.02), "node1",
+                  FakeNode(), state_dir)
+    agent.start()
+    try:
+        assert agent.wait_for(1, 5)
+        write(f, md("a", 70000))
+        deadline = time.monotonic() + 5
+        while not agent.errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = CliRunner().invoke(main, ["show", "problems", "--state-dir", state_dir,
+                                      "-o", "json"])
+        assert r.exit_code == 0, r.output
+        data = json.loads(r.stdout)
+        (p,) = data["problems"]
+        assert p["origin"] == "source" and p["kind"] == "File"
+        assert "MirrorDestination a is invalid" in p["reason"]
+        assert "last accepted version stays in use" in p["reason"]
+        table = CliRunner().invoke(main, ["show", "problems", "--state-dir", state_dir])
+        assert "1 problems" in table.stdout and "spec.udpPort" in table.stdout
+    finally:
+        agent.stop()
+    missing = CliRunner().invoke(main, ["show", "problems", "--state-dir",
+                                        str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -325,6 +325,31 @@ def test_410_gone_relists_and_converges(emu, make_source):
     assert policy.interfaces == frozenset({"demo/client/eth0"})
 
 
+def test_after_an_outage_every_kind_comes_back_promptly(emu, make_source):
+    """With the production backoff (0.2 s doubling to 30 s, per kind), a 10 s outage
+    leaves each kind waiting out a backoff of several seconds. As soon as one kind
+    reaches the API server again, the others retry too: they all reconnect within a
+    second of the first, none lagging its own backoff (up to ~30 s) behind."""
+    src, snaps = make_source(cluster(), emu, backoff=(0.2, 30.0))
+    emu.go_down()
+    wait_until(lambda: not src.ready(), what="ready() to turn False")
+    time.sleep(10)
+    emu.apply(csp("during", "demo", "web", "analyzer1"))
+    emu.come_up()
+    back: dict[str, float] = {}
+    deadline = time.monotonic() + 40
+    while len(back) < len(src.reflectors) and time.monotonic() < deadline:
+        for r in list(src.reflectors.values()):
+            if r.connected and r.res.name not in back:
+                back[r.res.name] = time.monotonic()
+        time.sleep(0.01)
+    assert len(back) == len(src.reflectors) >= 5
+    spread = max(back.values()) - min(back.values())
+    assert spread < 1.0, {k: round(v - min(back.values()), 2) for k, v in back.items()}
+    snaps.wait(lambda s: "demo/during" in names(s.policies), timeout=5, what="the change")
+    wait_until(src.ready, 5)
+
+
 def test_malformed_lines_and_objects_are_skipped(emu, make_source):
     """A line that is not JSON, an event without a name: counted, reported in errors,
     and the stream goes on. An object the model rejects is the compiler's ObjectError

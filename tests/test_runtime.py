@@ -192,9 +192,41 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
 
     node.fail = None
     source.emit(snap(82))
-    assert agent.wait_for(3, 5)
-    assert agent.last_report.ok and rule_ports(agent.last_state) == [82]
+    assert wait_until(lambda: agent.last_report.ok, 5)
+    assert rule_ports(agent.last_state) == [82]
     assert not [p for p in agent.errors if p.origin == "agent"]
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_failed_reconcile_is_retried_with_backoff(make_agent, caplog):
+    """Not after the next resync (60 s here) but soon, backing off: 0.5, 1, 2 s...; the
+    problem is logged once when it appears and once when it clears."""
+    agent, source, node = make_agent(resync=60.0)
+    agent.start()
+    node.fail = OSError("the analyzer's route is not there yet")
+    caplog.set_level("INFO", logger="cn2mirror.agent.runtime")
+    t0 = time.monotonic()
+    source.emit(snap(80))
+    assert agent.wait_for(3, 5)  # the reconcile and two retries, within ~1.5 s
+    times = [r.created for r in caplog.records if "applying the state failed" in r.message]
+    assert len(times) >= 3 and time.monotonic() - t0 < 3
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert 0.4 <= gaps[0] <= 1.0 and gaps[1] >= 0.9 and gaps[1] > gaps[0]
+    assert agent.retry_delay() >= 2
+    node.fail = None
+    assert wait_until(lambda: agent.last_report.ok, 6)
+    assert agent.consecutive_failures == 0 and agent.retry_delay() == 0.5
+    appeared = [r for r in caplog.records if r.message.startswith("problem: Reconcile")]
+    cleared = [r for r in caplog.records if r.message.startswith("cleared: Reconcile")]
+    assert len(appeared) == 1 and len(cleared) == 1
 
 
 def test_a_compiler_crash_does_not_stop_the_agent(make_agent, monkeypatch):
