@@ -324,6 +324,20 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
     )
 
 
+# The rule walk's scratch area (struct eval_scratch, defined with the walk in
+# bpf/classifier.c) is pinned too: while an agent restarts, the old classifiers still
+# attached tail-call the new continuation (eval_progs[0] is repointed when the new
+# programs load), and both must use the same scratch map, or the flows that start in that
+# window are evaluated on an empty scratch area and not mirrored. The pin's name carries
+# a digest of the scratch area's C definition, so programs of different layouts never
+# share one.
+EVAL_SCRATCH_MAP = "eval_scratch_map"
+
+
+def eval_scratch_pin(pin_root: str, digest: str) -> str:
+    return f"{pin_root.rstrip('/')}/{EVAL_SCRATCH_MAP}_{digest}"
+
+
 # ---------------------------------------------------------------------------- C text
 _C_TYPES = {C.c_uint8: "__u8", C.c_uint16: "__u16", C.c_uint32: "__u32", C.c_uint64: "__u64"}
 
@@ -365,7 +379,8 @@ def _c_type_name(t) -> str:
     return f"struct {_STRUCT_NAMES[t]}"
 
 
-def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> str:
+def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
+                   scratch_digest: str = "0") -> str:
     """The C header the programs are compiled with: constants, structs and pinned maps."""
     consts = {
         "MAX_RULES": MAX_RULES,
@@ -405,6 +420,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
     for cls, cname in _STRUCT_NAMES.items():
         out.append(_c_struct(cname, cls))
     out.append(_c_struct("flow_entry", flow_entry_type(max_flow_dests)))
+    out.append(f'#define EVAL_SCRATCH_PIN "{eval_scratch_pin(pin_root, scratch_digest)}"')
     for spec in map_specs(max_flow_dests):
         path = f"{pin_root}/{spec.name}"
         key, value = _c_type_name(spec.key), _c_type_name(spec.value)

@@ -247,7 +247,10 @@ struct eval_scratch {
     __u32 had_old;              /* the flow table held a stale entry for the flow */
     __u32 rules[MAX_FLOW_DESTS];
 };
-BPF_PERCPU_ARRAY(eval_scratch_map, struct eval_scratch, 1);
+/* Pinned (EVAL_SCRATCH_PIN, see agent/layout.py): during an agent restart the old
+ * classifiers tail-call the new eval_continue, which must read what they wrote. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, 1,
+                 EVAL_SCRATCH_PIN);
 
 struct eval_bitmaps {
     struct match_bits *src, *dst, *port;
