@@ -573,8 +573,8 @@ class Datapath:
         try:
             for link in ipr.get_links():
                 idx = link["index"]
-                if idx in (self.mirror_rx_index, self.mirror_tx_index):
-                    continue
+                if link.get_attr("IFLA_IFNAME") in (MIRROR_TX, MIRROR_RX):
+                    continue  # the mirror port's own programs carry our handle too
                 if any(self._is_ours(f) for f in self._legacy_filters(ipr, idx, TC_INGRESS)):
                     found.add(idx)
         finally:
@@ -582,11 +582,12 @@ class Datapath:
         return found
 
     # ---- what the kernel holds
-    def hook_states(self, idx: int) -> list[HookState]:
+    def hook_states(self, idx: int, mode: str | None = None) -> list[HookState]:
         """Both directions of a pod interface as the kernel holds them: every program in
         the order they run (tcx chain, then the legacy filters by priority), which one
-        is ours, and what is wrong with our place (missing, stale program, not first)."""
-        mode = self.mode()
+        is ours, and what is wrong with our place (missing, stale program, not first),
+        judged for attach mode `mode` (default: the node's)."""
+        mode = mode or self.mode()
         want = {dname: bpfsys.prog_id(self.prog_fd(prog)) if prog in self.progs else 0
                 for dname, prog, _, _ in DIRECTIONS}
         ours_link = {}
@@ -635,6 +636,32 @@ class Datapath:
         finally:
             ipr.close()
         return states
+
+    def open_pinned_programs(self) -> None:
+        """Open the pinned programs without loading anything (for reading what is
+        attached, e.g. from the CLI): those missing are left out."""
+        for name in PROGRAMS:
+            if name not in self.progs:
+                try:
+                    self.progs[name] = obj_get(prog_pin(self.pin_root, name))
+                except (FileNotFoundError, BpfError):
+                    pass
+
+    def attachment_of(self, idx: int) -> dict:
+        """How an interface is attached, for people (show interfaces, doctor):
+        {"attach": "tcx" | "legacy" | None, "ingress"/"egress": {"position", "of",
+        "ahead", "problem"}}; position 1 is first, 0 absent."""
+        has_link = any(os.path.exists(self.link_pin(idx, d)) for d, _, _, _ in DIRECTIONS)
+        has_filter = any(self._legacy_present(idx, parent) for _, _, _, parent in DIRECTIONS)
+        mode = "tcx" if has_link else "legacy" if has_filter else None
+        out: dict = {"attach": mode}
+        for st in self.hook_states(idx, mode or "legacy"):
+            pos = st.position
+            out[st.direction] = {
+                "position": pos, "of": len(st.chain),
+                "ahead": [f"{e.name or e.prog_id} ({e.hook})" for e in st.chain[:max(pos - 1, 0)]],
+                "problem": st.problem if mode else "not attached"}
+        return out
 
     # ------------------------------------------------------------------ removal
     def remove_pins(self) -> None:

@@ -360,3 +360,58 @@ def test_attach_mode_is_checked():
     dp = Datapath("/sys/fs/bpf/cn2m-test-unused")
     with pytest.raises(DatapathError, match="attach mode must be one of"):
         dp.set_attach_mode("netkit")
+
+
+def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tmp_path):
+    """`show interfaces` and `doctor` read the chains live: tcx, first of two behind
+    which the stand-in runs; once a program jumps the queue, both say we are second and
+    behind what."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cn2mirror.cli.main import main
+
+    n1 = lab.nodes["node1"].netns
+    web = lab.pods["web"]
+
+    def cli(*args):
+        r = CliRunner().invoke(main, [*args, "-o", "json"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        return json.loads(r.stdout)
+
+    with started_node(lab, "tcx") as node:
+        node.apply(both_pods_state(lab))
+        pin = node.datapath.pin_root
+        show = ("show", "interfaces", "--netns", n1, "--pin-root", pin, "--state-dir",
+                str(tmp_path))
+        tail = StandInCni(n1, web.host_ifname, "ingress", "pass")
+        try:
+            by_idx = {i["ifindex"]: i["attachment"] for i in cli(*show)["interfaces"]}
+            a = by_idx[tail.ifindex]
+            assert a["attach"] == "tcx"
+            assert a["ingress"] == {"position": 1, "of": 2, "ahead": [], "problem": ""}
+            assert a["egress"] == {"position": 1, "of": 1, "ahead": [], "problem": ""}
+            checks = {c["name"]: c for c in cli("doctor", "--no-probe", "--netns", n1,
+                                                 "--pin-root", pin)["checks"]}
+            assert checks["tcx"]["status"] == "ok"
+            assert checks["attachments in use"]["status"] == "ok", checks["attachments in use"]["detail"]
+            assert checks["attachments in use"]["detail"].startswith(
+                "tcx on 2 interface(s); first in every chain")
+            head = StandInCni(n1, web.host_ifname, "egress", "pass", at_head=True)
+            try:
+                a = {i["ifindex"]: i["attachment"] for i in cli(*show)["interfaces"]}[
+                    tail.ifindex]
+                assert a["egress"]["position"] == 2 and a["egress"]["ahead"] == [
+                    "cni_pass (tcx)"]
+                table = CliRunner().invoke(main, list(show)).stdout
+                assert "tcx" in table and "eg 2/2!" in table and "not first" in table
+                checks = {c["name"]: c for c in cli("doctor", "--no-probe", "--netns", n1,
+                                                     "--pin-root", pin)["checks"]}
+                assert checks["attachments in use"]["status"] == "warn"
+                assert "not first in the chain: after cni_pass (tcx)" in \
+                    checks["attachments in use"]["detail"]
+            finally:
+                head.close()
+        finally:
+            tail.close()
