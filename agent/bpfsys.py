@@ -10,6 +10,7 @@ import ctypes as C
 import ctypes.util
 import errno
 import os
+import struct
 from collections.abc import Iterator
 
 _lib = None
@@ -392,3 +393,49 @@ def tcx_supported() -> bool:
     except BpfError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------- tiny programs
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_FUNC_tail_call = 12
+SKB_CB_OFFSET = 48  # offsetof(struct __sk_buff, cb)
+
+
+class _ProgLoad(C.Structure):
+    _fields_ = [("prog_type", C.c_uint32), ("insn_cnt", C.c_uint32), ("insns", C.c_uint64),
+                ("license", C.c_uint64), ("log_level", C.c_uint32), ("log_size", C.c_uint32),
+                ("log_buf", C.c_uint64), ("kern_version", C.c_uint32),
+                ("prog_flags", C.c_uint32), ("prog_name", C.c_char * 16)]
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def tail_call_stub(prog_array_fd: int, cb_index: int, value: int,
+                   name: str = "cn2m_stub") -> int:
+    """Load a SCHED_CLS program of five instructions that writes `value` into
+    skb->cb[cb_index] and tail-calls prog_array[0] (TCX_NEXT if that is empty). It gives
+    a shared program a per-attachment constant with no compiler: the pod-side
+    attachment passes the pod's host-side ifindex this way. Returns the program's fd."""
+    code = b"".join([
+        _insn(0x62, dst=1, off=SKB_CB_OFFSET + 4 * cb_index, imm=value),  # *(u32 *)
+        _insn(0x18, dst=2, src=1, imm=prog_array_fd), _insn(0),  # r2 = map (fd)
+        _insn(0xB7, dst=3, imm=0),  # r3 = 0
+        _insn(0x85, imm=BPF_FUNC_tail_call),
+        _insn(0xB7, dst=0, imm=TCX_NEXT),
+        _insn(0x95),  # exit
+    ])
+    insns = C.create_string_buffer(code, len(code))
+    lic = C.create_string_buffer(b"GPL")
+    log = C.create_string_buffer(4096)
+    attr = _ProgLoad(prog_type=BPF_PROG_TYPE_SCHED_CLS, insn_cnt=len(code) // 8,
+                     insns=C.addressof(insns), license=C.addressof(lic), log_level=1,
+                     log_size=len(log), log_buf=C.addressof(log),
+                     prog_name=name.encode()[:15])
+    try:
+        return _bpf(BPF_PROG_LOAD, attr, "loading a tail-call stub")
+    except BpfError as e:
+        raise BpfError(e.errno, f"{e.strerror}: {log.value.decode(errors='replace')[-300:]}"
+                       ) from e

@@ -35,7 +35,7 @@ from importlib import resources
 
 from . import bpfsys, layout
 from .bpfsys import BpfError, BpfMap, obj_get, obj_pin
-from .netns import entered, iproute, run, sysctl
+from .netns import NETNS_DIR, entered, iproute, run, sysctl
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ PROGRAMS = {
     "mirror_wrap": "SCHED_CLS",
     "mirror_wrap_inline": "SCHED_CLS",
     "analyzer_port_rx": "XDP",
+    # The pod-side attachment (see Datapath._attach_pod_side).
+    "classify_to_pod_peer": "SCHED_CLS",
+    "classify_from_pod_peer": "SCHED_CLS",
 }
 # How the classifier is attached to pod interfaces: "auto" (tcx when the kernel has it,
 # else legacy clsact), "tcx" or "legacy"; the environment variable overrides "auto" (so
@@ -198,6 +201,9 @@ class Datapath:
         self.mirror_tx_index = 0
         self.mirror_rx_index = 0
         self.attach_mode = "auto"  # as asked; self.mode() says what it resolved to
+        # Pod-side attachment: the to-pod direction classified on the pod's own device
+        # (for CNIs that deliver with bpf_redirect_peer); see _attach_pod_side.
+        self.pod_side = False
         self._mode: str | None = None
 
     def set_attach_mode(self, mode: str) -> None:
@@ -377,6 +383,8 @@ class Datapath:
         on both directions of the interface, in the node's attach mode. When it was
         attached the other way, that attachment is removed once the new one is in place
         (a packet may be copied twice then, never not at all)."""
+        if self.pod_side:
+            return self._attach_pod_side(idx, ifname)
         mode = self.mode()
         done = []
         try:
@@ -397,12 +405,112 @@ class Datapath:
                 self._detach_tc(idx, parent)
             else:
                 self._detach_tcx(idx, dname)
+        self._detach_pod_side(idx)
         return Attachment(ifname, idx, mode)
 
     def detach(self, ifindex: int) -> None:
         for dname, _, _, parent in DIRECTIONS:
             self._detach_tcx(ifindex, dname)
             self._detach_tc(ifindex, parent)
+        self._detach_pod_side(ifindex)
+
+    # ---- pod-side attachment (for CNIs that deliver with bpf_redirect_peer)
+    def pod_peer(self, idx: int) -> tuple[str, int]:
+        """The pod's side of a host-side veth: (the name of its network namespace under
+        /var/run/netns, its ifindex there). Raises DatapathError saying what is
+        missing."""
+        ipr = iproute(self.netns)
+        try:
+            links = ipr.get_links(idx)
+            if not links:
+                raise DatapathError(f"ifindex {idx} is gone")
+            link = links[0]
+            name = link.get_attr("IFLA_IFNAME")
+            peer_idx = link.get_attr("IFLA_LINK")
+            nsid = link.get_attr("IFLA_LINK_NETNSID")
+            if not peer_idx or nsid is None:
+                raise DatapathError(f"{name} has no peer in another network namespace (a "
+                                    "pod-side attachment needs the pod's veth)")
+            try:
+                names = sorted(os.listdir(NETNS_DIR))
+            except OSError:
+                names = []
+            for ns in names:
+                try:
+                    fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    found = ipr.get_netnsid(fd=fd)
+                except Exception:
+                    found = None
+                finally:
+                    os.close(fd)
+                if found and found.get("nsid") == nsid:
+                    return ns, peer_idx
+        finally:
+            ipr.close()
+        raise DatapathError(f"the network namespace of {name}'s peer (nsid {nsid}) is not "
+                            f"under {NETNS_DIR}: mount the host's {NETNS_DIR} into the agent")
+
+    def _peer_secret(self) -> int:
+        """The secret pod-side copies carry (made once, kept in the pinned map)."""
+        m = self.maps["peer_config"]
+        cfg = layout.PeerConfig.from_buffer_copy(m.lookup(bytes(4)))
+        if not cfg.secret:
+            cfg.secret = int.from_bytes(os.urandom(8), "little") or 1
+            m.update(bytes(4), bytes(cfg))
+        return cfg.secret
+
+    def _attach_pod_side(self, idx: int, ifname: str) -> Attachment:
+        if self.mode() != "tcx":
+            raise DatapathError("the pod-side attachment needs tcx (Linux >= 6.6)")
+        self._peer_secret()
+        ns, peer_idx = self.pod_peer(idx)
+        created = self._attach_tcx(idx, "classify_from_pod_peer", bpfsys.BPF_TCX_INGRESS,
+                                   "in")
+        try:
+            self._attach_pod_link(idx, ns, peer_idx)
+        except Exception as e:
+            if created:
+                self._detach_tcx(idx, "in")
+            raise DatapathError(f"attaching inside {ifname or idx}'s pod (network "
+                                f"namespace {ns}) failed: {e}") from e
+        # The to-pod direction is seen inside the pod now: not on the host side as well.
+        self._detach_tcx(idx, "eg")
+        for _, _, _, parent in DIRECTIONS:
+            self._detach_tc(idx, parent)
+        return Attachment(ifname, idx, "tcx")
+
+    def _attach_pod_link(self, idx: int, ns: str, peer_idx: int) -> None:
+        """The pod device's ingress: a stub that puts the host-side ifindex in
+        skb->cb[layout.POD_SIDE_CB] and tail-calls classify_to_pod_peer (peer_progs[0]). Inside
+        the pod's namespace the program cannot tell which pod it serves (ifindexes repeat
+        across namespaces), so each pod gets its own five-instruction stub. A link kept
+        from an earlier run stays: the loader repointed peer_progs[0]."""
+        if self._open_link(idx, "peer", expect=peer_idx) is not None:
+            return
+        array = obj_get(f"{self.pin_root}/peer_progs")
+        try:
+            stub = bpfsys.tail_call_stub(array, layout.POD_SIDE_CB, idx, "cn2m_pod_in")
+        finally:
+            os.close(array)
+        try:
+            with entered(ns):
+                fd = bpfsys.tcx_attach(stub, peer_idx, bpfsys.BPF_TCX_INGRESS,
+                                       bpfsys.BPF_F_BEFORE)
+        finally:
+            os.close(stub)
+        try:
+            obj_pin(fd, self.link_pin(idx, "peer"))
+        except BaseException:
+            bpfsys.link_detach(fd)
+            raise
+        finally:
+            os.close(fd)
+
+    def _detach_pod_side(self, idx: int) -> None:
+        self._detach_tcx(idx, "peer")
 
     def _detach_one(self, idx: int, dname: str, parent: str, mode: str) -> None:
         if mode == "tcx":
@@ -414,10 +522,14 @@ class Datapath:
     def link_pin(self, ifindex: int, dname: str) -> str:
         return f"{self.pin_root}/link_tcx_{ifindex}_{dname}"
 
-    def _open_link(self, ifindex: int, dname: str) -> tuple[int, bpfsys.LinkInfo] | None:
+    def _open_link(self, ifindex: int, dname: str,
+                   expect: int | None = None) -> tuple[int, bpfsys.LinkInfo] | None:
         """Our pinned link of this interface and direction, open, with its info; None
         when there is none. A defunct one (its device gone, perhaps its ifindex reused)
-        is unpinned and None returned."""
+        is unpinned and None returned. A pod-side link ("peer") is on the pod's device:
+        `expect` is that device's ifindex (None: any live one)."""
+        if expect is None and dname != "peer":
+            expect = ifindex
         path = self.link_pin(ifindex, dname)
         try:
             fd = obj_get(path)
@@ -428,7 +540,8 @@ class Datapath:
         except BaseException:
             os.close(fd)
             raise
-        if info.type != bpfsys.BPF_LINK_TYPE_TCX or info.ifindex != ifindex:
+        if info.type != bpfsys.BPF_LINK_TYPE_TCX or not info.ifindex or \
+                (expect is not None and info.ifindex != expect):
             os.close(fd)
             log.info("removing defunct tcx link %s (its interface is gone)", path)
             os.unlink(path)
@@ -498,7 +611,13 @@ class Datapath:
         it). tcx takes a program only once per chain, so the new link cannot be made
         before the old one goes: the old one is detached and a new one made at once
         (packets in those microseconds pass uncopied)."""
+        if direction == "pod ingress":
+            self._detach_tcx(idx, "peer")
+            self.attach_index(idx)
+            return
         dname, prog, tcx_type, _ = next(d for d in DIRECTIONS if d[0] == direction[:2])
+        if self.pod_side and dname == "in":
+            prog = "classify_from_pod_peer"
         self._detach_tcx(idx, dname)
         try:
             self._attach_tcx(idx, prog, tcx_type, dname)
@@ -582,34 +701,55 @@ class Datapath:
         return found
 
     # ---- what the kernel holds
-    def hook_states(self, idx: int, mode: str | None = None) -> list[HookState]:
+    def _hooks(self, idx: int, pod_side: bool) -> list[tuple]:
+        """The hooks our programs should hold on a pod interface: (link name, program,
+        tcx attach type, legacy parent or None, label, network namespace, ifindex)."""
+        if not pod_side:
+            return [(d, prog, t, parent, "ingress" if d == "in" else "egress", self.netns, idx)
+                    for d, prog, t, parent in DIRECTIONS]
+        hooks = [("in", "classify_from_pod_peer", bpfsys.BPF_TCX_INGRESS, TC_INGRESS,
+                  "ingress", self.netns, idx)]
+        try:
+            ns, peer_idx = self.pod_peer(idx)
+        except DatapathError:
+            ns, peer_idx = None, 0
+        hooks.append(("peer", None, bpfsys.BPF_TCX_INGRESS, None, "pod ingress", ns,
+                      peer_idx))  # a stub per pod: no shared program to compare with
+        return hooks
+
+    def hook_states(self, idx: int, mode: str | None = None,
+                    pod_side: bool | None = None) -> list[HookState]:
         """Both directions of a pod interface as the kernel holds them: every program in
         the order they run (tcx chain, then the legacy filters by priority), which one
         is ours, and what is wrong with our place (missing, stale program, not first),
-        judged for attach mode `mode` (default: the node's)."""
+        judged for attach mode `mode` (default: the node's). With the pod-side
+        attachment, the to-pod direction is the pod device's ingress ("pod ingress")."""
         mode = mode or self.mode()
-        want = {dname: bpfsys.prog_id(self.prog_fd(prog)) if prog in self.progs else 0
-                for dname, prog, _, _ in DIRECTIONS}
-        ours_link = {}
-        for dname, _, _, _ in DIRECTIONS:
-            opened = self._open_link(idx, dname)
-            if opened is not None:
-                os.close(opened[0])
-                ours_link[dname] = opened[1].id
+        pod_side = self.pod_side if pod_side is None else pod_side
         states = []
         ipr = iproute(self.netns)
         try:
-            for dname, _, tcx_type, parent in DIRECTIONS:
+            for dname, prog, tcx_type, parent, label, ns, target in self._hooks(idx, pod_side):
+                if not target:
+                    states.append(HookState(label, [], "the pod's side of the veth cannot "
+                                                        "be found"))
+                    continue
+                want = bpfsys.prog_id(self.prog_fd(prog)) if prog in self.progs else 0
+                opened = self._open_link(idx, dname, expect=target)
+                ours_link = 0
+                if opened is not None:
+                    os.close(opened[0])
+                    ours_link = opened[1].id
                 chain: list[ChainEntry] = []
-                with entered(self.netns):  # tcx runs first, whatever our mode
+                with entered(ns):  # tcx runs first, whatever our mode
                     try:
-                        progs, links, _ = bpfsys.tcx_query(idx, tcx_type)
+                        progs, links, _ = bpfsys.tcx_query(target, tcx_type)
                     except BpfError:  # no tcx in this kernel
                         progs, links = [], []
                 for pid, lid in zip(progs, links, strict=False):
                     chain.append(ChainEntry("tcx", pid, bpfsys.prog_name(pid),
-                                            lid == ours_link.get(dname), link_id=lid))
-                for f in self._legacy_filters(ipr, idx, parent):
+                                            lid == ours_link, link_id=lid))
+                for f in self._legacy_filters(ipr, idx, parent) if parent else ():
                     if f.get_attr("TCA_KIND") is None or not f["handle"]:
                         continue  # the per-priority chain heads of the dump
                     pid = _legacy_bpf_prog_id(f)
@@ -621,13 +761,13 @@ class Datapath:
                 if mode == "legacy":  # a leftover tcx link is not ours to count on
                     for e in chain:
                         e.ours = e.ours and e.hook == "legacy"
-                st = HookState("ingress" if dname == "in" else "egress", chain)
+                st = HookState(label, chain)
                 mine = [e for e in chain if e.ours]
                 if not mine:
                     st.problem = f"no {mode} attachment"
-                elif want[dname] and mine[0].prog_id and mine[0].prog_id != want[dname]:
+                elif want and mine[0].prog_id and mine[0].prog_id != want:
                     st.problem = (f"runs program id {mine[0].prog_id}, not the current "
-                                  f"{want[dname]}")
+                                  f"{want}")
                 elif st.position != 1:
                     before = ", ".join(f"{e.name or e.prog_id} ({e.hook})"
                                        for e in chain[:st.position - 1])
@@ -652,10 +792,11 @@ class Datapath:
         {"attach": "tcx" | "legacy" | None, "ingress"/"egress": {"position", "of",
         "ahead", "problem"}}; position 1 is first, 0 absent."""
         has_link = any(os.path.exists(self.link_pin(idx, d)) for d, _, _, _ in DIRECTIONS)
+        pod_side = os.path.exists(self.link_pin(idx, "peer"))
         has_filter = any(self._legacy_present(idx, parent) for _, _, _, parent in DIRECTIONS)
-        mode = "tcx" if has_link else "legacy" if has_filter else None
-        out: dict = {"attach": mode}
-        for st in self.hook_states(idx, mode or "legacy"):
+        mode = "tcx" if has_link or pod_side else "legacy" if has_filter else None
+        out: dict = {"attach": ("tcx+pod" if pod_side else mode)}
+        for st in self.hook_states(idx, mode or "legacy", pod_side=pod_side):
             pos = st.position
             out[st.direction] = {
                 "position": pos, "of": len(st.chain),

@@ -252,6 +252,19 @@ class Config(C.Structure):
     ]
 
 
+# skb->cb[] word in which a pod-side stub hands the pod's host-side ifindex to
+# classify_to_pod_peer (words 0-2 carry a pod-side copy's secret and tag).
+POD_SIDE_CB = 3
+
+
+class PeerConfig(C.Structure):
+    """The pod-side attachment's shared secret: a copy made inside a pod's namespace
+    crosses the pod's veth with it in skb->cb[0..1] (and its mark in cb[2]), and only a
+    packet carrying it is taken for a copy on the host side."""
+
+    _fields_ = [("secret", u64)]
+
+
 class AnalyzerKey(C.Structure):
     """An (address, UDP port) copies are sent to: traffic to it is never mirrored."""
 
@@ -321,6 +334,10 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         # emptied when its last user reference closes, which would stop evaluation when
         # the agent exits).
         MapSpec("eval_progs", "prog", u32, u32, 1),
+        # Pod-side attachments (agent/datapath.py): the classifier their per-pod stubs
+        # tail-call, and the secret their copies carry back to the host side.
+        MapSpec("peer_progs", "prog", u32, u32, 1),
+        MapSpec("peer_config", "array", u32, PeerConfig, 1),
     )
 
 
@@ -368,6 +385,7 @@ _STRUCT_NAMES = {
     LpmV4Key: "lpm_v4_key",
     LpmV6Key: "lpm_v6_key",
     LpmPortKey: "lpm_port_key",
+    PeerConfig: "peer_config_entry",
 }
 
 
@@ -412,6 +430,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,
+        "POD_SIDE_CB": POD_SIDE_CB,
     }
     for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):
         consts.update({prefix + m.name: int(m) for m in enum_cls})

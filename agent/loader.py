@@ -16,7 +16,8 @@ under the pin root:
   stays when this process exits;
 - the rule walk's scratch map, pinned (layout.eval_scratch_pin) and adopted like the
   other maps, so that classifiers still attached from the previous run and the new
-  eval_continue they now tail-call share it; pins of other layouts are removed.
+  eval_continue they now tail-call share it; pins of other layouts are removed;
+- peer_progs[0] = the new classify_to_pod_peer (what pod-side stubs tail-call).
 
 Exit status 0 and one JSON line on stdout ({"programs": [names]}) on success; otherwise
 status 1 and one JSON line on stdout {"error": message}, message saying what failed and
@@ -67,6 +68,8 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
         except Exception as e:
             raise LoadError(f"the kernel rejected a BPF program: {e}") from e
     bpf.get_table(b"eval_progs")[C.c_int(0)] = C.c_int(progs["eval_continue"].fd)
+    # The pod-side attachments' stubs tail-call the newest pod-side classifier.
+    bpf.get_table(b"peer_progs")[C.c_int(0)] = C.c_int(progs["classify_to_pod_peer"].fd)
     for name, fn in progs.items():
         obj_pin(fn.fd, prog_pin(pin_root, name))
     _unpin_old_scratch(pin_root, source)

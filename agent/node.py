@@ -83,9 +83,12 @@ def describe(state: NodeState, result: ApplyResult) -> dict:
 class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
-                 uplink: str | None = None, attach_mode: str = "auto"):
+                 uplink: str | None = None, attach_mode: str = "auto",
+                 pod_side: bool = False):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.datapath.set_attach_mode(attach_mode)
+        # The to-pod direction classified inside each pod (for bpf_redirect_peer CNIs).
+        self.datapath.pod_side = pod_side
         self.repairs: Counter[str] = Counter()  # kind of repair -> times made (heal())
         self._unrepairable: dict[str, str] = {}  # what -> why (said once)
         self.uplink = uplink
@@ -104,7 +107,8 @@ class Node:
         # Interfaces attached by a previous run keep running; re-attaching replaces the
         # program in place (BPF_LINK_UPDATE of the pinned tcx link, or the same legacy
         # filter handle), so mirroring never pauses.
-        log.info("pod interfaces are attached with %s", dp.mode())
+        log.info("pod interfaces are attached with %s%s", dp.mode(),
+                 ", the to-pod direction inside each pod" if dp.pod_side else "")
         for ifindex in dp.attached_ifindexes():
             self.attached[ifindex] = ""
 
@@ -219,7 +223,8 @@ class Node:
 
     def attachment_report(self) -> dict:
         """How pod interfaces are attached, and the repairs made (status.json)."""
-        return {"mode": self.datapath.mode(), "repairs": dict(self.repairs),
+        return {"mode": self.datapath.mode(), "pod_side": self.datapath.pod_side,
+                "repairs": dict(self.repairs),
                 "unrepaired": dict(self._unrepairable)}
 
     def collect(self):

@@ -410,7 +410,8 @@ class Doctor:
             return
         modes = sorted({a["attach"] or "none" for a in found.values()})
         bad = [f"ifindex {idx} {d}: {a[d]['problem']}" for idx, a in found.items()
-               for d in ("ingress", "egress") if a.get(d, {}).get("problem")]
+               for d in ("ingress", "egress", "pod ingress")
+               if (a.get(d) or {}).get("problem")]
         detail = (f"{'/'.join(modes)} on {len(found)} interface(s)"
                   + ("; first in every chain" if not bad else "; " + "; ".join(bad[:5])))
         self.add("attachments in use", "attachment", not bad, False, detail,

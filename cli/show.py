@@ -346,7 +346,9 @@ def _chain_text(a: dict | None) -> tuple[str, str]:
     if a.get("error"):
         return "?", a["error"][:40]
     cells = []
-    for d, short in (("ingress", "in"), ("egress", "eg")):
+    for d, short in (("ingress", "in"), ("egress", "eg"), ("pod ingress", "pod-in")):
+        if d not in a:
+            continue
         h = a.get(d) or {}
         mark = "!" if h.get("problem") and a["attach"] else ""
         cells.append(f"{short} {h.get('position', 0)}/{h.get('of', 0)}{mark}")
@@ -549,7 +551,7 @@ def _table_interfaces(data: dict) -> str:
     notes = []
     for i in data["interfaces"]:
         a = i.get("attachment") or {}
-        for d in ("ingress", "egress"):
+        for d in ("ingress", "egress", "pod ingress"):
             problem = (a.get(d) or {}).get("problem")
             if problem and a.get("attach"):
                 notes.append(f"  {i['interface'] or i['ifindex']} {d}: {problem}")

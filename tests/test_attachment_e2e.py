@@ -395,7 +395,8 @@ def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tmp_p
             checks = {c["name"]: c for c in cli("doctor", "--no-probe", "--netns", n1,
                                                  "--pin-root", pin)["checks"]}
             assert checks["tcx"]["status"] == "ok"
-            assert checks["attachments in use"]["status"] == "ok", checks["attachments in use"]["detail"]
+            in_use = checks["attachments in use"]
+            assert in_use["status"] == "ok", in_use["detail"]
             assert checks["attachments in use"]["detail"].startswith(
                 "tcx on 2 interface(s); first in every chain")
             head = StandInCni(n1, web.host_ifname, "egress", "pass", at_head=True)
@@ -415,3 +416,65 @@ def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tmp_p
                 head.close()
         finally:
             tail.close()
+
+
+def peer_standins(lab) -> list[StandInCni]:
+    """Stand-in for Cilium with BPF host routing: client's packets to web are delivered
+    by bpf_redirect_peer from client's veth ingress straight into web's eth0 (web's
+    host-side veth never sees them leave); web's own packets meet a TC_ACT_OK program on
+    its veth ingress."""
+    n1 = lab.nodes["node1"].netns
+    web = lab.pods["web"]
+    made = [StandInCni(n1, web.host_ifname, "ingress", "pass")]
+    try:
+        made.append(StandInCni(n1, lab.pods["client"].host_ifname, "ingress",
+                               "redirect_peer", target_ifindex=ifindex(n1, web.host_ifname),
+                               dst_mac=web.mac, src_mac=link(n1, web.host_ifname)["address"]))
+    except BaseException:
+        made[0].close()
+        raise
+    return made
+
+
+def test_redirect_peer_delivery_is_mirrored_in_both_directions_from_the_pod_side(lab):
+    """Pod-bound traffic delivered with bpf_redirect_peer skips the host-side veth's
+    egress: attached there (tcx, head), web's to-pod copies are missing. With the
+    pod-side attachment (the to-pod direction classified on the pod's eth0 ingress, in
+    its namespace) every datagram is copied once in each direction at each pod; the
+    copies made in the pod come back over its veth and are taken off before the CNI's
+    program there (its counter sees only web's own datagrams), and the production
+    verdicts hold (web received every redirected datagram)."""
+    state = both_pods_state(lab)
+    with started_node(lab, "tcx") as node:
+        node.apply(state)
+        cni = peer_standins(lab)
+        try:
+            copies, received = exchange(lab)
+            seen = [s.seen() for s in cni]
+        finally:
+            for s in cni:
+                s.close()
+    assert received == {"web": N, "client": N} and seen == [N, N]
+    assert copies.get((WEB_SID, "client", "web"), 0) == 0  # the defect: never seen
+    assert copies[(CLIENT_SID, "client", "web")] == N
+
+    with started_node(lab, "tcx") as node:
+        node.datapath.pod_side = True
+        assert node.apply(state).problems == {}
+        web_idx = ifindex(lab.nodes["node1"].netns, lab.pods["web"].host_ifname)
+        states = {st.direction: st for st in node.datapath.hook_states(web_idx)}
+        assert set(states) == {"ingress", "pod ingress"}
+        assert all(st.problem == "" and st.position == 1 for st in states.values()), states
+        cni = peer_standins(lab)
+        try:
+            copies, received = exchange(lab)
+            seen = [s.seen() for s in cni]
+        finally:
+            for s in cni:
+                s.close()
+        assert node.heal() == []
+        stats = node.datapath.maps["stats_node"]
+    assert received == {"web": N, "client": N}
+    assert seen == [N, N]  # the CNI ran on every datagram, and never saw a copy
+    assert copies == ALL_FOUR
+    assert stats is not None
