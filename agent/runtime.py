@@ -350,7 +350,9 @@ class Agent:
 
             {"version": 1, "node": str, "ready": bool, "reconciles": int, "failed": int,
              "last": ReconcileReport.as_dict() or null,
-             "errors": [{"origin", "kind", "name", "reason"}]}
+             "errors": [{"origin", "kind", "name", "reason"}],
+             "attachment": {"mode": "tcx" | "legacy", "pod_side": bool,
+                            "repairs": {kind: count}, "unrepaired": {what: why}} or null}
         """
         report = self.last_report
         return {
