@@ -10,6 +10,7 @@ import ctypes as C
 import ctypes.util
 import errno
 import os
+import struct
 from collections.abc import Iterator
 
 _lib = None
@@ -244,3 +245,197 @@ def test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, mark: int = 0,
     _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(opts)), "BPF_PROG_TEST_RUN")
     return (C.c_int32(opts.retval).value, data_out.raw[: opts.data_size_out],
             opts.duration)
+
+
+# ---------------------------------------------------------------------------- tcx links
+# Debian 12's libbpf (1.1) predates tcx (Linux 6.6), and bcc and pyroute2 have no API
+# for it: the few commands are made here with the raw bpf(2) system call. The layouts of
+# union bpf_attr's members are those of include/uapi/linux/bpf.h.
+_NR_BPF = 321  # x86_64
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_DETACH = 34
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3  # with no relative program: the head of the chain
+BPF_F_AFTER = 1 << 4  # with no relative program: the tail
+BPF_LINK_TYPE_TCX = 11
+TCX_NEXT = -1  # = TC_ACT_UNSPEC: the rest of the chain (and legacy tc) runs
+
+
+_libc = C.CDLL(None, use_errno=True)
+_libc.syscall.restype = C.c_long
+
+
+def _bpf(cmd: int, attr: C.Structure, what: str) -> int:
+    rc = _libc.syscall(C.c_long(_NR_BPF), C.c_int(cmd), C.byref(attr),
+                       C.c_uint(C.sizeof(attr)))
+    if rc < 0:
+        err = C.get_errno()
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+class _LinkCreateTcx(C.Structure):
+    _fields_ = [("prog_fd", C.c_uint32), ("target_ifindex", C.c_uint32),
+                ("attach_type", C.c_uint32), ("flags", C.c_uint32),
+                ("relative_fd_or_id", C.c_uint32), ("pad", C.c_uint32),
+                ("expected_revision", C.c_uint64)]
+
+
+class _LinkUpdate(C.Structure):
+    _fields_ = [("link_fd", C.c_uint32), ("new_prog_fd", C.c_uint32), ("flags", C.c_uint32),
+                ("old_prog_fd", C.c_uint32)]
+
+
+class _LinkDetach(C.Structure):
+    _fields_ = [("link_fd", C.c_uint32)]
+
+
+class _ById(C.Structure):
+    _fields_ = [("id", C.c_uint32), ("next_id", C.c_uint32), ("open_flags", C.c_uint32)]
+
+
+class _InfoByFd(C.Structure):
+    _fields_ = [("bpf_fd", C.c_uint32), ("info_len", C.c_uint32), ("info", C.c_uint64)]
+
+
+class _ProgQuery(C.Structure):
+    _fields_ = [("target_ifindex", C.c_uint32), ("attach_type", C.c_uint32),
+                ("query_flags", C.c_uint32), ("attach_flags", C.c_uint32),
+                ("prog_ids", C.c_uint64), ("count", C.c_uint32), ("pad", C.c_uint32),
+                ("prog_attach_flags", C.c_uint64), ("link_ids", C.c_uint64),
+                ("link_attach_flags", C.c_uint64), ("revision", C.c_uint64)]
+
+
+class LinkInfo(C.Structure):
+    """The head of struct bpf_link_info with its tcx member (ifindex 0: the device is
+    gone, the link is defunct)."""
+
+    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("prog_id", C.c_uint32),
+                ("pad", C.c_uint32), ("ifindex", C.c_uint32), ("attach_type", C.c_uint32),
+                ("rest", C.c_uint8 * 48)]
+
+
+class _ProgInfoNamed(C.Structure):
+    _fields_ = [*_ProgInfo._fields_, ("name", C.c_char * 16)]
+
+
+def tcx_attach(prog_fd: int, ifindex: int, attach_type: int,
+               flags: int = BPF_F_BEFORE) -> int:
+    """A tcx link of the program on the interface (in the calling thread's network
+    namespace), by default at the head of the chain; returns the link's fd."""
+    attr = _LinkCreateTcx(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=attach_type,
+                          flags=flags)
+    return _bpf(BPF_LINK_CREATE, attr, f"tcx attach to ifindex {ifindex}")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Replace the link's program in place (atomically: no packet sees neither)."""
+    _bpf(BPF_LINK_UPDATE, _LinkUpdate(link_fd=link_fd, new_prog_fd=prog_fd), "link update")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link now, even while pins or other fds still hold it."""
+    _bpf(BPF_LINK_DETACH, _LinkDetach(link_fd=link_fd), "link detach")
+
+
+def link_info(link_fd: int) -> LinkInfo:
+    info = LinkInfo()
+    attr = _InfoByFd(bpf_fd=link_fd, info_len=C.sizeof(info), info=C.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "link info")
+    return info
+
+
+def prog_name(prog_id_: int) -> str:
+    """The name of a loaded program by id ('' when it is gone)."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _ById(id=prog_id_), "prog by id")
+    except BpfError:
+        return ""
+    try:
+        info = _ProgInfoNamed()
+        attr = _InfoByFd(bpf_fd=fd, info_len=C.sizeof(info), info=C.addressof(info))
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "prog info")
+        return info.name.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def tcx_query(ifindex: int, attach_type: int) -> tuple[list[int], list[int], int]:
+    """The tcx chain of an interface in one direction, head first: (program ids, link
+    ids, revision). Raises BpfError EINVAL on a kernel without tcx."""
+    for size in (16, 64, 1024):
+        progs, links = (C.c_uint32 * size)(), (C.c_uint32 * size)()
+        attr = _ProgQuery(target_ifindex=ifindex, attach_type=attach_type,
+                          prog_ids=C.addressof(progs), link_ids=C.addressof(links),
+                          count=size)
+        try:
+            _bpf(BPF_PROG_QUERY, attr, f"tcx query of ifindex {ifindex}")
+        except BpfError as e:
+            if e.errno == errno.ENOSPC:
+                continue
+            raise
+        n = attr.count
+        return list(progs[:n]), list(links[:n]), attr.revision
+    raise BpfError(errno.ENOSPC, f"tcx query of ifindex {ifindex}: more than 1024 programs")
+
+
+def tcx_supported() -> bool:
+    """Whether the kernel has tcx: asked by querying the loopback's chain (ifindex 1
+    exists in every network namespace)."""
+    try:
+        tcx_query(1, BPF_TCX_INGRESS)
+    except BpfError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- tiny programs
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_FUNC_tail_call = 12
+SKB_CB_OFFSET = 48  # offsetof(struct __sk_buff, cb)
+
+
+class _ProgLoad(C.Structure):
+    _fields_ = [("prog_type", C.c_uint32), ("insn_cnt", C.c_uint32), ("insns", C.c_uint64),
+                ("license", C.c_uint64), ("log_level", C.c_uint32), ("log_size", C.c_uint32),
+                ("log_buf", C.c_uint64), ("kern_version", C.c_uint32),
+                ("prog_flags", C.c_uint32), ("prog_name", C.c_char * 16)]
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def tail_call_stub(prog_array_fd: int, cb_index: int, value: int,
+                   name: str = "cn2m_stub") -> int:
+    """Load a SCHED_CLS program of five instructions that writes `value` into
+    skb->cb[cb_index] and tail-calls prog_array[0] (TCX_NEXT if that is empty). It gives
+    a shared program a per-attachment constant with no compiler: the pod-side
+    attachment passes the pod's host-side ifindex this way. Returns the program's fd."""
+    code = b"".join([
+        _insn(0x62, dst=1, off=SKB_CB_OFFSET + 4 * cb_index, imm=value),  # *(u32 *)
+        _insn(0x18, dst=2, src=1, imm=prog_array_fd), _insn(0),  # r2 = map (fd)
+        _insn(0xB7, dst=3, imm=0),  # r3 = 0
+        _insn(0x85, imm=BPF_FUNC_tail_call),
+        _insn(0xB7, dst=0, imm=TCX_NEXT),
+        _insn(0x95),  # exit
+    ])
+    insns = C.create_string_buffer(code, len(code))
+    lic = C.create_string_buffer(b"GPL")
+    log = C.create_string_buffer(4096)
+    attr = _ProgLoad(prog_type=BPF_PROG_TYPE_SCHED_CLS, insn_cnt=len(code) // 8,
+                     insns=C.addressof(insns), license=C.addressof(lic), log_level=1,
+                     log_size=len(log), log_buf=C.addressof(log),
+                     prog_name=name.encode()[:15])
+    try:
+        return _bpf(BPF_PROG_LOAD, attr, "loading a tail-call stub")
+    except BpfError as e:
+        raise BpfError(e.errno, f"{e.strerror}: {log.value.decode(errors='replace')[-300:]}"
+                       ) from e

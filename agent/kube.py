@@ -962,6 +962,8 @@ class KubeOptions:
         registry.register(source)
         registry.register(ProcessCollector())
         registry.register(services.sync)
+        if agent is not None and hasattr(getattr(agent, "node", None), "collect"):
+            registry.register(agent.node)  # attachment mode and repairs
         if pin_root and state_dir:
             services.datapath = DatapathCollector(pin_root, state_dir)
             registry.register(services.datapath)

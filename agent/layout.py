@@ -252,6 +252,19 @@ class Config(C.Structure):
     ]
 
 
+# skb->cb[] word in which a pod-side stub hands the pod's host-side ifindex to
+# classify_to_pod_peer (words 0-2 carry a pod-side copy's secret and tag).
+POD_SIDE_CB = 3
+
+
+class PeerConfig(C.Structure):
+    """The pod-side attachment's shared secret: a copy made inside a pod's namespace
+    crosses the pod's veth with it in skb->cb[0..1] (and its mark in cb[2]), and only a
+    packet carrying it is taken for a copy on the host side."""
+
+    _fields_ = [("secret", u64)]
+
+
 class AnalyzerKey(C.Structure):
     """An (address, UDP port) copies are sent to: traffic to it is never mirrored."""
 
@@ -321,7 +334,25 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         # emptied when its last user reference closes, which would stop evaluation when
         # the agent exits).
         MapSpec("eval_progs", "prog", u32, u32, 1),
+        # Pod-side attachments (agent/datapath.py): the classifier their per-pod stubs
+        # tail-call, and the secret their copies carry back to the host side.
+        MapSpec("peer_progs", "prog", u32, u32, 1),
+        MapSpec("peer_config", "array", u32, PeerConfig, 1),
     )
+
+
+# The rule walk's scratch area (struct eval_scratch, defined with the walk in
+# bpf/classifier.c) is pinned too: while an agent restarts, the old classifiers still
+# attached tail-call the new continuation (eval_progs[0] is repointed when the new
+# programs load), and both must use the same scratch map, or the flows that start in that
+# window are evaluated on an empty scratch area and not mirrored. The pin's name carries
+# a digest of the scratch area's C definition, so programs of different layouts never
+# share one.
+EVAL_SCRATCH_MAP = "eval_scratch_map"
+
+
+def eval_scratch_pin(pin_root: str, digest: str) -> str:
+    return f"{pin_root.rstrip('/')}/{EVAL_SCRATCH_MAP}_{digest}"
 
 
 # ---------------------------------------------------------------------------- C text
@@ -354,6 +385,7 @@ _STRUCT_NAMES = {
     LpmV4Key: "lpm_v4_key",
     LpmV6Key: "lpm_v6_key",
     LpmPortKey: "lpm_port_key",
+    PeerConfig: "peer_config_entry",
 }
 
 
@@ -365,7 +397,8 @@ def _c_type_name(t) -> str:
     return f"struct {_STRUCT_NAMES[t]}"
 
 
-def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> str:
+def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
+                   scratch_digest: str = "0") -> str:
     """The C header the programs are compiled with: constants, structs and pinned maps."""
     consts = {
         "MAX_RULES": MAX_RULES,
@@ -397,6 +430,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,
+        "POD_SIDE_CB": POD_SIDE_CB,
     }
     for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):
         consts.update({prefix + m.name: int(m) for m in enum_cls})
@@ -405,6 +439,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
     for cls, cname in _STRUCT_NAMES.items():
         out.append(_c_struct(cname, cls))
     out.append(_c_struct("flow_entry", flow_entry_type(max_flow_dests)))
+    out.append(f'#define EVAL_SCRATCH_PIN "{eval_scratch_pin(pin_root, scratch_digest)}"')
     for spec in map_specs(max_flow_dests):
         path = f"{pin_root}/{spec.name}"
         key, value = _c_type_name(spec.key), _c_type_name(spec.value)

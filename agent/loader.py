@@ -13,7 +13,11 @@ under the pin root:
 - every program of datapath.PROGRAMS as <pin root>/prog_<name>, replacing the pins of a previous
   run (the agent then replaces the attached programs in place);
 - eval_progs[0] = the new eval_continue: the program array is pinned, so the entry
-  stays when this process exits.
+  stays when this process exits;
+- the rule walk's scratch map, pinned (layout.eval_scratch_pin) and adopted like the
+  other maps, so that classifiers still attached from the previous run and the new
+  eval_continue they now tail-call share it; pins of other layouts are removed;
+- peer_progs[0] = the new classify_to_pod_peer (what pod-side stubs tail-call).
 
 Exit status 0 and one JSON line on stdout ({"programs": [names]}) on success; otherwise
 status 1 and one JSON line on stdout {"error": message}, message saying what failed and
@@ -27,10 +31,12 @@ import argparse
 import ctypes as C
 import json
 import os
+import re
 import sys
 
 from .bpfsys import obj_pin
 from .datapath import PROGRAMS, prog_pin
+from .layout import EVAL_SCRATCH_MAP
 from .netns import entered
 
 
@@ -62,9 +68,24 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
         except Exception as e:
             raise LoadError(f"the kernel rejected a BPF program: {e}") from e
     bpf.get_table(b"eval_progs")[C.c_int(0)] = C.c_int(progs["eval_continue"].fd)
+    # The pod-side attachments' stubs tail-call the newest pod-side classifier.
+    bpf.get_table(b"peer_progs")[C.c_int(0)] = C.c_int(progs["classify_to_pod_peer"].fd)
     for name, fn in progs.items():
         obj_pin(fn.fd, prog_pin(pin_root, name))
+    _unpin_old_scratch(pin_root, source)
     return list(progs)
+
+
+def _unpin_old_scratch(pin_root: str, source: str) -> None:
+    """Scratch maps of programs with another layout (an upgrade): their programs keep
+    them for as long as they run; the pin is not needed any more."""
+    m = re.search(r'#define EVAL_SCRATCH_PIN "([^"]+)"', source)
+    if not m:
+        return
+    current = os.path.basename(m.group(1))
+    for name in os.listdir(pin_root):
+        if name.startswith(EVAL_SCRATCH_MAP + "_") and name != current:
+            os.unlink(os.path.join(pin_root, name))
 
 
 def main(argv: list[str] | None = None) -> int:

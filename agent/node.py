@@ -8,6 +8,7 @@ diff. Called again with the same state it changes nothing.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import layout
@@ -107,8 +108,14 @@ def one_owner_per_interface(placed: dict[str, Placement],
 class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
-                 uplink: str | None = None):
+                 uplink: str | None = None, attach_mode: str = "auto",
+                 pod_side: bool = False):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
+        self.datapath.set_attach_mode(attach_mode)
+        # The to-pod direction classified inside each pod (for bpf_redirect_peer CNIs).
+        self.datapath.pod_side = pod_side
+        self.repairs: Counter[str] = Counter()  # kind of repair -> times made (heal())
+        self._unrepairable: dict[str, str] = {}  # what -> why (said once)
         self.uplink = uplink
         self.writer: MapWriter | None = None
         self.planner = Planner()  # keeps the tries from plan to plan
@@ -124,7 +131,10 @@ class Node:
         self.writer = MapWriter(dp.maps, adopt=True)
         self.writer.set_mirror_port(dp.mirror_tx_index)
         # Interfaces attached by a previous run keep running; re-attaching replaces the
-        # program in place (same handle), so mirroring never pauses.
+        # program in place (BPF_LINK_UPDATE of the pinned tcx link, or the same legacy
+        # filter handle), so mirroring never pauses.
+        log.info("pod interfaces are attached with %s%s", dp.mode(),
+                 ", the to-pod direction inside each pod" if dp.pod_side else "")
         for ifindex in dp.attached_ifindexes():
             self.attached[ifindex] = ""
 
@@ -189,6 +199,76 @@ class Node:
             if before.get(obj) != why:  # a lasting problem is said once, not every resync
                 log.warning("%s: %s", obj, why)
         return result
+
+    # ------------------------------------------------------------------ self-healing
+    def heal(self) -> list[str]:
+        """Compare what the kernel holds with what should be there, and repair it: the
+        mirror port (its devices and programs), and on every attached pod interface our
+        program in both directions, current and first in the chain. Each repair is
+        logged and counted (self.repairs, by kind); returns what was repaired."""
+        dp = self.datapath
+        done: list[str] = []
+
+        def repaired(kind: str, what: str) -> None:
+            self.repairs[kind] += 1
+            done.append(what)
+            log.warning("repaired: %s", what)
+
+        broken = dp.mirror_port_problems()
+        if broken:
+            dp.setup_mirror_port()
+            if self.writer is not None:
+                self.writer.set_mirror_port(dp.mirror_tx_index)
+            repaired("mirror_port", "mirror port: " + "; ".join(broken))
+        dp.tcx_links()  # unpins links whose device is gone
+        present = dp.link_indexes()
+        unrepairable: dict[str, str] = {}
+        for idx, key in list(self.attached.items()):
+            if idx not in present:
+                continue  # gone: the next apply detaches it
+            name = key or f"ifindex {idx}"
+            for st in dp.hook_states(idx):
+                if not st.problem:
+                    continue
+                what = f"{name} {st.direction}: {st.problem}"
+                try:
+                    if st.position > 1 and dp.mode() == "legacy":
+                        # Behind tcx programs: only a tcx link of ours could go first.
+                        unrepairable[what] = "the legacy hook runs after tcx programs"
+                        continue
+                    if st.position > 1:
+                        dp.move_to_head(idx, st.direction)
+                        repaired("position", what)
+                    else:
+                        dp.attach_index(idx, key)
+                        repaired("missing" if not st.position else "program", what)
+                except DatapathError as e:
+                    unrepairable[what] = str(e)
+        for what, why in unrepairable.items():
+            if self._unrepairable.get(what) != why:
+                log.warning("cannot repair %s: %s", what, why)
+        self._unrepairable = unrepairable
+        return done
+
+    def attachment_report(self) -> dict:
+        """How pod interfaces are attached, and the repairs made (status.json)."""
+        return {"mode": self.datapath.mode(), "pod_side": self.datapath.pod_side,
+                "repairs": dict(self.repairs),
+                "unrepaired": dict(self._unrepairable)}
+
+    def collect(self):
+        """Prometheus families (agent/metrics.py's Collector protocol)."""
+        from .metrics import Family
+
+        fam = Family("cn2mirror_attachment_repairs_total", "counter",
+                     "Attachments the resync found missing, stale or not first and "
+                     "repaired, by kind (missing, program, position, mirror_port).")
+        for kind in ("missing", "program", "position", "mirror_port"):
+            fam.add(self.repairs.get(kind, 0), {"kind": kind})
+        yield fam
+        yield Family("cn2mirror_attachment_mode", "gauge",
+                     "How pod interfaces are attached (1 for the mode in use).").add(
+            1, {"mode": self.datapath.mode()})
 
     def stop(self, cleanup: bool = False) -> None:
         """Leave the datapath running (default) or remove every trace of it."""

@@ -128,6 +128,7 @@ class ReconcileReport:
     detached: tuple[int, ...] = ()
     problems: tuple[Problem, ...] = ()
     exception: str | None = None
+    repairs: tuple[str, ...] = ()  # attachments the resync found broken and repaired
 
     def summary(self) -> str:
         """The one-line log summary."""
@@ -140,6 +141,8 @@ class ReconcileReport:
                 f"{self.destinations} destinations, {self.changes} map changes")
         if self.attached or self.detached:
             text += f" (+{len(self.attached)} -{len(self.detached)} attachments)"
+        if self.repairs:
+            text += f", {len(self.repairs)} attachments repaired"
         n = len(self.problems)
         return text + (f"; {n} problem{'s' if n != 1 else ''}" if n else "; no problems")
 
@@ -152,7 +155,7 @@ class ReconcileReport:
             "attached_interfaces": self.attached_interfaces,
             "destinations": self.destinations, "changes": self.changes,
             "attached": list(self.attached), "detached": list(self.detached),
-            "exception": self.exception,
+            "exception": self.exception, "repairs": list(self.repairs),
         }
 
 
@@ -257,6 +260,7 @@ class Agent:
         self._worker: threading.Thread | None = None
         self._listeners: list[Callable[[ReconcileReport], None]] = []
         self._next_resync = float("inf")
+        self._repairs: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -349,7 +353,9 @@ class Agent:
 
             {"version": 1, "node": str, "ready": bool, "reconciles": int, "failed": int,
              "last": ReconcileReport.as_dict() or null,
-             "errors": [{"origin", "kind", "name", "reason"}]}
+             "errors": [{"origin", "kind", "name", "reason"}],
+             "attachment": {"mode": "tcx" | "legacy", "pod_side": bool,
+                            "repairs": {kind: count}, "unrepaired": {what: why}} or null}
         """
         report = self.last_report
         return {
@@ -360,7 +366,17 @@ class Agent:
             "failed": self.failed_count,
             "last": report.as_dict() if report else None,
             "errors": [p.as_dict() for p in self.errors],
+            "attachment": self._attachment(),
         }
+
+    def _attachment(self) -> dict | None:
+        report = getattr(self.node, "attachment_report", None)
+        if report is None or not self._started:
+            return None
+        try:
+            return report()
+        except Exception as e:  # a status file is still written
+            return {"error": str(e)}
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
@@ -409,6 +425,17 @@ class Agent:
 
     def _apply(self, state: NodeState, trigger: str, started: float, t0: float,
                since: float | None) -> ReconcileReport:
+        repairs: list[str] = []
+        heal = getattr(self.node, "heal", None)
+        if trigger == "resync" and heal is not None:
+            # Self-healing: what a CNI (or anyone) removed or pushed aside since the last
+            # look is put back before the state is applied again.
+            try:
+                repairs = heal()
+            except Exception as e:
+                log.error("checking the attachments failed: %s", e)
+                log.debug("heal failure", exc_info=True)
+        self._repairs = tuple(repairs)
         try:
             result = self.node.apply(state)
         except Exception as e:
@@ -456,12 +483,14 @@ class Agent:
             detached=tuple(result.detached) if result else (),
             problems=tuple(problems),
             exception=None if exc is None else f"{type(exc).__name__}: {exc}",
+            repairs=self._repairs if trigger == "resync" else (),
         )
         self.errors = report.problems
         self.last_report = report
         if exc is not None:
             self.failed_count += 1
-        level = logging.INFO if report.ok and (trigger == "snapshot" or report.changes) \
+        level = logging.INFO if report.ok and (trigger == "snapshot" or report.changes
+                                              or report.repairs) \
             else logging.DEBUG if report.ok else logging.ERROR
         log.log(level, "%s", report.summary())
         self._log_problem_changes(self.errors_before, report.problems)

@@ -246,8 +246,12 @@ struct eval_scratch {
     __u32 generation;           /* the policy generation the walk started under */
     __u32 had_old;              /* the flow table held a stale entry for the flow */
     __u32 rules[MAX_FLOW_DESTS];
+    __u64 peer_secret;          /* the copies go the pod-side way (see send_copy) */
 };
-BPF_PERCPU_ARRAY(eval_scratch_map, struct eval_scratch, 1);
+/* Pinned (EVAL_SCRATCH_PIN, see agent/layout.py): during an agent restart the old
+ * classifiers tail-call the new eval_continue, which must read what they wrote. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, 1,
+                 EVAL_SCRATCH_PIN);
 
 struct eval_bitmaps {
     struct match_bits *src, *dst, *port;
@@ -364,12 +368,29 @@ static __always_inline void eval_start(struct eval_scratch *s, struct eval_bitma
 
 /* ------------------------------------------------------------------ copies */
 static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifindex,
-                                      __u16 ifslot, __u32 rule_slot)
+                                      __u16 ifslot, __u32 rule_slot, __u64 peer_secret)
 {
-    __u32 saved = skb->mark;
-    skb->mark = CLONE_TAG | ((__u32)ifslot << CLONE_IFSLOT_SHIFT) | (rule_slot & CLONE_RULE_MASK);
-    long err = bpf_clone_redirect(skb, mirror_ifindex, 0);
-    skb->mark = saved;
+    __u32 tag = CLONE_TAG | ((__u32)ifslot << CLONE_IFSLOT_SHIFT) | (rule_slot & CLONE_RULE_MASK);
+    long err;
+    if (peer_secret) {
+        /* Inside a pod's namespace (pod-side attachment): the mirror port is out of
+         * reach and the mark does not survive the veth, so the clone goes back out of
+         * the pod's own device with the secret and its tag in cb[], and the host side
+         * (classify_from_pod_peer) hands it to the mirror port. */
+        __u32 c0 = skb->cb[0], c1 = skb->cb[1], c2 = skb->cb[2];
+        skb->cb[0] = (__u32)peer_secret;
+        skb->cb[1] = (__u32)(peer_secret >> 32);
+        skb->cb[2] = tag;
+        err = bpf_clone_redirect(skb, skb->ifindex, 0);
+        skb->cb[0] = c0;
+        skb->cb[1] = c1;
+        skb->cb[2] = c2;
+    } else {
+        __u32 saved = skb->mark;
+        skb->mark = tag;
+        err = bpf_clone_redirect(skb, mirror_ifindex, 0);
+        skb->mark = saved;
+    }
     struct counters *c = stats_rule.lookup(&rule_slot);
     if (c) {
         if (err)
@@ -381,7 +402,8 @@ static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifinde
 
 /* The copies of one packet of an evaluated flow. */
 static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifindex,
-                                        __u16 ifslot, struct flow_entry *fe)
+                                        __u16 ifslot, struct flow_entry *fe,
+                                        __u64 peer_secret)
 {
     fe->last_seen_ns = bpf_ktime_get_coarse_ns();  /* cheaper; jiffy resolution */
     __u32 n = fe->n_rules;
@@ -392,7 +414,7 @@ static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifin
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++) {
         if (i < n)
-            send_copy(skb, mirror_ifindex, ifslot, fe->rules[i]);
+            send_copy(skb, mirror_ifindex, ifslot, fe->rules[i], peer_secret);
     }
 }
 
@@ -541,7 +563,10 @@ static __always_inline int is_copy_stream(struct parsed *p)
     return analyzers.lookup(&k) != NULL;
 }
 
-static __always_inline int classify(struct __sk_buff *skb, int dir)
+/* `ifindex`: the pod's host-side interface (the key of `interfaces`); `peer_secret`: 0
+ * on the host side, else the pod-side attachment's secret (see send_copy). */
+static __always_inline int classify(struct __sk_buff *skb, int dir, __u32 ifindex,
+                                    __u64 peer_secret)
 {
     if (skb->mark == COPY_MARK)
         return TC_ACT_UNSPEC;  /* one of our own copies passing by: never mirror it */
@@ -552,7 +577,6 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     /* Read before anything the verdict depends on: the agent bumps the generation after
      * writing the maps, so a verdict cached under it never mixes in older maps. */
     __u32 generation = cfg->generation;
-    __u32 ifindex = skb->ifindex;
 
     /* An established flow mirrored by no rule: the per-CPU flow cache. The slot is read
      * only when its tag matches: a new flow's probe then touches only the small, hot tag
@@ -572,7 +596,8 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
             struct flow_cache_entry *c = flow_cache.lookup(&slot);
             if (c && cache_same(c, &probe) && c->tick == probe.e.tick) {
                 if (c->port_rule)
-                    send_copy(skb, cfg->mirror_ifindex, c->ifslot, c->port_rule);
+                    send_copy(skb, cfg->mirror_ifindex, c->ifslot, c->port_rule,
+                              peer_secret);
                 return TC_ACT_UNSPEC;
             }
         }
@@ -593,7 +618,7 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     __u32 port_copy = 0;
     if (port_rule && !(p.ok && is_copy_stream(&p))) {
         port_copy = port_rule;
-        send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule);
+        send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule, peer_secret);
     }
 
     if (!(ifc->flags & IFACE_HAS_POLICIES) || !p.ok)
@@ -603,7 +628,7 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     cacheable = cacheable && probe_is(&probe, &p);
     struct flow_entry *fe = flows.lookup(&p.key);
     if (fe && fe->generation == generation) {
-        mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe);
+        mirror_flow(skb, cfg->mirror_ifindex, ifslot, fe, peer_secret);
         if (cacheable && !fe->n_rules)
             cache_fill(&probe, h, port_copy, ifslot);
         return TC_ACT_UNSPEC;
@@ -622,6 +647,7 @@ static __always_inline int classify(struct __sk_buff *skb, int dir)
     s->never = is_copy_stream(&p);
     s->generation = generation;
     s->had_old = fe != NULL;
+    s->peer_secret = peer_secret;
     eval_progs.call(skb, 0);
     /* Only reached when the continuation is missing (agent mid-restart). */
     count_node(DROP_NO_DESTINATION);
@@ -708,17 +734,60 @@ int eval_continue(struct __sk_buff *skb)
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++) {
         if (i < n && cfg->mirror_ifindex)
-            send_copy(skb, cfg->mirror_ifindex, key.ifslot, fresh.rules[i]);
+            send_copy(skb, cfg->mirror_ifindex, key.ifslot, fresh.rules[i], s->peer_secret);
     }
     return TC_ACT_UNSPEC;
 }
 
 int classify_from_pod(struct __sk_buff *skb)
 {
-    return classify(skb, DIR_EGRESS);
+    return classify(skb, DIR_EGRESS, skb->ifindex, 0);
 }
 
 int classify_to_pod(struct __sk_buff *skb)
 {
-    return classify(skb, DIR_INGRESS);
+    return classify(skb, DIR_INGRESS, skb->ifindex, 0);
+}
+
+/* ------------------------------------------------------------------ pod-side attachment
+ * For CNIs that deliver pod-bound traffic with bpf_redirect_peer (Cilium with BPF host
+ * routing), straight into the pod's eth0: the host-side veth's egress never sees it. The
+ * to-pod direction is then classified on the ingress of the pod's own device, inside the
+ * pod's network namespace (classify_to_pod_peer); the from-pod direction stays on the
+ * host-side veth's ingress (classify_from_pod_peer), which also takes the copies the
+ * pod side sends back and hands them to the mirror port. */
+int classify_to_pod_peer(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct peer_config_entry *pc = peer_config.lookup(&zero);
+    if (!pc || !pc->secret)
+        return TC_ACT_UNSPEC;
+    /* The pod's stub (agent/datapath.py) passed its host-side ifindex in cb[]: inside
+     * the pod's namespace, skb->ifindex says nothing about which pod this is. */
+    __u32 host = skb->cb[POD_SIDE_CB];
+    skb->cb[POD_SIDE_CB] = 0;
+    if (!host)
+        return TC_ACT_UNSPEC;
+    return classify(skb, DIR_INGRESS, host, pc->secret);
+}
+
+int classify_from_pod_peer(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct peer_config_entry *pc = peer_config.lookup(&zero);
+    if (pc && pc->secret && skb->cb[0] == (__u32)pc->secret &&
+        skb->cb[1] == (__u32)(pc->secret >> 32)) {
+        /* A copy from the pod side (only our program knows the secret): never
+         * production traffic, never handed to the CNI. */
+        __u32 tag = skb->cb[2];
+        skb->cb[0] = 0;
+        skb->cb[1] = 0;
+        skb->cb[2] = 0;
+        struct config *cfg = config.lookup(&zero);
+        if (!cfg || !cfg->mirror_ifindex || (tag & CLONE_TAG_MASK) != CLONE_TAG)
+            return TC_ACT_SHOT;
+        skb->mark = tag;
+        return bpf_redirect(cfg->mirror_ifindex, 0);
+    }
+    return classify(skb, DIR_EGRESS, skb->ifindex, 0);
 }

@@ -109,6 +109,16 @@ def _source_options(f):
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
               default=DEFAULT_RESYNC_INTERVAL, show_default=True,
               help="Re-apply the state this often (picks up late routes, neighbours).")
+@click.option("--attach-mode", type=click.Choice(["auto", "tcx", "legacy"]), default="auto",
+              show_default=True,
+              help="How the classifier is attached to pod interfaces: tcx links at the "
+                   "head of the chain (Linux >= 6.6), legacy clsact filters, or auto (tcx "
+                   "when the kernel has it; $CN2MIRROR_ATTACH_MODE overrides auto).")
+@click.option("--pod-side-ingress", is_flag=True,
+              help="Classify traffic to pods on the pod's own eth0 (a tcx link inside the "
+                   "pod's network namespace) instead of the host-side veth's egress: for "
+                   "CNIs that deliver it with bpf_redirect_peer (Cilium with BPF host "
+                   "routing). Needs tcx, and the pods' namespaces under /var/run/netns.")
 @click.option("--once", is_flag=True,
               help="Apply the current objects once and exit (the datapath keeps running).")
 @click.option("--cleanup-on-exit", is_flag=True,
@@ -116,7 +126,8 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          uplink, resync_interval, once, cleanup_on_exit, log_level, **source_options):
+          uplink, resync_interval, attach_mode, pod_side_ingress, once, cleanup_on_exit,
+          log_level, **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
     \b
@@ -171,7 +182,8 @@ def _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, up
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         try:
-            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink)
+            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink,
+                        attach_mode=attach_mode, pod_side=pod_side_ingress)
             runner = Agent(source, node_name, node, state_dir, resync_interval)
             log.info("starting on node %s%s, pins under %s", node_name,
                      f" (network namespace {netns})" if netns else "", pin_root)

@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -91,8 +92,9 @@ class Check:
 
 
 class Doctor:
-    def __init__(self, pin_root: str):
+    def __init__(self, pin_root: str, netns: str | None = None):
         self.pin_root = pin_root.rstrip("/") or "/"
+        self.netns = netns
         self.checks: list[Check] = []
         self.release = os.uname().release
 
@@ -344,6 +346,7 @@ class Doctor:
                 ipr.close()
             self.add("probe: veth + clsact + bpf filter", "probe", True, True,
                      f"attached in temporary network namespace {ns}")
+            self._probe_tcx(ns, tc_fn)
         except Exception as e:
             self.add("probe: veth + clsact + bpf filter", "probe", False, True,
                      f"{step} failed: {_first_line(e)}",
@@ -363,11 +366,90 @@ class Doctor:
                          "needs generic XDP on veth (Linux 4.12+) and CAP_NET_ADMIN")
         subprocess.run([ip, "netns", "del", ns], capture_output=True)
 
+    # ------------------------------------------------------------------ attachment
+    def attachment(self) -> None:
+        """How the agent attaches (tcx or legacy clsact) and, when it runs, where its
+        programs sit in every pod interface's chain."""
+        from cn2mirror.agent import bpfsys
+        from cn2mirror.agent.datapath import ATTACH_MODE_ENV, Datapath
+
+        try:
+            has_tcx = bpfsys.tcx_supported()
+        except Exception:
+            has_tcx = False
+        forced = os.environ.get(ATTACH_MODE_ENV, "")
+        if has_tcx:
+            self.add("tcx", "attachment", True, False,
+                     "tcx links: the classifier runs first on every pod interface, ahead "
+                     "of a CNI's tcx programs (Cilium >= 1.16)"
+                     + (f"; {ATTACH_MODE_ENV}={forced} asks for {forced}" if forced else ""))
+        else:
+            self.add("tcx", "attachment", False, False,
+                     "no tcx (Linux < 6.6): legacy clsact filters, which run only after "
+                     "any tcx program passes the packet on",
+                     "Linux >= 6.6 with CONFIG_NET_XGRESS for tcx")
+        if not os.path.isdir(self.pin_root):
+            return
+        dp = Datapath(self.pin_root, self.netns)
+        try:
+            dp.open_pinned_programs()
+            if not dp.progs:
+                return
+            found = {}
+            for idx in sorted(dp.attached_ifindexes()):
+                found[idx] = dp.attachment_of(idx)
+        except Exception as e:
+            self.add("attachments in use", "attachment", False, False,
+                     f"cannot read them: {_first_line(e)}", "run as root; give --netns")
+            return
+        finally:
+            dp.close()
+        if not found:
+            self.add("attachments in use", "attachment", True, False,
+                     f"no pod interface carries the classifier (pins under {self.pin_root})")
+            return
+        modes = sorted({a["attach"] or "none" for a in found.values()})
+        bad = [f"ifindex {idx} {d}: {a[d]['problem']}" for idx, a in found.items()
+               for d in ("ingress", "egress", "pod ingress")
+               if (a.get(d) or {}).get("problem")]
+        detail = (f"{'/'.join(modes)} on {len(found)} interface(s)"
+                  + ("; first in every chain" if not bad else "; " + "; ".join(bad[:5])))
+        self.add("attachments in use", "attachment", not bad, False, detail,
+                 "the agent's resync repairs missing or displaced attachments; a legacy "
+                 "filter behind tcx programs needs tcx (see `tcx`)")
+
+    def _probe_tcx(self, ns: str, tc_fn) -> None:
+        from cn2mirror.agent import bpfsys
+        from cn2mirror.agent.netns import entered
+
+        if not bpfsys.tcx_supported():
+            return
+        try:
+            with entered(ns):
+                idx = socket.if_nametoindex("cn2m-dr0")
+                fd = bpfsys.tcx_attach(tc_fn.fd, idx, bpfsys.BPF_TCX_INGRESS,
+                                       bpfsys.BPF_F_BEFORE)
+                try:
+                    progs, _, _ = bpfsys.tcx_query(idx, bpfsys.BPF_TCX_INGRESS)
+                finally:
+                    bpfsys.link_detach(fd)
+                    os.close(fd)
+            ok = progs[:1] == [bpfsys.prog_id(tc_fn.fd)]
+            self.add("probe: tcx link at the head", "probe", ok, False,
+                     "attached first in the chain, queried and detached" if ok else
+                     f"the chain reads {progs}")
+        except Exception as e:
+            self.add("probe: tcx link at the head", "probe", False, False,
+                     f"tcx attach failed: {_first_line(e)}",
+                     "the agent falls back to legacy clsact (or set "
+                     "CN2MIRROR_ATTACH_MODE=legacy)")
+
     # ------------------------------------------------------------------ all
     def run(self, probe: bool = True) -> dict:
         self.privileges()
         self.kernel()
         self.bpffs()
+        self.attachment()
         self.headers()
         self.python()
         self.tools()
@@ -504,16 +586,20 @@ The agent need not be running. Most fixes: run scripts/setup.sh (make setup) as 
 @click.option("--no-probe", is_flag=True,
               help="Skip the live probe (compiling, loading, test-running and attaching "
                    "tiny programs).")
+@click.option("--netns", metavar="NAME",
+              help="The agent's network namespace (its --netns), where its attachments "
+                   "are read.")
 @output_option
-def doctor(pin_root, no_probe, fmt):
+def doctor(pin_root, no_probe, netns, fmt):
     """Check kernel, tools and privileges the datapath needs; say how to fix what is
-    missing."""
-    data = Doctor(pin_root).run(probe=not no_probe)
+    missing; say how the classifier is attached and where it sits in each chain."""
+    data = Doctor(pin_root, netns).run(probe=not no_probe)
     emit(data, fmt, _table)
     if not data["ok"]:
         click.get_current_context().exit(1)
 
 
-def run_checks(pin_root: str = DEFAULT_PIN_ROOT, probe: bool = True) -> dict:
+def run_checks(pin_root: str = DEFAULT_PIN_ROOT, probe: bool = True,
+               netns: str | None = None) -> dict:
     """The doctor's report as a dict (for other commands and tests)."""
-    return Doctor(pin_root).run(probe=probe)
+    return Doctor(pin_root, netns).run(probe=probe)

@@ -291,7 +291,9 @@ def _copy(slot: int, rules: dict[int, L.RuleEntry], names: Names) -> dict:
             **names.rule(slot)}
 
 
-def collect_interfaces(pm: PinnedMaps, names: Names) -> list[dict]:
+def collect_interfaces(pm: PinnedMaps, names: Names, attachment=None) -> list[dict]:
+    """``attachment``: ifindex -> Datapath.attachment_of() dict (how and where in the
+    chain the classifier is attached), or None when not asked."""
     rules = dict(pm.rules())
     out = []
     for ifindex, e in sorted(pm.interfaces(), key=lambda x: x[1].ifslot):
@@ -317,8 +319,40 @@ def collect_interfaces(pm: PinnedMaps, names: Names) -> list[dict]:
             "flow_mirroring": bool(e.flags & L.IFACE_HAS_POLICIES),
             "rule_slots": slots, "policies": policies if names.available else None,
             "port_mirror": port,
+            "attachment": attachment(ifindex) if attachment else None,
         })
     return out
+
+
+def _attachment_reader(pin_root: str, netns: str | None):
+    """ifindex -> how it is attached, read live from the kernel in `netns`."""
+    from cn2mirror.agent.datapath import Datapath
+
+    dp = Datapath(pin_root, netns)
+    dp.open_pinned_programs()
+
+    def read(ifindex: int) -> dict:
+        try:
+            return dp.attachment_of(ifindex)
+        except Exception as e:  # the rest of the table is still worth showing
+            return {"attach": None, "error": str(e)}
+    return dp, read
+
+
+def _chain_text(a: dict | None) -> tuple[str, str]:
+    """(ATTACH, CHAIN) cells: "tcx", "in 1/2 eg 1/1" (our position / programs)."""
+    if not a:
+        return "-", "-"
+    if a.get("error"):
+        return "?", a["error"][:40]
+    cells = []
+    for d, short in (("ingress", "in"), ("egress", "eg"), ("pod ingress", "pod-in")):
+        if d not in a:
+            continue
+        h = a.get(d) or {}
+        mark = "!" if h.get("problem") and a["attach"] else ""
+        cells.append(f"{short} {h.get('position', 0)}/{h.get('of', 0)}{mark}")
+    return a["attach"] or "none", " ".join(cells)
 
 
 def collect_rules(pm: PinnedMaps, names: Names) -> list[dict]:
@@ -508,11 +542,23 @@ def _table_interfaces(data: dict) -> str:
         pols = i["policies"]
         policies = ", ".join(pols) if pols else (f"{len(i['rule_slots'])} rules"
                                                  if i["rule_slots"] else "-")
+        attach, chain = _chain_text(i.get("attachment"))
         rows.append([i["pod"] or "-", i["pod_ifname"] or "-", i["ifindex"], i["ifslot"],
-                     i["session_id"], policies, port or "-"])
-    return section(_title(data), render_table(
-        ["POD", "IFACE", "IFINDEX", "SLOT", "SESSION-ID", "POLICIES", "PORT-MIRROR"], rows,
-        empty="(no pod interface is attached)"))
+                     i["session_id"], attach, chain, policies, port or "-"])
+    text = section(_title(data), render_table(
+        ["POD", "IFACE", "IFINDEX", "SLOT", "SESSION-ID", "ATTACH", "CHAIN", "POLICIES",
+         "PORT-MIRROR"], rows, empty="(no pod interface is attached)"))
+    notes = []
+    for i in data["interfaces"]:
+        a = i.get("attachment") or {}
+        for d in ("ingress", "egress", "pod ingress"):
+            problem = (a.get(d) or {}).get("problem")
+            if problem and a.get("attach"):
+                notes.append(f"  {i['interface'] or i['ifindex']} {d}: {problem}")
+    if notes:
+        text += ("\nCHAIN is our position / the programs in the hook, tcx first; "
+                 "problems (the agent's resync repairs what it can):\n" + "\n".join(notes))
+    return text
 
 
 def _table_rules(data: dict) -> str:
@@ -668,11 +714,20 @@ def _run_show(kind: str, pin_root: str, state_dir: str, fmt: str, collect, table
 Example:
   cn2mirror show interfaces -o json | jq '.interfaces[] | {pod, session_id}'
 """)
+@click.option("--netns", metavar="NAME",
+              help="The agent's network namespace (its --netns), where the attachments "
+                   "are read [default: this process's].")
 @_common
-def show_interfaces(pin_root, state_dir, fmt):
+def show_interfaces(netns, pin_root, state_dir, fmt):
     """Pod interfaces the classifier is attached to: pod, interface, ifindex, session id,
-    the policies applied and port mirroring."""
-    _run_show("interfaces", pin_root, state_dir, fmt, collect_interfaces, _table_interfaces)
+    how it is attached (tcx or legacy clsact) and where it sits in each direction's
+    chain, the policies applied and port mirroring."""
+    dp, read = _attachment_reader(pin_root, netns)
+    try:
+        _run_show("interfaces", pin_root, state_dir, fmt,
+                  lambda pm, names: collect_interfaces(pm, names, read), _table_interfaces)
+    finally:
+        dp.close()
 
 
 @show.command("rules", short_help="Rule slots: policy, rule, mirror id, destination.", epilog="""\b
