@@ -161,13 +161,15 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
     except OSError as e:
         raise AgentError(f"cannot lock the pin root {pin_root}: {e}") from None
     try:
-        _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, uplink,
+        node_options = {"max_flow_dests": max_flow_dests, "uplink": uplink,
+                        "attach_mode": attach_mode, "pod_side": pod_side_ingress}
+        _run(source, kube, node_name, netns, pin_root, state_dir, node_options,
              resync_interval, once, cleanup_on_exit)
     finally:
         lock.release()
 
 
-def _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, uplink,
+def _run(source, kube, node_name, netns, pin_root, state_dir, node_options: dict,
          resync_interval, once, cleanup_on_exit) -> None:
     services = None
 
@@ -182,8 +184,7 @@ def _run(source, kube, node_name, netns, pin_root, state_dir, max_flow_dests, up
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         try:
-            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink,
-                        attach_mode=attach_mode, pod_side=pod_side_ingress)
+            node = Node(pin_root, netns=netns, **node_options)
             runner = Agent(source, node_name, node, state_dir, resync_interval)
             log.info("starting on node %s%s, pins under %s", node_name,
                      f" (network namespace {netns})" if netns else "", pin_root)
