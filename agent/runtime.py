@@ -32,8 +32,9 @@ The Agent:
   that arrive while it works are coalesced (only the newest is applied);
 - re-applies the last state every ``resync_interval`` seconds, so that what the node's
   tables did not have yet (a pod's veth or route, an analyzer's neighbour) is picked up;
-- never dies of one bad reconcile: an exception is recorded and logged, and the datapath
-  keeps what it last applied; invalid objects are the compiler's ObjectErrors and leave
+- never dies of one bad reconcile: an exception is recorded and logged, with what the
+  datapath holds after it (Node.apply writes all or nothing: agent/programmer.py);
+  invalid objects are the compiler's ObjectErrors and leave
   every other object applied;
 - writes ``<state_dir>/names.json`` (agent.node.describe: what every number in the maps
   stands for), ``<state_dir>/capture-names.json`` (mirror/session ids -> names, the
@@ -217,6 +218,19 @@ def capture_names(state: NodeState) -> dict[str, dict[str, str]]:
     return {"mirror": mirror, "session": session}
 
 
+def _datapath_after(exc: Exception) -> str:
+    """What the datapath holds after a failed reconcile, as far as it is known."""
+    unchanged = getattr(exc, "datapath_unchanged", None)
+    if unchanged is None and getattr(exc, "before_apply", False):
+        unchanged = True
+    if unchanged:
+        return "the datapath keeps what it last applied"
+    if unchanged is False:
+        return ("the datapath holds part of the new state; the next reconcile writes it "
+                "again")
+    return "what the datapath holds now is not known; the next reconcile writes it again"
+
+
 class Agent:
     """Applies every snapshot a source delivers to one node's datapath.
 
@@ -390,6 +404,7 @@ class Agent:
             state = self.compiler.compile(snapshot)
         except Exception as e:  # a compiler bug must not stop the agent
             log.exception("compiling the snapshot failed")
+            e.before_apply = True  # nothing reached the datapath
             self.compiler = Compiler(self.node_name)  # what it kept may be half updated
             return self._finish("snapshot", started, t0, since, None, None, e)
         self.desired_state = state
@@ -433,8 +448,7 @@ class Agent:
             problems += apply_problems(self.last_result)
         if exc is not None:
             problems.append(Problem(ORIGIN_AGENT, "Reconcile", "",
-                                    f"{type(exc).__name__}: {exc}; the datapath keeps what "
-                                    "it last applied"))
+                                    f"{type(exc).__name__}: {exc}; {_datapath_after(exc)}"))
         n_ifaces = len(state.interfaces) if state else 0
         report = ReconcileReport(
             number=self.reconcile_count + 1,

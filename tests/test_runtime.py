@@ -14,7 +14,7 @@ import pytest
 
 from cn2mirror.agent import runtime
 from cn2mirror.agent.compiler import rule_key
-from cn2mirror.agent.node import ApplyResult
+from cn2mirror.agent.node import ApplyError, ApplyResult
 from cn2mirror.agent.programmer import Plan
 from cn2mirror.agent.runtime import Agent, Problem, Source
 from cn2mirror.agent.snapshot import LoadError, snapshot_from_objects
@@ -178,7 +178,7 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
     assert agent.wait_for(1, 5)
     good = agent.last_state
 
-    node.fail = RuntimeError("the state does not fit the datapath")
+    node.fail = ApplyError("the state does not fit the datapath", datapath_unchanged=True)
     source.emit(snap(81))
     assert agent.wait_for(2, 5)
     report = agent.last_report
@@ -190,9 +190,21 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
     assert "keeps what it last applied" in p.reason
     assert agent.ready()  # still serving the last good state
 
+    # The status says what the datapath holds: not "keeps" when that is not so.
+    node.fail = ApplyError("writing the maps failed", datapath_unchanged=False)
+    source.emit(snap(83))
+    assert agent.wait_for(3, 5)
+    (p,) = [p for p in agent.errors if p.origin == "agent"]
+    assert "holds part of the new state" in p.reason and "keeps" not in p.reason
+    node.fail = RuntimeError("something unforeseen")
+    source.emit(snap(84))
+    assert agent.wait_for(4, 5)
+    (p,) = [p for p in agent.errors if p.origin == "agent"]
+    assert "not known" in p.reason and "keeps" not in p.reason
+
     node.fail = None
     source.emit(snap(82))
-    assert agent.wait_for(3, 5)
+    assert agent.wait_for(5, 5)
     assert agent.last_report.ok and rule_ports(agent.last_state) == [82]
     assert not [p for p in agent.errors if p.origin == "agent"]
 
