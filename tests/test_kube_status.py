@@ -371,8 +371,9 @@ def test_metrics_health_and_readiness(emu, agents):
     for c in (a.source, sync, a.elector, a.writer, a.events):
         registry.register(c)
     sync.observe(0.004, latency=0.02, errors=1, problems=0)
+    # cache_seconds=0: this test reads values as they change from one scrape to the next
     server = MetricsServer(registry, "127.0.0.1:0", {"source": a.source.healthy},
-                           {"source": a.source.ready}).start()
+                           {"source": a.source.ready}, cache_seconds=0).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
         wait_until(a.elector.is_leader, 5)
