@@ -156,10 +156,21 @@ class ReconcileReport:
         }
 
 
+STATE_DIR_MODE = 0o700  # the state files name every pod, policy and analyzer: root only
+STATE_FILE_MODE = 0o600
+
+
+def private_dir(path: str) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner can read."""
+    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
+    os.chmod(path, STATE_DIR_MODE)
+
+
 def write_atomic(path: str, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old file or the new one, never half."""
+    """Write JSON to ``path`` so that readers see the old file or the new one, never half;
+    readable by its owner only (STATE_FILE_MODE), in a directory of STATE_DIR_MODE."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    private_dir(directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -167,7 +178,7 @@ def write_atomic(path: str, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, STATE_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -276,6 +287,11 @@ class Agent:
             return
         # A status file left by an earlier agent must not say "ready" for this one.
         try:
+            private_dir(self.state_dir)  # also an existing one, left world-readable
+            for name in (NAMES_FILE, CAPTURE_NAMES_FILE, STATUS_FILE):
+                path = os.path.join(self.state_dir, name)
+                if os.path.exists(path):
+                    os.chmod(path, STATE_FILE_MODE)
             write_atomic(os.path.join(self.state_dir, STATUS_FILE), self.status())
         except OSError as e:
             log.error("cannot write status to %s: %s", self.state_dir, e)

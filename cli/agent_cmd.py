@@ -109,6 +109,14 @@ def _source_options(f):
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
               default=DEFAULT_RESYNC_INTERVAL, show_default=True,
               help="Re-apply the state this often (picks up late routes, neighbours).")
+@click.option("--max-rules-per-namespace", type=click.IntRange(min=0), default=0,
+              show_default=True, metavar="N",
+              help="Most rule slots one namespace's policies may take on this node (0: no "
+                   "limit); over it, its largest policies are left out and named.")
+@click.option("--max-interfaces-per-namespace", type=click.IntRange(min=0), default=0,
+              show_default=True, metavar="N",
+              help="Most pod interfaces of one namespace this node attaches to (0: no "
+                   "limit); over it, its pods with the most interfaces are left out.")
 @click.option("--once", is_flag=True,
               help="Apply the current objects once and exit (the datapath keeps running).")
 @click.option("--cleanup-on-exit", is_flag=True,
@@ -116,7 +124,8 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          uplink, resync_interval, once, cleanup_on_exit, log_level, **source_options):
+          uplink, resync_interval, max_rules_per_namespace, max_interfaces_per_namespace,
+          once, cleanup_on_exit, log_level, **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
     \b
@@ -136,6 +145,7 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                          **source_options)
     services = None
 
+    from cn2mirror.agent.capacity import Limits
     from cn2mirror.agent.datapath import DatapathError
     from cn2mirror.agent.node import Node
     from cn2mirror.agent.runtime import Agent
@@ -147,7 +157,10 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         try:
-            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink)
+            limits = Limits(max_rules_per_namespace=max_rules_per_namespace,
+                            max_interfaces_per_namespace=max_interfaces_per_namespace)
+            node = Node(pin_root, netns=netns, max_flow_dests=max_flow_dests, uplink=uplink,
+                        limits=limits)
             runner = Agent(source, node_name, node, state_dir, resync_interval)
             log.info("starting on node %s%s, pins under %s", node_name,
                      f" (network namespace {netns})" if netns else "", pin_root)

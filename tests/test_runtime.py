@@ -308,3 +308,29 @@ def test_unwritable_state_dir_is_reported_not_fatal(tmp_path):
         assert agent.wait_for(1, 5) and agent.last_report.ok
     finally:
         agent.stop()
+
+
+def test_state_files_are_readable_by_root_only(make_agent, state_dir):
+    # A state directory left world-readable (by an earlier version, or made by hand),
+    # with a file in it that was world-readable too.
+    os.chmod(state_dir, 0o755)
+    old = os.path.join(state_dir, "status.json")
+    with open(old, "w") as f:
+        f.write("{}")
+    os.chmod(old, 0o644)
+    agent, source, _ = make_agent()
+    agent.start()
+    source.emit(snap())
+    assert agent.wait_for(1, 5)
+    assert os.stat(state_dir).st_mode & 0o777 == 0o700
+    names = sorted(os.listdir(state_dir))
+    assert names == ["capture-names.json", "names.json", "status.json"]
+    for name in names:
+        assert os.stat(os.path.join(state_dir, name)).st_mode & 0o777 == 0o600, name
+    # A state directory that does not exist yet is made 0700, parents included.
+    from cn2mirror.agent.runtime import write_atomic
+
+    deep = os.path.join(state_dir, "a", "b")
+    write_atomic(os.path.join(deep, "x.json"), {})
+    assert os.stat(deep).st_mode & 0o777 == 0o700
+    assert os.stat(os.path.join(deep, "x.json")).st_mode & 0o777 == 0o600
