@@ -18,8 +18,20 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.bpfsys import map_info
 from cn2mirror.agent.node import ApplyError
 from cn2mirror.agent.programmer import MANAGED_MAPS
+from cn2mirror.agent.state import Interface, NodeState, Policy
 
-from .dp_helpers import TC_ACT_UNSPEC, PacketNode, blocks, policy, rule, state, tcp_ports
+from .dp_helpers import (
+    TC_ACT_UNSPEC,
+    PacketNode,
+    analyzer,
+    blocks,
+    ip,
+    pod_iface,
+    policy,
+    rule,
+    state,
+    tcp_ports,
+)
 
 pytestmark = [pytest.mark.bpf]
 
@@ -199,3 +211,31 @@ def test_a_plan_over_a_maps_capacity_writes_nothing(pn):
     finally:
         writer.capacities["dst_v4"] = 65536
     assert dump(pn) == before and pn.generation() == gen
+
+
+def test_a_pod_with_more_interfaces_than_the_node_holds_is_left_out_not_the_node(
+        monkeypatch):
+    """The Multus flood: one pod's interfaces fill the interface slots. That pod is left
+    out (not attached, named), the other pods are attached and mirrored."""
+    monkeypatch.setattr(L, "MAX_INTERFACES", 8)  # maps made with 8 slots in the kernel
+    pn = PacketNode()
+    try:
+        flood = []
+        for n in range(10):
+            ip("-n", pn.netns, "link", "add", f"vf{n}", "type", "veth", "peer", "name",
+               f"vfp{n}")
+            flood.append(Interface("aaa-flood/multus", f"net{n}", session_id=100 + n,
+                                   host_ifname=f"vf{n}"))
+        web = pod_iface()
+        p = Policy("other/p", other().rules,
+                   frozenset({web.key, *(i.key for i in flood)}))
+        result = pn.apply(NodeState("node1", interfaces=(*flood, web), policies=(p,),
+                                    destinations=(analyzer(),)))
+        why = result.problems["Pod aaa-flood/multus"]
+        assert "interface slots are full: 11 wanted, 7 available" in why
+        assert set(result.ifindexes) == {web.key}
+        assert pn.node.datapath.attached_ifindexes() == {pn.ifindex}  # no vf* attached
+        send(pn, tcp(40000))
+        assert copies_of(pn, 40000) == [(1001, 1)]
+    finally:
+        pn.close()
