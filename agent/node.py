@@ -149,6 +149,8 @@ class Node:
         if has_namespace_limits(self.limits):
             state, rejected = fit(state, set(ifindexes), self.limits, node=False)
             problems.update(rejected)
+            for key in [k for k in ifindexes if state.interface(k) is None]:
+                del ifindexes[key]  # a pod left out is not attached either
         adopted = self.writer.current_ifslots()
         ifslots = {key: adopted[idx] for key, idx in ifindexes.items() if idx in adopted}
 

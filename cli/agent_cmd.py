@@ -111,8 +111,9 @@ def _source_options(f):
               help="Re-apply the state this often (picks up late routes, neighbours).")
 @click.option("--max-rules-per-namespace", type=click.IntRange(min=0), default=0,
               show_default=True, metavar="N",
-              help="Most rule slots one namespace's policies may take on this node (0: no "
-                   "limit); over it, its largest policies are left out and named.")
+              help="Most rule slots one namespace may take on this node: its policies' "
+                   "rules and its pods' port mirrors (0: no limit); over it, its largest "
+                   "policies or pods are left out and named.")
 @click.option("--max-interfaces-per-namespace", type=click.IntRange(min=0), default=0,
               show_default=True, metavar="N",
               help="Most pod interfaces of one namespace this node attaches to (0: no "

@@ -239,3 +239,31 @@ def test_a_pod_with_more_interfaces_than_the_node_holds_is_left_out_not_the_node
         assert copies_of(pn, 40000) == [(1001, 1)]
     finally:
         pn.close()
+
+
+def test_per_namespace_limits_leave_out_the_namespaces_largest_object_only(pn):
+    import dataclasses
+
+    pn.node.limits = dataclasses.replace(pn.node.limits, max_rules_per_namespace=2,
+                                         max_interfaces_per_namespace=1)
+    ip("-n", pn.netns, "link", "add", "vt0", "type", "veth", "peer", "name", "vtp0")
+    ip("-n", pn.netns, "link", "add", "vt1", "type", "veth", "peer", "name", "vtp1")
+    web = pod_iface()
+    tenant_pod = [Interface("aaa-tenant/two", f"net{n}", session_id=50 + n,
+                            host_ifname=f"vt{n}") for n in range(2)]
+    big = tenant(3, 1)  # 3 rules in namespace aaa-tenant, over its 2
+    small = policy("aaa-tenant/small", rule("aaa-tenant/small", 0, ports=[tcp_ports(81)],
+                                            mirror_id=7000))
+    result = pn.apply(NodeState("node1", interfaces=(*tenant_pod, web),
+                                policies=(big.__class__(big.name, big.rules,
+                                                        frozenset({web.key})), small, other()),
+                                destinations=(analyzer(),)))
+    assert set(result.problems) == {"ContrailSecurityPolicy aaa-tenant/big",
+                                    "Pod aaa-tenant/two"}
+    assert "--max-rules-per-namespace" in result.problems["ContrailSecurityPolicy "
+                                                          "aaa-tenant/big"]
+    assert "--max-interfaces-per-namespace" in result.problems["Pod aaa-tenant/two"]
+    assert pn.node.datapath.attached_ifindexes() == {pn.ifindex}  # vt0, vt1 not attached
+    assert {p for p, _ in result.plan.rule_slots.values()} == {"aaa-tenant/small", "other/p"}
+    send(pn, tcp(40000))
+    assert copies_of(pn, 40000) == [(1001, 1)]
