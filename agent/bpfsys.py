@@ -158,6 +158,15 @@ class BpfMap:
             vb = C.create_string_buffer(bytes(value), self.value_size)
         _check(lib().bpf_map_update_elem(self.fd, kb, vb, 0), "map update")
 
+    def update_percpu(self, key: bytes, values: list[bytes]) -> None:
+        """Write each CPU's own value of a per-CPU map (as lookup() returned them)."""
+        if not self.percpu or len(values) != self._ncpu:
+            raise ValueError("update_percpu needs a per-CPU map and one value per CPU")
+        kb = C.create_string_buffer(bytes(key), self.key_size)
+        vb = C.create_string_buffer(b"".join(bytes(v).ljust(self._stride, b"\0")
+                                             for v in values))
+        _check(lib().bpf_map_update_elem(self.fd, kb, vb, 0), "map update")
+
     def delete(self, key: bytes) -> bool:
         kb = C.create_string_buffer(bytes(key), self.key_size)
         if lib().bpf_map_delete_elem(self.fd, kb) < 0:

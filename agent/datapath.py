@@ -113,15 +113,35 @@ def prog_pin(pin_root: str, name: str) -> str:
     return f"{pin_root.rstrip('/')}/prog_{name}"
 
 
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def on_bpffs(path: str) -> bool:
+    """Whether ``path`` (or, while it does not exist, its nearest ancestor) is on bpffs."""
+    import ctypes
+
+    while not os.path.exists(path) and path not in ("", "/"):
+        path = os.path.dirname(path)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(path.encode(), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == BPF_FS_MAGIC
+
+
 def ensure_bpffs(pin_root: str) -> None:
-    """Mount bpffs on /sys/fs/bpf if it is not, and create the pin root."""
-    if pin_root.startswith("/sys/fs/bpf") and not os.path.ismount("/sys/fs/bpf"):
+    """Mount bpffs on /sys/fs/bpf if the pin root is not on bpffs already (a container
+    given only its own directory of the host's bpffs needs no mount, nor CAP_SYS_ADMIN),
+    and create the pin root, root's only (0700)."""
+    if pin_root.startswith("/sys/fs/bpf") and not on_bpffs(pin_root) and \
+            not os.path.ismount("/sys/fs/bpf"):
         os.makedirs("/sys/fs/bpf", exist_ok=True)
         r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
                            capture_output=True, text=True)
         if r.returncode:
             raise DatapathError(f"cannot mount bpffs on /sys/fs/bpf: {r.stderr.strip()}")
-    os.makedirs(pin_root, exist_ok=True)
+    if not os.path.isdir(pin_root):
+        os.makedirs(pin_root, mode=0o700, exist_ok=True)
 
 
 def _nla_walk(buf: bytes, start: int, end: int):

@@ -993,9 +993,10 @@ class KubeOptions:
             services.server = MetricsServer(registry, self.metrics_address,
                                             {"source": source.healthy}, ready)
             services.server.start()
-            host = self.metrics_address.rpartition(":")[0] or "0.0.0.0"
-            log.info("serving /metrics, /healthz and /readyz on %s:%d", host,
-                     services.server.port)
+            from .metrics import parse_address
+
+            log.info("serving /metrics, /healthz and /readyz on %s:%d",
+                     parse_address(self.metrics_address)[0], services.server.port)
         return services
 
 
@@ -1110,7 +1111,9 @@ def kube_options(f: Callable | None = None) -> Any:
                      help="Take part in the election to write object status and Events."),
         click.option("--metrics-address", "kube_metrics_address", envvar="METRICS_ADDRESS",
                      metavar="HOST:PORT", default=None,
-                     help="Serve /metrics, /healthz and /readyz here, e.g. :9464."),
+                     help="Serve /metrics, /healthz and /readyz here: HOST:PORT, e.g. "
+                          "the node's address $(NODE_IP):9464 for Prometheus; :9464 is "
+                          "127.0.0.1:9464 (this node only)."),
         click.option("--debounce", "kube_debounce", type=float, default=DEFAULT_DEBOUNCE,
                      show_default=True, metavar="SECONDS",
                      help="Quiet time after an API change before it is applied."),

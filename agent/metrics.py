@@ -388,25 +388,66 @@ class DatapathCollector:
 Check = Callable[[], bool]
 
 
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DEFAULT_CACHE_SECONDS = 5.0
+
+
 def parse_address(address: str) -> tuple[str, int]:
-    """":9464" -> ("0.0.0.0", 9464); "[::]:9464" and "127.0.0.1:0" work too."""
+    """":9464" -> ("127.0.0.1", 9464): without a host, only this machine can scrape.
+    "198.18.0.5:9464" (the node's address: Prometheus scrapes it there), "[::1]:9464" and
+    "0.0.0.0:9464" (every address: say so explicitly) work too."""
     host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz and /readyz on a thread of its own."""
+    """Serves /metrics, /healthz and /readyz on a thread of its own.
+
+    Hardened for a host-network pod: it listens only where it is told (localhost when
+    no host is given); at most ``max_connections`` connections are served at once (one
+    thread each; the rest are closed at once, so idle or slow clients cannot pile up
+    threads); a request must arrive and be answered within ``request_timeout``
+    seconds per socket operation, and one request per connection (HTTP/1.0); /metrics is
+    rendered at most once per ``cache_seconds`` (reading every counter of 10k rules
+    costs about a CPU-second: scrapes within the window get the same text).
+    """
 
     def __init__(self, registry: Registry, address: str = DEFAULT_ADDRESS,
                  health_checks: dict[str, Check] | None = None,
-                 ready_checks: dict[str, Check] | None = None):
+                 ready_checks: dict[str, Check] | None = None, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 cache_seconds: float = DEFAULT_CACHE_SECONDS):
+        if max_connections < 1 or request_timeout <= 0 or cache_seconds < 0:
+            raise ValueError("need max_connections >= 1, request_timeout > 0 and "
+                             "cache_seconds >= 0")
         self.registry = registry
         self.address = address
         self.health_checks = dict(health_checks or {})
         self.ready_checks = dict(ready_checks or {})
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.cache_seconds = cache_seconds
+        self.renders = 0  # times /metrics was computed (not served from the cache)
+        self.refused = 0  # connections closed at once: max_connections were busy
+        self._cache: tuple[float, str] | None = None  # (monotonic time, text)
+        self._render_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    def metrics_text(self) -> str:
+        """The exposition, from the cache while it is fresh; one render at a time (a
+        scrape arriving during a render waits for it and takes its result)."""
+        with self._render_lock:
+            now = time.monotonic()
+            if self._cache is None or now - self._cache[0] >= self.cache_seconds:
+                text = self.registry.render()
+                self.renders += 1
+                self._cache = (time.monotonic(), text)
+            return self._cache[1]
 
     def _results(self, checks: dict[str, Check]) -> tuple[bool, str]:
         lines, ok = [], True
@@ -426,6 +467,8 @@ class MetricsServer:
         host, port = parse_address(self.address)
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = outer.request_timeout  # on every read and write of the socket
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -441,7 +484,7 @@ class MetricsServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    return self._send(200, outer.registry.render(), CONTENT_TYPE)
+                    return self._send(200, outer.metrics_text(), CONTENT_TYPE)
                 if path in ("/healthz", "/livez"):
                     ok, text = outer._results(outer.health_checks)
                     return self._send(200 if ok else 503, text)
@@ -455,7 +498,26 @@ class MetricsServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = outer.max_connections
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def process_request(self, request, client_address) -> None:
+                # A thread only for a free slot; otherwise the connection is closed now.
+                if not outer._slots.acquire(blocking=False):
+                    outer.refused += 1
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    outer._slots.release()
+                    raise
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    outer._slots.release()
 
         self._server = Server((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever,

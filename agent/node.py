@@ -7,15 +7,17 @@ diff. Called again with the same state it changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 from . import layout
+from .capacity import Limits, fit, has_namespace_limits
 from .datapath import Datapath, DatapathError
 from .discovery import NodeTables, Placement
 from .netns import iproute
-from .programmer import MapWriter, Plan, PlanError, Planner
+from .programmer import TRIES, MapWriteError, MapWriter, Plan, PlanError, Planner
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -105,11 +107,20 @@ def one_owner_per_interface(placed: dict[str, Placement],
     return kept
 
 
+class ApplyError(DatapathError):
+    """Node.apply failed. ``datapath_unchanged``: the maps hold exactly what the last
+    successful apply wrote (nothing was written, or every write was put back)."""
+
+    def __init__(self, message: str, datapath_unchanged: bool):
+        super().__init__(message)
+        self.datapath_unchanged = datapath_unchanged
+
+
 class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
                  uplink: str | None = None, attach_mode: str = "auto",
-                 pod_side: bool = False):
+                 pod_side: bool = False, limits: Limits | None = None):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.datapath.set_attach_mode(attach_mode)
         # The to-pod direction classified inside each pod (for bpf_redirect_peer CNIs).
@@ -117,6 +128,7 @@ class Node:
         self.repairs: Counter[str] = Counter()  # kind of repair -> times made (heal())
         self._unrepairable: dict[str, str] = {}  # what -> why (said once)
         self.uplink = uplink
+        self.limits = limits or Limits()  # per-namespace limits; capacities at start()
         self.writer: MapWriter | None = None
         self.planner = Planner()  # keeps the tries from plan to plan
         self.attached: dict[int, str] = {}  # ifindex -> interface key
@@ -130,6 +142,13 @@ class Node:
         dp.setup_mirror_port()
         self.writer = MapWriter(dp.maps, adopt=True)
         self.writer.set_mirror_port(dp.mirror_tx_index)
+        # What the fitting pass may use: the maps as the kernel made them.
+        caps = self.writer.capacities
+        self.limits = dataclasses.replace(
+            self.limits,
+            interfaces=min(layout.MAX_INTERFACES, caps.get("interfaces",
+                                                           layout.MAX_INTERFACES)) - 1,
+            tries={m: caps.get(m, layout.LPM_ENTRIES) for m in TRIES})
         # Interfaces attached by a previous run keep running; re-attaching replaces the
         # program in place (BPF_LINK_UPDATE of the pinned tcx link, or the same legacy
         # filter handle), so mirroring never pauses.
@@ -163,12 +182,37 @@ class Node:
         finally:
             ipr.close()
 
+        # Objects over a per-namespace limit, then (only when the plan does not fit)
+        # over the node's capacity, are left out one by one (agent/capacity.py), each
+        # named in problems; the rest is applied.
+        if has_namespace_limits(self.limits):
+            state, rejected = fit(state, set(ifindexes), self.limits, node=False)
+            problems.update(rejected)
+            for key in [k for k in ifindexes if state.interface(k) is None]:
+                del ifindexes[key]  # a pod left out is not attached either
         adopted = self.writer.current_ifslots()
         ifslots = {key: adopted[idx] for key, idx in ifindexes.items() if idx in adopted}
+
+        def fitted_plan(state: NodeState) -> tuple[NodeState, Plan]:
+            try:
+                p = self.planner.plan(state, ifindexes, resolved, ifslots)
+                self.writer.check_capacity(p)
+                return state, p
+            except PlanError:
+                state, rejected = fit(state, set(ifindexes), self.limits, namespaces=False)
+                if not rejected:
+                    raise
+            problems.update(rejected)
+            for key in [k for k in ifindexes if state.interface(k) is None]:
+                del ifindexes[key]  # a pod left out is not attached either
+            return state, self.planner.plan(state, ifindexes, resolved, ifslots)
+
         try:
-            p = self.planner.plan(state, ifindexes, resolved, ifslots)
+            state, p = fitted_plan(state)
+            self.writer.check_capacity(p)
         except PlanError as e:
-            raise DatapathError(f"the state does not fit the datapath: {e}") from e
+            raise ApplyError(f"the state does not fit the datapath: {e}; nothing was "
+                             "written", datapath_unchanged=True) from e
 
         # Attach new interfaces before writing their map entries; detach gone ones after.
         attached = []
@@ -185,7 +229,15 @@ class Node:
             attached.append(key)
         if any(k not in ifindexes for k in p.ifslots):
             p = self.planner.plan(state, ifindexes, resolved, ifslots)
-        changes = self.writer.apply(p)
+        try:
+            changes = self.writer.apply(p)
+        except PlanError as e:
+            raise ApplyError(f"the state does not fit the datapath: {e}; nothing was "
+                             "written", datapath_unchanged=True) from e
+        except MapWriteError as e:
+            # Interfaces attached just now have no entry (it was put back): their
+            # classifier passes every packet untouched until the next apply.
+            raise ApplyError(str(e), datapath_unchanged=e.restored) from e
         detached = []
         wanted = set(ifindexes.values())
         for idx in [i for i in self.attached if i not in wanted]:

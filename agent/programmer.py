@@ -414,14 +414,48 @@ def _port_blocks(ports: tuple[PortRange, ...]) -> tuple[Block, ...]:
 
 
 # ---------------------------------------------------------------------------- writing
-class MapWriter:
-    """Writes plans into the maps, touching only entries that differ."""
+class CapacityError(PlanError):
+    """A plan holds more entries than a map can: found before anything is written."""
 
-    def __init__(self, maps: dict, adopt: bool = True):
+
+class MapWriteError(RuntimeError):
+    """A write failed part-way. ``restored``: every entry written before the failure was
+    put back, so the maps hold exactly what they held before (and the generation was
+    bumped so that no verdict taken meanwhile survives); else ``unrestored`` entries
+    could not be put back and the maps hold part of the new plan."""
+
+    def __init__(self, message: str, restored: bool, unrestored: int = 0):
+        super().__init__(message)
+        self.restored = restored
+        self.unrestored = unrestored
+
+
+# The order new and changed entries are written in, so that nothing referenced is
+# missing (interfaces last: they make the rest reachable); removals go the other way.
+WRITE_ORDER = ("destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
+               "analyzers", "sessions", "interfaces")
+
+
+class MapWriter:
+    """Writes plans into the maps, touching only entries that differ; all or nothing.
+
+    Before anything is written, every map's capacity is checked against the plan (a
+    plan that does not fit is refused whole: CapacityError). Every write then goes into
+    a journal of what the entry held before; if one fails (the kernel ran out of memory,
+    say), the journal is played back in reverse, the counters zeroed on the way are put
+    back, and the generation is bumped: flows evaluated while the maps were half written
+    are evaluated again, against the previous state, which the maps hold again whole.
+    """
+
+    def __init__(self, maps: dict, adopt: bool = True,
+                 capacities: dict[str, int] | None = None):
         self.maps = maps
         self.written: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
         # map -> the plan's dict last written in full (a plan may hand the same dict again)
         self._applied: dict[str, dict[bytes, bytes]] = {}
+        # map -> most entries it takes (from the kernel's map info unless given)
+        self.capacities = dict(capacities) if capacities is not None else \
+            map_capacities(maps)
         if adopt:
             for m in MANAGED_MAPS:
                 zero = bytes(maps[m].value_size)
@@ -437,44 +471,131 @@ class MapWriter:
             out[int.from_bytes(k, "little")] = e.ifslot
         return out
 
+    def check_capacity(self, p: Plan) -> None:
+        """Raise CapacityError when a map cannot hold what the plan puts in it."""
+        for m in MANAGED_MAPS:
+            cap = self.capacities.get(m)
+            if cap is None:
+                continue
+            want = p.maps[m]
+            if m in ARRAY_MAPS:
+                top = max((int.from_bytes(k, "little") for k in want), default=-1)
+                if top >= cap:
+                    raise CapacityError(f"map {m} has {cap} slots; the plan needs slot {top}")
+            elif len(want) > cap:
+                raise CapacityError(f"map {m} holds {cap} entries; the plan needs "
+                                    f"{len(want)}")
+
     def apply(self, p: Plan) -> int:
-        """Write the plan; returns the number of entries written or removed."""
+        """Write the plan; returns the number of entries written or removed. Raises
+        CapacityError (nothing written) or MapWriteError (see the class)."""
+        self.check_capacity(p)
         applied, self._applied = self._applied, {}
-        changes = 0
-        # New and changed entries first, so that nothing referenced is missing...
-        order = ("destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
-                 "analyzers", "sessions", "interfaces")
-        for m in order:
-            want, have = p.maps[m], self.written[m]
-            if want is applied.get(m):  # the very contents written last time: no change
-                continue
-            for k, v in want.items():
-                if have.get(k) != v:
-                    self._reset_stats(m, k)
-                    self.maps[m].update(k, v)
-                    have[k] = v
-                    changes += 1
-        # ...then what is no longer wanted, interfaces first (they reference the rest).
-        for m in reversed(order):
-            want, have = p.maps[m], self.written[m]
-            if want is applied.get(m):
-                continue
-            for k in [k for k in have if k not in want]:
-                if m in ARRAY_MAPS:
-                    self._reset_stats(m, k)
-                    self.maps[m].update(k, bytes(self.maps[m].value_size))
-                else:
-                    self.maps[m].delete(k)
-                del have[k]
-                changes += 1
+        journal: list[tuple[str, bytes, bytes | None]] = []  # (map, key, value before)
+        stats: list[tuple[str, bytes, list[bytes]]] = []  # counters zeroed, as they were
+        try:
+            changes = self._write(p, applied, journal, stats)
+        except Exception as e:
+            raise self._undo(journal, stats, e) from e
         if changes:
             self.bump_generation()
         self._applied = dict(p.maps)  # all written: the next plan may skip what it shares
         return changes
 
-    def _reset_stats(self, m: str, key: bytes) -> None:
+    def _write(self, p: Plan, applied: dict, journal: list, stats: list) -> int:
+        changes = 0
+
+        def remove_stale(m: str) -> int:
+            want, have = p.maps[m], self.written[m]
+            n = 0
+            for k in [k for k in have if k not in want]:
+                journal.append((m, k, have[k]))
+                if m in ARRAY_MAPS:
+                    self._reset_stats(m, k, stats)
+                    self.maps[m].update(k, bytes(self.maps[m].value_size))
+                else:
+                    self.maps[m].delete(k)
+                del have[k]
+                n += 1
+            return n
+
+        # New and changed entries first, so that nothing referenced is missing...
+        for m in WRITE_ORDER:
+            want, have = p.maps[m], self.written[m]
+            if want is applied.get(m):  # the very contents written last time: no change
+                continue
+            cap = self.capacities.get(m)
+            if m not in ARRAY_MAPS and cap is not None and \
+                    len(have) + sum(1 for k in want if k not in have) > cap:
+                # Old and new entries together would not fit: this map's stale entries
+                # go first (still journaled, so a failure puts them back).
+                changes += remove_stale(m)
+            for k, v in want.items():
+                old = have.get(k)
+                if old != v:
+                    journal.append((m, k, old))
+                    self._reset_stats(m, k, stats)
+                    self.maps[m].update(k, v)
+                    have[k] = v
+                    changes += 1
+        # ...then what is no longer wanted, interfaces first (they reference the rest).
+        for m in reversed(WRITE_ORDER):
+            if p.maps[m] is applied.get(m):
+                continue
+            changes += remove_stale(m)
+        return changes
+
+    def _undo(self, journal: list, stats: list, cause: Exception) -> MapWriteError:
+        """Put back every journaled entry (newest first); the error to raise."""
+        failed = 0
+        # The first value journaled for a key is what it held before this write. Entries
+        # that were added go first (freeing what they took), then the rest is put back.
+        first: dict[tuple[str, bytes], bytes | None] = {}
+        for m, k, old in journal:
+            first.setdefault((m, k), old)
+        undo = sorted(first.items(), key=lambda item: item[1] is not None)
+        for (m, k), old in undo:
+            have = self.written[m]
+            try:
+                if old is None and m in ARRAY_MAPS:  # an array slot that was empty
+                    self.maps[m].update(k, bytes(self.maps[m].value_size))
+                    have.pop(k, None)
+                elif old is None:
+                    self.maps[m].delete(k)
+                    have.pop(k, None)
+                else:
+                    self.maps[m].update(k, old)
+                    have[k] = old
+            except Exception as e:  # noqa: BLE001 - counted and said below
+                failed += 1
+                log.error("could not put back %s entry %s: %s", m, k.hex(), e)
+        for name, k, per_cpu in reversed(stats):
+            try:
+                self.maps[name].update_percpu(k, per_cpu)
+            except Exception as e:  # counters only: the verdicts are whole
+                log.warning("could not put back counters %s[%s]: %s", name, k.hex(), e)
+        try:
+            self.bump_generation()  # verdicts taken while the maps were half written
+        except Exception as e:
+            failed += 1
+            log.error("could not bump the generation after a failed write: %s", e)
+        what = f"{len(first)} entries written before the failure"
+        if failed:
+            return MapWriteError(
+                f"writing the maps failed ({cause}); {failed} of the {what} could not be "
+                "put back: the datapath holds part of the new state until the next "
+                "reconcile writes it whole", restored=False, unrestored=failed)
+        return MapWriteError(f"writing the maps failed ({cause}); the {what} were put "
+                             "back: the datapath holds the previous state whole",
+                             restored=True)
+
+    def _reset_stats(self, m: str, key: bytes, saved: list | None = None) -> None:
         stats = STATS_OF.get(m)
         if stats and stats in self.maps:
+            if saved is not None:
+                before = self.maps[stats].lookup(key)
+                if before is not None:
+                    saved.append((stats, key, before))
             self.maps[stats].update(key, bytes(self.maps[stats].value_size))
 
     def bump_generation(self) -> None:
@@ -491,6 +612,19 @@ class MapWriter:
         if cfg.mirror_ifindex != ifindex:
             cfg.mirror_ifindex = ifindex
             self.maps["config"].update(_u32(0), bytes(cfg))
+
+
+def map_capacities(maps: dict) -> dict[str, int]:
+    """Most entries each managed map takes, as the kernel created it (its map info);
+    maps without an fd (test doubles) are left out and not checked."""
+    from .bpfsys import map_info
+
+    out = {}
+    for m in MANAGED_MAPS:
+        fd = getattr(maps.get(m), "fd", None)
+        if isinstance(fd, int):
+            out[m] = map_info(fd).max_entries
+    return out
 
 
 def destination_mode(d: Destination) -> L.Mode:

@@ -32,8 +32,9 @@ The Agent:
   that arrive while it works are coalesced (only the newest is applied);
 - re-applies the last state every ``resync_interval`` seconds, so that what the node's
   tables did not have yet (a pod's veth or route, an analyzer's neighbour) is picked up;
-- never dies of one bad reconcile: an exception is recorded and logged, and the datapath
-  keeps what it last applied; invalid objects are the compiler's ObjectErrors and leave
+- never dies of one bad reconcile: an exception is recorded and logged, with what the
+  datapath holds after it (Node.apply writes all or nothing: agent/programmer.py);
+  invalid objects are the compiler's ObjectErrors and leave
   every other object applied;
 - writes ``<state_dir>/names.json`` (agent.node.describe: what every number in the maps
   stands for), ``<state_dir>/capture-names.json`` (mirror/session ids -> names, the
@@ -159,10 +160,21 @@ class ReconcileReport:
         }
 
 
+STATE_DIR_MODE = 0o700  # the state files name every pod, policy and analyzer: root only
+STATE_FILE_MODE = 0o600
+
+
+def private_dir(path: str) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner can read."""
+    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
+    os.chmod(path, STATE_DIR_MODE)
+
+
 def write_atomic(path: str, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old file or the new one, never half."""
+    """Write JSON to ``path`` so that readers see the old file or the new one, never half;
+    readable by its owner only (STATE_FILE_MODE), in a directory of STATE_DIR_MODE."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    private_dir(directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -170,7 +182,7 @@ def write_atomic(path: str, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, STATE_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -221,6 +233,19 @@ def capture_names(state: NodeState) -> dict[str, dict[str, str]]:
     return {"mirror": mirror, "session": session}
 
 
+def _datapath_after(exc: Exception) -> str:
+    """What the datapath holds after a failed reconcile, as far as it is known."""
+    unchanged = getattr(exc, "datapath_unchanged", None)
+    if unchanged is None and getattr(exc, "before_apply", False):
+        unchanged = True
+    if unchanged:
+        return "the datapath keeps what it last applied"
+    if unchanged is False:
+        return ("the datapath holds part of the new state; the next reconcile writes it "
+                "again")
+    return "what the datapath holds now is not known; the next reconcile writes it again"
+
+
 class Agent:
     """Applies every snapshot a source delivers to one node's datapath.
 
@@ -269,6 +294,11 @@ class Agent:
             return
         # A status file left by an earlier agent must not say "ready" for this one.
         try:
+            private_dir(self.state_dir)  # also an existing one, left world-readable
+            for name in (NAMES_FILE, CAPTURE_NAMES_FILE, STATUS_FILE):
+                path = os.path.join(self.state_dir, name)
+                if os.path.exists(path):
+                    os.chmod(path, STATE_FILE_MODE)
             write_atomic(os.path.join(self.state_dir, STATUS_FILE), self.status())
         except OSError as e:
             log.error("cannot write status to %s: %s", self.state_dir, e)
@@ -409,6 +439,7 @@ class Agent:
             state = self.compiler.compile(snapshot)
         except Exception as e:  # a compiler bug must not stop the agent
             log.exception("compiling the snapshot failed")
+            e.before_apply = True  # nothing reached the datapath
             self.compiler = Compiler(self.node_name)  # what it kept may be half updated
             return self._finish("snapshot", started, t0, since, None, None, e)
         self.desired_state = state
@@ -463,8 +494,7 @@ class Agent:
             problems += apply_problems(self.last_result)
         if exc is not None:
             problems.append(Problem(ORIGIN_AGENT, "Reconcile", "",
-                                    f"{type(exc).__name__}: {exc}; the datapath keeps what "
-                                    "it last applied"))
+                                    f"{type(exc).__name__}: {exc}; {_datapath_after(exc)}"))
         n_ifaces = len(state.interfaces) if state else 0
         report = ReconcileReport(
             number=self.reconcile_count + 1,

@@ -674,6 +674,11 @@ class NodeReporter:
                                                                    else ())}
         dests = {object_name({**d, "kind": KIND_MD}): d for d in (snapshot.destinations
                                                                   if snapshot else ())}
+        policies = {}
+        for kind, objs in ((KIND_CSP, snapshot.policies if snapshot else ()),
+                           (KIND_GCSP, snapshot.global_policies if snapshot else ())):
+            for o in objs:
+                policies[kind, object_name({**o, "kind": kind})] = {**o, "kind": kind}
         wanted = []
         for e in getattr(state, "errors", ()) or ():
             if e.kind == KIND_POD and e.name in pods:
@@ -681,7 +686,14 @@ class NodeReporter:
         for what, why in sorted((getattr(result, "problems", None) or {}).items()):
             kind, _, name = what.partition(" ")
             note = f"node {self.node_name}: {why}"
-            if kind == "Interface":
+            # Left out by the capacity pass (agent/capacity.py): said on the object.
+            if kind == KIND_POD and name in pods:
+                wanted.append(EventSpec.about(pods[name], "CapacityExceeded", note))
+            elif (kind, name) in policies:
+                wanted.append(EventSpec.about(policies[kind, name], "CapacityExceeded", note))
+            elif kind == KIND_MD and name in dests and "left out" in why:
+                wanted.append(EventSpec.about(dests[name], "CapacityExceeded", note))
+            elif kind == "Interface":
                 pod = "/".join(name.split("/")[:2])
                 if pod in pods:
                     wanted.append(EventSpec.about(pods[pod], "InterfaceNotFound", note))

@@ -119,6 +119,15 @@ def _source_options(f):
                    "pod's network namespace) instead of the host-side veth's egress: for "
                    "CNIs that deliver it with bpf_redirect_peer (Cilium with BPF host "
                    "routing). Needs tcx, and the pods' namespaces under /var/run/netns.")
+@click.option("--max-rules-per-namespace", type=click.IntRange(min=0), default=0,
+              show_default=True, metavar="N",
+              help="Most rule slots one namespace may take on this node: its policies' "
+                   "rules and its pods' port mirrors (0: no limit); over it, its largest "
+                   "policies or pods are left out and named.")
+@click.option("--max-interfaces-per-namespace", type=click.IntRange(min=0), default=0,
+              show_default=True, metavar="N",
+              help="Most pod interfaces of one namespace this node attaches to (0: no "
+                   "limit); over it, its pods with the most interfaces are left out.")
 @click.option("--once", is_flag=True,
               help="Apply the current objects once and exit (the datapath keeps running).")
 @click.option("--cleanup-on-exit", is_flag=True,
@@ -126,8 +135,9 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          uplink, resync_interval, attach_mode, pod_side_ingress, once, cleanup_on_exit,
-          log_level, **source_options):
+          uplink, resync_interval, attach_mode, pod_side_ingress, max_rules_per_namespace,
+          max_interfaces_per_namespace, once, cleanup_on_exit, log_level,
+          **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
     \b
@@ -161,8 +171,12 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
     except OSError as e:
         raise AgentError(f"cannot lock the pin root {pin_root}: {e}") from None
     try:
+        from cn2mirror.agent.capacity import Limits
+
         node_options = {"max_flow_dests": max_flow_dests, "uplink": uplink,
-                        "attach_mode": attach_mode, "pod_side": pod_side_ingress}
+                        "attach_mode": attach_mode, "pod_side": pod_side_ingress,
+                        "limits": Limits(max_rules_per_namespace=max_rules_per_namespace,
+                                         max_interfaces_per_namespace=max_interfaces_per_namespace)}
         _run(source, kube, node_name, netns, pin_root, state_dir, node_options,
              resync_interval, once, cleanup_on_exit)
     finally:

@@ -57,7 +57,9 @@ CAP_SYS_ADMIN, CAP_BPF = 21, 39
 def pin_root_option(f):
     return click.option(
         "--pin-root", metavar="DIR", default=DEFAULT_PIN_ROOT, show_default=True,
-        envvar="CN2MIRROR_PIN_ROOT", type=click.Path(file_okay=False),
+        # readable=False: a root-only pin root (0700) gets the "needs root" message
+        # below, not a usage error
+        envvar="CN2MIRROR_PIN_ROOT", type=click.Path(file_okay=False, readable=False),
         help="Where the agent pinned its maps (the agent's --pin-root). "
              "Env: CN2MIRROR_PIN_ROOT.")(f)
 
@@ -65,7 +67,7 @@ def pin_root_option(f):
 def state_dir_option(f):
     return click.option(
         "--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, show_default=True,
-        envvar="CN2MIRROR_STATE_DIR", type=click.Path(file_okay=False),
+        envvar="CN2MIRROR_STATE_DIR", type=click.Path(file_okay=False, readable=False),
         help=f"The agent's state directory; names come from <DIR>/{NAMES_FILE}. "
              "Env: CN2MIRROR_STATE_DIR.")(f)
 

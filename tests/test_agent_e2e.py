@@ -205,6 +205,20 @@ def tc_filters(netns: str, dev: str) -> str:
     return out
 
 
+def classifiers_on(netns: str, dev: str) -> str:
+    """The programs on a device's tc hooks, legacy filters and tcx links alike (the
+    kernel's names, cut to 15 characters), as one string to search."""
+    from cn2mirror.agent import bpfsys
+
+    found = tc_filters(netns, dev)
+    with entered(netns):
+        idx = socket.if_nametoindex(dev)
+        for hook in (bpfsys.BPF_TCX_INGRESS, bpfsys.BPF_TCX_EGRESS):
+            with contextlib.suppress(bpfsys.BpfError):
+                found += " ".join(bpfsys.prog_name(i) for i in bpfsys.tcx_query(idx, hook)[0])
+    return found
+
+
 def link_exists(netns: str, dev: str) -> bool:
     return subprocess.run(["ip", "-n", netns, "link", "show", dev],
                           capture_output=True).returncode == 0
@@ -302,7 +316,7 @@ def test_existing_flows_follow_apply_edit_delete(lab, pin_root, state_dir, tmp_p
         assert not a1.between(t3 + GRACE, t3_end) and not ext.between(t3 + GRACE, t3_end)
         assert a1.not_jmirror == ext.not_jmirror == 0
         # The interface is detached once no policy needs it.
-        assert agent.last_result.detached and "classify" not in tc_filters(node1, "vweb")
+        assert agent.last_result.detached and "classify" not in classifiers_on(node1, "vweb")
     finally:
         ping.terminate()
         ping.wait()
@@ -433,7 +447,7 @@ def test_restarted_agent_adopts_the_datapath_without_a_gap(lab, pin_root, state_
     assert not a1.between(t_gone + GRACE)
     assert not os.path.exists(pin_root)
     assert not link_exists(node1, "cn2m-tx")
-    assert "classify" not in tc_filters(node1, "vweb")
+    assert "classify" not in classifiers_on(node1, "vweb")
 
 
 def test_agent_cli_errors(lab, pin_root, state_dir, tmp_path):

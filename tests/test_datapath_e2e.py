@@ -665,13 +665,16 @@ def test_bad_input_is_reported_and_the_rest_keeps_working(lab, node):
     result = node.apply(bad)
     assert "no interface nosuchif" in result.problems["Interface demo/ghost/eth0"]
     assert "no route" in result.problems["MirrorDestination nowhere"]
-    # Too many rules for the datapath: a clear error, and the maps stay as they were.
-    huge = Policy("demo/huge", tuple(Rule("demo/huge", i, None, None, (), "local", i + 1)
-                                     for i in range(L.MAX_RULES)),
+    # Too many rules for the datapath: the policy that does not fit is left out and
+    # named; the other policies (and their changes) are applied.
+    huge = Policy("zz-tenant/huge", tuple(Rule("zz-tenant/huge", i, None, None, (), "local",
+                                               i + 1) for i in range(L.MAX_RULES)),
                   frozenset({"demo/web/eth0"}))
-    with pytest.raises(DatapathError, match="more than"):
-        node.apply(NodeState("node1", interfaces=(web_iface(lab),), policies=(huge,),
-                             destinations=(jm(LOCAL_AN, "local"),)))
+    result = node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                                  policies=(huge, mirror_all("demo/p", "local", 111)),
+                                  destinations=(jm(LOCAL_AN, "local"),)))
+    assert "rule slots are full: 16385 wanted, 16383 available" in \
+        result.problems["ContrailSecurityPolicy zz-tenant/huge"]
     cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
     try:
         ns_sh(lab.pods["client"].netns, "ping", "-c", "2", "-i", "0.1", lab.pods["web"].ip)

@@ -18,7 +18,7 @@ from cn2mirror.cli.main import main
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="doctor's probe needs root")
 
 REQUIRED_NAMES = {
-    "root", "CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_PERFMON",
+    "root", "CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON",
     "CONFIG_BPF_SYSCALL", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS", "CONFIG_NET_CLS_ACT",
     "CONFIG_VETH", "kernel headers", "pin root", "bcc (python3-bpfcc)", "libbpf.so.1",
     "pyroute2", "ip", "tc", "ethtool", "nsenter",

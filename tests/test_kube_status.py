@@ -388,8 +388,9 @@ def test_metrics_health_and_readiness(emu, agents):
     for c in (a.source, sync, a.elector, a.writer, a.events):
         registry.register(c)
     sync.observe(0.004, latency=0.02, errors=1, problems=0)
+    # cache_seconds=0: this test reads values as they change from one scrape to the next
     server = MetricsServer(registry, "127.0.0.1:0", {"source": a.source.healthy},
-                           {"source": a.source.ready}).start()
+                           {"source": a.source.ready}, cache_seconds=0).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
         wait_until(a.elector.is_leader, 5)
@@ -438,3 +439,29 @@ def test_render_escapes_and_orders():
     assert 'h_seconds_bucket{le="0.1"} 0' in text and 'h_seconds_bucket{le="+Inf"} 1' in text
     assert "h_seconds_sum 0.5" in text and "h_seconds_count 1" in text
     check_exposition(text)
+
+
+def test_objects_left_out_for_capacity_get_an_event_naming_why(emu):
+    """The capacity pass's rejections (agent/capacity.py) are said on the objects."""
+    from types import SimpleNamespace
+
+    from cn2mirror.agent.snapshot import snapshot_from_objects
+
+    api = client.ApiClient(emu.configuration())
+    objs = [emu.apply(o) for o in (namespace("demo"),
+                                   pod("web", "demo", "node1", "198.18.1.2", {"app": "web"}),
+                                   md("ext", externalAnalyzer=True, analyzerIP="192.0.2.1"),
+                                   csp("big", "demo", "web", "ext"))]
+    snap, _ = snapshot_from_objects(objs)
+    reporter = NodeReporter(EventRecorder(api, instance="node1"), "node1")
+    result = SimpleNamespace(problems={
+        "ContrailSecurityPolicy demo/big": "the node's rule slots are full: left out",
+        "Pod demo/web": "namespace demo may use 2 interface slots: left out"})
+    reporter.report(SimpleNamespace(errors=()), result, snap)
+    events = emu.items("events.k8s.io/v1", "Event")
+    assert sorted((e["regarding"]["kind"], e["regarding"]["name"], e["reason"], e["note"])
+                  for e in events) == [
+        ("ContrailSecurityPolicy", "big", "CapacityExceeded",
+         "node node1: the node's rule slots are full: left out"),
+        ("Pod", "web", "CapacityExceeded",
+         "node node1: namespace demo may use 2 interface slots: left out")]

@@ -150,29 +150,45 @@ def test_daemonset_runs_everywhere_with_capabilities_not_privileged():
     sc = agent["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"]["add"]) == {"BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON",
-                                              "SYS_RESOURCE"}
+    # What tests/test_least_privilege.py runs the datapath with: no SYS_ADMIN.
+    assert set(sc["capabilities"]["add"]) == {"BPF", "NET_ADMIN", "PERFMON"}
+    from .test_least_privilege import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, KEEP
+
+    assert KEEP == {CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert agent["resources"]["requests"] and agent["resources"]["limits"]
 
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
-    assert set(mounts) == {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/sys/kernel/btf",
-                           "/run/cn2mirror"}
+    assert set(mounts) == {"/sys/fs/bpf/cn2mirror", "/lib/modules", "/usr/src",
+                           "/sys/kernel/btf", "/run/cn2mirror", "/tmp"}
     assert all(mounts[p].get("readOnly") for p in ("/lib/modules", "/usr/src",
                                                    "/sys/kernel/btf"))
     volumes = {v["name"]: v for v in spec["volumes"]}
     for m in agent["volumeMounts"]:
+        if m["mountPath"] == "/tmp":
+            assert "emptyDir" in volumes[m["name"]]
+            continue
         assert volumes[m["name"]]["hostPath"]["path"] == m["mountPath"]
-    # Bidirectional propagation is for privileged containers only: the init container
-    # mounts bpffs on the host; the agent sees it (and pins into the host's bpffs).
-    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    # Only the project's own directory of the host's bpffs: never a CNI's pins. The
+    # init container (privileged: Bidirectional is for those only) mounts bpffs on the
+    # host and makes that directory, root's only, before the agent starts.
+    assert "mountPropagation" not in mounts["/sys/fs/bpf/cn2mirror"]
+    assert volumes[mounts["/sys/fs/bpf/cn2mirror"]["name"]]["hostPath"]["type"] == \
+        "Directory"
+    args = agent["args"]
+    assert "--pin-root=/sys/fs/bpf/cn2mirror" in args
     (init,) = spec["initContainers"]
     assert init["securityContext"]["privileged"] is True
     assert init["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
                                      "mountPropagation": "Bidirectional"}]
     assert "mount -t bpf bpf /sys/fs/bpf" in init["command"][-1]
+    assert "mkdir -p /sys/fs/bpf/cn2mirror && chmod 0700 /sys/fs/bpf/cn2mirror" in \
+        init["command"][-1]
 
 
 def test_probes_use_the_metrics_port_the_agent_serves():
@@ -180,7 +196,11 @@ def test_probes_use_the_metrics_port_the_agent_serves():
     (port,) = agent["ports"]
     args = agent["args"]
     address = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-address="))
-    assert address == f":{port['containerPort']}"
+    # On the node's address (hostNetwork: what the kubelet probes and Prometheus
+    # scrapes), not on every address of the host.
+    assert address == f"$(NODE_IP):{port['containerPort']}"
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
                         ("readinessProbe", "/readyz")):
         assert agent[probe]["httpGet"] == {"path": path, "port": port["name"]}

@@ -21,13 +21,13 @@ from tests.test_agent_e2e import (
     Analyzer,
     UdpStream,
     agent_args,
+    classifiers_on,
     cli,
     log_of,
     md_objects,
     policy,
     rule,
     start_agent,
-    tc_filters,
     write_yaml,
 )
 
@@ -84,7 +84,7 @@ def test_a_second_agent_is_refused_and_the_first_keeps_mirroring(lab, pin_root, 
         time.sleep(0.5)
         assert first.poll() is None, log_of(first)
         assert len(a1.between(t_checked)) >= 15  # the first agent's copies go on
-        assert "classify" in tc_filters(node1, "vweb")
+        assert "classify" in classifiers_on(node1, "vweb")
 
         # kill -9: the kernel drops the lock with the process; a new agent takes over.
         first.send_signal(signal.SIGKILL)

@@ -14,7 +14,7 @@ import pytest
 
 from cn2mirror.agent import runtime
 from cn2mirror.agent.compiler import rule_key
-from cn2mirror.agent.node import ApplyResult
+from cn2mirror.agent.node import ApplyError, ApplyResult
 from cn2mirror.agent.programmer import Plan
 from cn2mirror.agent.runtime import Agent, Problem, Source
 from cn2mirror.agent.snapshot import LoadError, snapshot_from_objects
@@ -178,7 +178,7 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
     assert agent.wait_for(1, 5)
     good = agent.last_state
 
-    node.fail = RuntimeError("the state does not fit the datapath")
+    node.fail = ApplyError("the state does not fit the datapath", datapath_unchanged=True)
     source.emit(snap(81))
     assert agent.wait_for(2, 5)
     report = agent.last_report
@@ -189,6 +189,18 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
     (p,) = [p for p in agent.errors if p.origin == "agent"]
     assert "keeps what it last applied" in p.reason
     assert agent.ready()  # still serving the last good state
+
+    # The status says what the datapath holds: not "keeps" when that is not so.
+    node.fail = ApplyError("writing the maps failed", datapath_unchanged=False)
+    source.emit(snap(83))
+    assert agent.wait_for(3, 5)
+    (p,) = [p for p in agent.errors if p.origin == "agent"]
+    assert "holds part of the new state" in p.reason and "keeps" not in p.reason
+    node.fail = RuntimeError("something unforeseen")
+    source.emit(snap(84))
+    assert agent.wait_for(4, 5)
+    (p,) = [p for p in agent.errors if p.origin == "agent"]
+    assert "not known" in p.reason and "keeps" not in p.reason
 
     node.fail = None
     source.emit(snap(82))
@@ -328,3 +340,29 @@ def test_unwritable_state_dir_is_reported_not_fatal(tmp_path):
         assert agent.wait_for(1, 5) and agent.last_report.ok
     finally:
         agent.stop()
+
+
+def test_state_files_are_readable_by_root_only(make_agent, state_dir):
+    # A state directory left world-readable (by an earlier version, or made by hand),
+    # with a file in it that was world-readable too.
+    os.chmod(state_dir, 0o755)
+    old = os.path.join(state_dir, "status.json")
+    with open(old, "w") as f:
+        f.write("{}")
+    os.chmod(old, 0o644)
+    agent, source, _ = make_agent()
+    agent.start()
+    source.emit(snap())
+    assert agent.wait_for(1, 5)
+    assert os.stat(state_dir).st_mode & 0o777 == 0o700
+    names = sorted(os.listdir(state_dir))
+    assert names == ["capture-names.json", "names.json", "status.json"]
+    for name in names:
+        assert os.stat(os.path.join(state_dir, name)).st_mode & 0o777 == 0o600, name
+    # A state directory that does not exist yet is made 0700, parents included.
+    from cn2mirror.agent.runtime import write_atomic
+
+    deep = os.path.join(state_dir, "a", "b")
+    write_atomic(os.path.join(deep, "x.json"), {})
+    assert os.stat(deep).st_mode & 0o777 == 0o700
+    assert os.stat(os.path.join(deep, "x.json")).st_mode & 0o777 == 0o600

@@ -18,12 +18,12 @@ from tests.test_agent_e2e import (
     Analyzer,
     UdpStream,
     agent_args,
+    classifiers_on,
     cli,
     link_exists,
     md_objects,
     policy,
     rule,
-    tc_filters,
     write_yaml,
 )
 
@@ -48,7 +48,7 @@ def test_uninstall_stops_every_copy_and_leaves_nothing(lab, pin_root, state_dir,
         time.sleep(0.5)
         # No agent runs, and the copies go on: what a deleted DaemonSet leaves behind.
         assert len(a1.between(t_agent_gone)) >= 15
-        assert "classify" in tc_filters(node1, "vweb")
+        assert "classify" in classifiers_on(node1, "vweb")
 
         r = subprocess.run(cli("uninstall", "--netns", node1, "--pin-root", pin_root,
                                "--state-dir", state_dir, "-o", "json"),
@@ -67,7 +67,7 @@ def test_uninstall_stops_every_copy_and_leaves_nothing(lab, pin_root, state_dir,
 
     assert len([t for t, _ in stream.sent if t > t_uninstalled + 0.1]) >= 15  # still sending
     assert not a1.between(t_uninstalled + 0.1), "copies after uninstall"
-    assert "classify" not in tc_filters(node1, "vweb")
+    assert "classify" not in classifiers_on(node1, "vweb")
     assert not link_exists(node1, "cn2m-tx") and not link_exists(node1, "cn2m-rx")
     assert not os.path.exists(pin_root) and not os.path.exists(state_dir)
 
