@@ -184,13 +184,21 @@ class Datapath:
             for name in (MIRROR_TX, MIRROR_RX):
                 sysctl(self.netns, f"net.ipv4.conf.{name}.forwarding", 1)
                 sysctl(self.netns, f"net.ipv6.conf.{name}.forwarding", 1)
+            # Copies a destination wants whole are handed to the IP stack on the far end
+            # to be forwarded and fragmented: they come from this node's own address.
+            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.accept_local", 1)
+            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.rp_filter", 0)
             ipr.link("set", index=tx, state="up")
             ipr.link("set", index=rx, state="up")
         finally:
             ipr.close()
-        # The kernel segments and checksums clones on the sending end.
+        # The kernel segments and checksums clones on the sending end: plain super-packets
+        # and, above all, the ones wrapped once as UDP-tunnel GSO packets (tunnel
+        # segmentation off: wire-size wrapped segments leave the port whatever the next
+        # hop is; a veth there would pass the 64 KB skb on whole).
         r = run(self.netns, "ethtool", "-K", MIRROR_TX, "tso", "off", "gso", "off",
-                "tx", "off", "sg", "off", "gro", "off", check=False)
+                "tx", "off", "sg", "off", "gro", "off", "tx-udp_tnl-segmentation", "off",
+                "tx-udp_tnl-csum-segmentation", "off", check=False)
         if r.returncode:
             raise DatapathError(f"ethtool -K {MIRROR_TX} failed: {r.stderr.strip()}")
         run(self.netns, "ethtool", "-K", MIRROR_RX, "gro", "off", "tso", "off",

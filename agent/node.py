@@ -7,6 +7,7 @@ diff. Called again with the same state it changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ from . import layout
 from .datapath import Datapath, DatapathError
 from .discovery import NodeTables
 from .netns import iproute
-from .programmer import MapWriter, Plan, PlanError, Planner
+from .programmer import MapWriter, Plan, PlanError, Planner, copy_fit_flags
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Node:
             resolved = {}
             for d in state.destinations:
                 r = tables.resolve_destination(d, self.uplink)
+                r = dataclasses.replace(r, fit_flags=copy_fit_flags(d))
                 resolved[d.name] = r
                 if r.problem:
                     problems[f"MirrorDestination {d.name}"] = r.problem
