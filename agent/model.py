@@ -20,7 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .state import DEFAULT_JMIRROR_PORT, DeliveryMode, Direction
+from .state import (
+    DEFAULT_JMIRROR_PORT,
+    OVERSIZE_CHOICES,
+    OVERSIZE_FRAGMENT,
+    SEGMENTS_AUTO,
+    SEGMENTS_CHOICES,
+    DeliveryMode,
+    Direction,
+)
 
 # --- API groups and kinds -------------------------------------------------------------
 
@@ -57,6 +65,11 @@ ANN_MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
 ANN_MULTUS_STATUS = "k8s.v1.cni.cncf.io/network-status"
 ANN_MAC = "cn2mirror.io/mac"  # the default interface's MAC, when no network-status gives it
 ANN_HOST_INTERFACE = "cn2mirror.io/host-interface"  # host side of the default interface
+# How jmirror copies fit the path to the analyzer: fields of this project's
+# MirrorDestination (spec.copySegments, spec.copyTooLarge); for CN2's group, whose fields
+# stay CN2's, these annotations on the MirrorDestination.
+ANN_COPY_SEGMENTS = "cn2mirror.io/copy-segments"
+ANN_COPY_TOO_LARGE = "cn2mirror.io/copy-too-large"
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
 
 # --- Enumerations, defaults and ranges (the CRDs use these) ------------------------------
@@ -120,6 +133,8 @@ class MirrorDestination:
     nic_assisted_vlan_id: int | None = None
     external_analyzer: bool = False
     analyzer_ip: str | None = None
+    copy_segments: str = SEGMENTS_AUTO  # GSO copies: auto, exact or fit (agent/state.py)
+    copy_too_large: str = OVERSIZE_FRAGMENT  # a copy too large for the path: fragment, truncate
 
     @property
     def mode(self) -> DeliveryMode:
@@ -412,6 +427,19 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
     external = _typed(spec, "externalAnalyzer", p, bool, False)
     analyzer_ip = _ip(_typed(spec, "analyzerIP", p, str), "spec.analyzerIP")
 
+    # How copies fit the path: fields in this project's group, annotations in CN2's.
+    if api_version.startswith(GROUP + "/"):
+        segments = _typed(spec, "copySegments", p, str, SEGMENTS_AUTO)
+        _enum(segments, SEGMENTS_CHOICES, "spec.copySegments")
+        too_large = _typed(spec, "copyTooLarge", p, str, OVERSIZE_FRAGMENT)
+        _enum(too_large, OVERSIZE_CHOICES, "spec.copyTooLarge")
+    else:
+        notes = _string_map(meta.get("annotations"), "metadata.annotations")
+        segments = notes.get(ANN_COPY_SEGMENTS, SEGMENTS_AUTO)
+        _enum(segments, SEGMENTS_CHOICES, f"metadata.annotations[{ANN_COPY_SEGMENTS}]")
+        too_large = notes.get(ANN_COPY_TOO_LARGE, OVERSIZE_FRAGMENT)
+        _enum(too_large, OVERSIZE_CHOICES, f"metadata.annotations[{ANN_COPY_TOO_LARGE}]")
+
     static = None
     if "staticNextHopHeader" in spec:
         static = _static_next_hop(spec["staticNextHopHeader"], "spec.staticNextHopHeader")
@@ -446,6 +474,8 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         nic_assisted_vlan_id=vlan,
         external_analyzer=external,
         analyzer_ip=analyzer_ip,
+        copy_segments=segments,
+        copy_too_large=too_large,
     )
 
 

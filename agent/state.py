@@ -63,7 +63,7 @@ class Destination:
     # jmirror: how copies of GSO super-packets fit the path (SEGMENTS_*), and what
     # happens to a copy too large for it (OVERSIZE_*).
     segments: str = "auto"
-    oversize: str = "truncate"
+    oversize: str = "fragment"
 
 
 SEGMENTS_AUTO = "auto"  # exact when the path MTU takes the wire's segments wrapped, else fit

@@ -490,3 +490,35 @@ def test_already_encapsulated_super_packets_are_wrapped_segment_by_segment(lab, 
     # The tunnelled TCP stream is whole in the copies.
     inner = [b"\0" * 8 + v[36 + 14:] for v in vx if Ether(v[36:]).type == 0x0800]
     assert len(stream_from_copies(inner, "198.18.100.2", size, 0, check_ids=False)[0]) == size
+
+
+@pytest.mark.parametrize("oversize", ["truncate", "fragment"])
+def test_copy_too_large_for_the_path_is_cut_or_fragmented_as_the_destination_says(
+        lab, node, oversize):
+    """Single 1500-byte packets (no GSO) plus 36 bytes do not fit a 1500-byte path: cut
+    and counted as truncated, or sent whole in outer IPv4 fragments (the analyzer's
+    stack reassembles them) and counted as fragmented."""
+    an, web = lab.pods["analyzer"], lab.pods["web"]
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),),
+                         policies=(mirror("demo/p", "local", 71, proto=17, port=7001),),
+                         destinations=(jm(an.ip, "local", oversize=oversize),)))
+    reader = Reader(an.netns)
+    try:
+        ns_sh(lab.pods["client"].netns, "python3", "-c",
+              "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+              f"for i in range(3): s.sendto(bytes([i])*1472,('{web.ip}',7001))\n"
+              f"for i in range(2): s.sendto(bytes([i])*1000,('{web.ip}',7001))")
+        got = reader.stop()
+    finally:
+        reader.close()
+    lengths = sorted(len(d) - 8 for d in got)
+    c = dest_counters(node, "local")
+    assert c.packets == 5 and sum(c.drops.values()) == 0
+    if oversize == "truncate":
+        assert lengths == [1028, 1028, 1464, 1464, 1464]
+        assert (c.truncated, c.fragmented) == (3, 0)
+    else:
+        assert lengths == [1028, 1028, 1500, 1500, 1500]
+        assert sorted(d[8 + 28:] for d in got) == sorted(
+            [bytes([i]) * 1472 for i in range(3)] + [bytes([i]) * 1000 for i in range(2)])
+        assert (c.truncated, c.fragmented) == (0, 3)

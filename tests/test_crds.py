@@ -258,9 +258,36 @@ def test_both_groups_define_the_same_schema(kind):
     assert [v["name"] for v in cn2["versions"]] == ["v1alpha1", "v4"]
     assert [v["name"] for v in cn2["versions"] if v["storage"]] == ["v4"]
     assert all(v["served"] for v in ours["versions"] + cn2["versions"])
-    schemas = [v["schema"] for v in ours["versions"] + cn2["versions"]]
+    schemas = [copy.deepcopy(v["schema"]) for v in ours["versions"] + cn2["versions"]]
+    if kind == model.KIND_MD:
+        # This project's group adds how copies fit the path (CN2's takes annotations),
+        # and nothing else.
+        spec = schemas[0]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        assert spec.pop("copySegments")["enum"] == ["auto", "exact", "fit"]
+        assert spec.pop("copyTooLarge")["enum"] == ["truncate", "fragment"]
     assert all(s == schemas[0] for s in schemas)
     assert ours["names"] == cn2["names"] and ours["scope"] == cn2["scope"]
+
+
+@pytest.mark.parametrize("group", [model.GROUP, model.CN2_GROUP])
+def test_copy_fit_choices_from_fields_or_cn2_annotations(group):
+    """Fields in this project's group; CN2's fields stay CN2's, so there an annotation."""
+    base = {"apiVersion": f"{group}/v1alpha1", "kind": model.KIND_MD,
+            "metadata": {"name": "md1"}, "spec": {}}
+    md = model.parse_mirror_destination(base)
+    assert (md.copy_segments, md.copy_too_large) == ("auto", "fragment")
+    if group == model.GROUP:
+        obj = {**base, "spec": {"copySegments": "fit", "copyTooLarge": "truncate"}}
+        bad = {**base, "spec": {"copySegments": "sometimes"}}
+    else:
+        obj = {**base, "metadata": {"name": "md1", "annotations": {
+            model.ANN_COPY_SEGMENTS: "fit", model.ANN_COPY_TOO_LARGE: "truncate"}}}
+        bad = {**base, "metadata": {"name": "md1", "annotations": {
+            model.ANN_COPY_SEGMENTS: "sometimes"}}}
+    md = model.parse_mirror_destination(obj)
+    assert (md.copy_segments, md.copy_too_large) == ("fit", "truncate")
+    with pytest.raises(model.ModelError):
+        model.parse_mirror_destination(bad)
 
 
 @pytest.mark.parametrize("kind, short, scope", [
