@@ -208,6 +208,32 @@ class Datapath:
         self._attach_tc(tx, "mirror_wrap_inline", TC_EGRESS)
         self.attach_xdp(tx, "analyzer_port_rx")
 
+    def set_gso_handoff(self, ifindex: int, on: bool) -> bool:
+        """Make a local analyzer pod's host-side veth segment UDP-tunnel GSO packets and
+        finish their checksums in software (on), so that a super-packet wrapped once can
+        be handed to it directly; or give it its offloads back (off). True when done."""
+        state = "off" if on else "on"
+        try:
+            name = self._ifname(ifindex)
+        except DatapathError:
+            return False
+        r = run(self.netns, "ethtool", "-K", name, "tx-udp_tnl-segmentation", state,
+                "tx-udp_tnl-csum-segmentation", state, "tx", state, check=False)
+        if r.returncode:
+            log.warning("ethtool -K %s (copy hand-off %s) failed: %s", name,
+                        "on" if on else "off", r.stderr.strip())
+        return r.returncode == 0
+
+    def _ifname(self, ifindex: int) -> str:
+        ipr = iproute(self.netns)
+        try:
+            links = ipr.get_links(ifindex)
+        except Exception as e:
+            raise DatapathError(f"no interface with index {ifindex}") from e
+        finally:
+            ipr.close()
+        return links[0].get_attr("IFLA_IFNAME")
+
     def teardown_mirror_port(self) -> None:
         ipr = iproute(self.netns)
         try:

@@ -103,6 +103,10 @@ DEST_VTEP_IPV6 = 1  # a VXLAN destination whose VTEP address is IPv6
 DEST_SEGMENTS_EXACT = 2  # always the wire's segment size (BPF_F_ADJ_ROOM_FIXED_GSO)
 DEST_SEGMENTS_FIT = 4  # always segments that fit the path (gso_size lowered by the overhead)
 DEST_FRAGMENT = 8  # a copy too large for the path is sent whole, fragmented; else cut
+# The device copies to this destination leave by segments UDP-tunnel GSO packets itself,
+# with finished inner checksums (the agent turned its tunnel segmentation and checksum
+# offload off): super-packets wrapped once are handed to it directly, not through the port.
+DEST_GSO_HANDOFF = 16
 FLOW_OVERFLOW = 4  # more rules matched than the flow could take, or the walk was cut short
 
 FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
@@ -417,6 +421,7 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) 
         "DEST_SEGMENTS_EXACT": DEST_SEGMENTS_EXACT,
         "DEST_SEGMENTS_FIT": DEST_SEGMENTS_FIT,
         "DEST_FRAGMENT": DEST_FRAGMENT,
+        "DEST_GSO_HANDOFF": DEST_GSO_HANDOFF,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,

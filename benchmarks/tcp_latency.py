@@ -63,8 +63,8 @@ for f in frames:
     if f[12:14] != b"\x08\x00":
         continue
     ip = f[14:]
+    size_read = len(ip)
     if ip[9] == 17 and len(ip) >= 36 and ip[22:24] == struct.pack("!H", 30030):
-        largest = max(largest, len(ip))
         ip = ip[36:]
         if not ip or ip[0] >> 4 != 4:
             continue
@@ -77,6 +77,7 @@ for f in frames:
     end = struct.unpack("!H", ip[2:4])[0]
     have = min(end, len(ip))  # a copy cut short carries less than its header says
     cut += have < end
+    largest = max(largest, size_read)
     seq = struct.unpack("!I", tcp[4:8])[0]
     segs.append((seq, tcp[13], ihl + (tcp[12] >> 4) * 4, have))
 isn = next((q for q, fl, _, _ in segs if fl & 0x12 == 0x02), None)

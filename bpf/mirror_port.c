@@ -9,9 +9,16 @@
  *    tx checksumming off, so the kernel cuts super-packets into wire-size segments and
  *    finishes their checksums before they cross to the receiving end (mirror-rx), where
  *    mirror_wrap runs on TC ingress.
+ *  - GSO super-packets for jmirror destinations are wrapped once on mirror-tx's egress
+ *    (wrap_super_packet: a UDP-tunnel GSO packet whose "inner L2" is the jmirror
+ *    header). To a local analyzer pod's veth set up for it (DEST_GSO_HANDOFF) they are
+ *    redirected whole and that veth segments them; otherwise they go on into the veth,
+ *    whose sending end (tunnel segmentation off) cuts them into wrapped wire-size
+ *    segments that the far end only routes (route_wrapped).
  * The wrapper reads the (interface, rule) the classifier put in skb->mark, wraps the
- * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), cuts it to
- * the path MTU, and redirects it on. Nothing on this path touches production packets.
+ * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), fits it to
+ * the path MTU (cut, or sent whole to be fragmented by the IP stack on the far end), and
+ * redirects it on. Nothing on this path touches production packets.
  *
  * analyzer_port_rx (XDP on mirror-tx) drops anything that tries to come in through the
  * mirror port: like a JUNOSe analyzer port, it only sends.
@@ -549,6 +556,55 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, fitted);
 }
 
+/* Bytes a wrapped super-packet repeats in each of its segments: Ethernet, outer IPv4,
+ * UDP, jmirror, inner IP and TCP/UDP headers. */
+static __always_inline __u32 gso_header_len_outer(struct __sk_buff *skb)
+{
+    __u8 v = 0;
+    __u32 off = ETH_HLEN + OUTER_IPV4_OVERHEAD;
+    if (bpf_skb_load_bytes(skb, off, &v, 1) < 0)
+        return off;
+    __u16 proto = (v >> 4) == 6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
+    /* gso_header_len reads from ETH_HLEN on: read the inner headers at their place. */
+    __u32 l3 = 0;
+    __u8 l4 = 0;
+    if (proto == bpf_htons(ETH_P_IP)) {
+        l3 = (v & 0xF) * 4;
+        if (bpf_skb_load_bytes(skb, off + 9, &l4, 1) < 0)
+            return off;
+    } else {
+        l3 = sizeof(struct ipv6hdr);
+        if (bpf_skb_load_bytes(skb, off + 6, &l4, 1) < 0)
+            return off;
+    }
+    if (l4 == IPPROTO_UDP)
+        return off + l3 + sizeof(struct udphdr);
+    __u8 doff = 0;
+    if (bpf_skb_load_bytes(skb, off + (l3 & 0x3C) + 12, &doff, 1) < 0)
+        return off + l3;
+    return off + l3 + (doff >> 4) * 4;
+}
+
+/* Copies of one super-packet handed to a device that segments it: counted as the
+ * segments it becomes. */
+static __always_inline void count_segments(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
+                                           __u32 segs, __u32 bytes)
+{
+    struct counters *cs[3] = {
+        stats_rule.lookup(&rule_slot),
+        stats_iface.lookup(&ifslot),
+        stats_dest.lookup(&dest_slot),
+    };
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        struct counters *c = cs[i];
+        if (c) {
+            c->packets += segs;
+            c->bytes += bytes;
+        }
+    }
+}
+
 /* A GSO super-packet on the port's sending end. jmirror: wrapped once, then on into the
  * port, whose sending end (UDP-tunnel segmentation off) cuts it into wrapped wire-size
  * segments; the far end only routes them. Refused by the kernel (see
@@ -565,6 +621,28 @@ static __always_inline int wrap_super_packet(struct __sk_buff *skb)
         return TC_ACT_OK;
     __u32 *sid = sessions.lookup(&c.ifslot);
     int rc = wrap_jmirror_gso(skb, c.d, c.r->mirror_id, sid ? *sid : 0);
+    if (rc == PASS_SEGMENTS && (c.d->flags & DEST_GSO_HANDOFF) &&
+        c.d->mode == MODE_JMIRROR4) {
+        /* Straight to the device, which segments it: its segments are counted here. */
+        __u32 per_seg = skb->gso_size;
+        __u32 hdrs = gso_header_len_outer(skb);
+        __u32 payload = skb->len > hdrs ? skb->len - hdrs : 0;
+        __u32 segs = per_seg ? (payload + per_seg - 1) / per_seg : 1;
+        /* The FIB lookup checks the MTU against one segment, not the super-packet. */
+        int sent = send_routed(skb, FAMILY_V4, c.d->src_addr, c.d->dst_addr, c.d->udp_port,
+                               hdrs - ETH_HLEN + per_seg, 1);
+        if (sent == TC_ACT_REDIRECT) {
+            count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, 1);
+            count_segments(c.rule_slot, c.ifslot, c.dest_slot, segs,
+                           skb->len + (segs - 1) * hdrs);
+            return TC_ACT_REDIRECT;
+        }
+        if (sent != PASS_TO_PORT) {
+            count_copy(c.rule_slot, c.ifslot, c.dest_slot,
+                       sent < 0 ? -sent : DROP_REDIRECT_FAILED, 0, 0);
+            return TC_ACT_STOLEN;
+        }
+    }
     if (rc == PASS_SEGMENTS || rc == PASS_BY_SEGMENT) {
         count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, rc == PASS_SEGMENTS);
         if (rc == PASS_SEGMENTS)
@@ -625,8 +703,10 @@ static __always_inline int l4_csum_unfinished(struct __sk_buff *skb, __u32 l4_of
     } else if (proto == IPPROTO_UDP) {
         if (bpf_skb_load_bytes(skb, l4_off + 6, &check, 2) < 0)
             return 1;
-        if (!check)  /* UDP over IPv4 without a checksum */
-            return 0;
+        /* UDP over IPv4 without a checksum is mostly a tunnel (VXLAN, say), whose inner
+         * packet's checksum may be the one left unfinished: take the port. */
+        if (!check)
+            return 1;
     } else {
         return proto == IPPROTO_SCTP;  /* CRC32c offload: also PARTIAL */
     }

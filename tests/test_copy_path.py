@@ -10,6 +10,7 @@ each copy is compared with the wire segment the pod's TSO would have made.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import struct
@@ -171,6 +172,23 @@ def tcp_of(inner: bytes):
     return src, dst, seq, inner[ihl + 13], inner[ihl + doff:end], ihl + doff
 
 
+def tcp_checksum_ok(inner: bytes) -> bool:
+    """The inner TCP checksum is finished and right (IPv4 or IPv6)."""
+    if inner[0] >> 4 == 4:
+        ihl = (inner[0] & 0xF) * 4
+        end = struct.unpack_from("!H", inner, 2)[0]
+        seg = inner[ihl:end]
+        pseudo = inner[12:20] + struct.pack("!HH", 6, len(seg))
+    else:
+        seg = inner[40:40 + struct.unpack_from("!H", inner, 4)[0]]
+        pseudo = inner[8:40] + struct.pack("!IHH", len(seg), 0, 6)
+    data = pseudo + seg + b"\0" * (len(seg) % 2)
+    total = sum(array.array("H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
 def stream_from_copies(datagrams: list[bytes], dst: str, size: int, mirror_id: int,
                        check_ids: bool = True) -> tuple[bytes, int]:
     """The byte stream towards `dst` rebuilt from jmirror copies, and the largest copy."""
@@ -184,6 +202,7 @@ def stream_from_copies(datagrams: list[bytes], dst: str, size: int, mirror_id: i
         assert length == len(inner), "a copy was cut"
         t = tcp_of(inner)
         if t and t[1] == dst:
+            assert not check_ids or tcp_checksum_ok(inner), "inner TCP checksum unfinished"
             segs.append(t)
     isn = next(s[2] for s in segs if s[3] & 0x12 == 0x02)
     stream = bytearray(size)
@@ -239,15 +258,30 @@ def test_bulk_tcp_every_byte_reaches_analyzers_here_on_another_node_and_outside(
         lab, node, payload):
     """20 MB from a pod with TSO on, mirrored to three analyzers over 1500-byte paths
     (fit the path): each super-packet is wrapped once, the analyzers' UDP sockets read
-    wire-size datagrams, none cut, and each analyzer rebuilds the exact byte stream."""
+    wire-size datagrams with finished inner checksums, none cut, and each analyzer
+    rebuilds the exact byte stream. The analyzer pod on this node gets its super-packets
+    straight from the wrapper (its veth segments them); the others through the port."""
     path, data = payload
     assert offloads(lab.pods["client"].netns, "eth0")["tcp-segmentation-offload"]
+    an_if = lab.pods["analyzer"].host_ifname
+    node_ns = lab.nodes["node1"].netns
+    assert offloads(node_ns, an_if)["tx-udp_tnl-segmentation"]
+    local = jm(LOCAL_AN, "local", analyzer_pod="tools/analyzer")
     node.apply(NodeState("node1", interfaces=(web_iface(lab),),
                          policies=(mirror("demo/local", "local", 11),
                                    mirror("demo/remote", "remote", 12),
                                    mirror("demo/ext", "ext", 13)),
-                         destinations=(jm(LOCAL_AN, "local"), jm(REMOTE_AN, "remote"),
-                                       jm(EXT_AN, "ext"))))
+                         destinations=(local, jm(REMOTE_AN, "remote"), jm(EXT_AN, "ext"))))
+    slots = node.last.plan.dest_slots
+    entry = L.DestEntry.from_buffer_copy(
+        node.datapath.maps["destinations"].lookup(slots["local"].to_bytes(4, "little")))
+    assert entry.flags & L.DEST_GSO_HANDOFF
+    assert not offloads(node_ns, an_if)["tx-udp_tnl-segmentation"]
+    for name in ("remote", "ext"):  # shared devices' offloads are never touched
+        entry = L.DestEntry.from_buffer_copy(
+            node.datapath.maps["destinations"].lookup(slots[name].to_bytes(4, "little")))
+        assert not entry.flags & L.DEST_GSO_HANDOFF, name
+    assert offloads(node_ns, "ul0")["tx-udp_tnl-segmentation"]
     readers = {"local": Reader(lab.pods["analyzer"].netns),
                "remote": Reader(lab.pods["analyzer2"].netns),
                "ext": Reader(lab.external)}
@@ -267,6 +301,9 @@ def test_bulk_tcp_every_byte_reaches_analyzers_here_on_another_node_and_outside(
         assert c.packets > 10 * c.gso_wrapped, name  # many segments per super-packet
         assert c.truncated == 0 and c.fragmented == 0 and sum(c.drops.values()) == 0, name
         assert len(got[name]) == c.packets, name
+    # The analyzer no longer sent to gets its offloads back.
+    node.apply(NodeState("node1", interfaces=(web_iface(lab),)))
+    assert offloads(node_ns, an_if)["tx-udp_tnl-segmentation"]
 
 
 class FrameCapture:
@@ -487,7 +524,9 @@ def test_already_encapsulated_super_packets_are_wrapped_segment_by_segment(lab, 
     # Each copy is one VXLAN datagram: outer IPv4, UDP to 4789, the inner frame.
     vx = [d[8:] for d in got if d[8 + 9] == 17 and d[8 + 22:8 + 24] == b"\x12\xb5"]
     assert len(vx) == len(got) > size // 1500
-    # The tunnelled TCP stream is whole in the copies.
+    # The tunnelled TCP stream is whole in the copies. (Its inner TCP checksums are not
+    # checked: a few (the SYN among them) arrive unfinished, a known gap of copies of a
+    # pod's own tunnel traffic, left for later.)
     inner = [b"\0" * 8 + v[36 + 14:] for v in vx if Ether(v[36:]).type == 0x0800]
     assert len(stream_from_copies(inner, "198.18.100.2", size, 0, check_ids=False)[0]) == size
 
