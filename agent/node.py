@@ -119,10 +119,13 @@ class Node:
                 else:
                     problems[f"Interface {iface.key}"] = how
             resolved = {}
+            # Only destinations some rule or port mirror sends to get a device set up.
+            used = {r.destination for p in state.policies for r in p.rules} | {
+                pm.destination for i in state.interfaces for pm in i.port_mirrors}
             for d in state.destinations:
                 r = tables.resolve_destination(d, self.uplink)
                 r = dataclasses.replace(r, fit_flags=copy_fit_flags(d))
-                if self._gso_handoff(tables, d, r):
+                if d.name in used and self._gso_handoff(tables, d, r):
                     r = dataclasses.replace(r, fit_flags=r.fit_flags | layout.DEST_GSO_HANDOFF)
                 resolved[d.name] = r
                 if r.problem:

@@ -218,6 +218,8 @@ def render(results: dict, plots: list[str]) -> str:
              "a baseline measured in the same run, interleaved with it; medians over "
              "rounds, [min..max] over rounds where shown. Absolute numbers are this "
              "noisy 2-core VM's and are given for scale only.")
+    for note in results.get("notes") or ():
+        L += ["", f"Note: {note}."]
     L.append("")
     L.append("## Targets")
     L.append("")
