@@ -406,7 +406,8 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
             return (f"juniperHeader false sends the frame to the analyzer's MAC, which is not "
                     f"known for external analyzer {md.analyzer_ip}")
         return Destination(name=md.name, mode=mode, analyzer_ip=md.analyzer_ip,
-                           udp_port=md.udp_port)
+                           udp_port=md.udp_port, segments=md.copy_segments,
+                           oversize=md.copy_too_large)
     if md.analyzer_selector is None:
         return (f"no analyzer: label the MirrorDestination {LABEL_ANALYZER_SELECTOR}=<value> "
                 f"(or set externalAnalyzer and analyzerIP)")
@@ -433,7 +434,8 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
     destination = Destination(name=md.name, mode=mode, analyzer_ip=_preferred_ip(iface.ips),
                               analyzer_pod=chosen.key)
     if mode is DeliveryMode.JMIRROR:
-        return replace(destination, udp_port=md.udp_port)
+        return replace(destination, udp_port=md.udp_port, segments=md.copy_segments,
+                       oversize=md.copy_too_large)
     # L2: analyzer_ip is for display; the host side of a local analyzer, when annotated
     # (and believed), spares the datapath a search by MAC.
     return replace(destination, analyzer_mac=iface.mac,

@@ -320,13 +320,21 @@ class Datapath:
             for name in (MIRROR_TX, MIRROR_RX):
                 sysctl(self.netns, f"net.ipv4.conf.{name}.forwarding", 1)
                 sysctl(self.netns, f"net.ipv6.conf.{name}.forwarding", 1)
+            # Copies a destination wants whole are handed to the IP stack on the far end
+            # to be forwarded and fragmented: they come from this node's own address.
+            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.accept_local", 1)
+            sysctl(self.netns, f"net.ipv4.conf.{MIRROR_RX}.rp_filter", 0)
             ipr.link("set", index=tx, state="up")
             ipr.link("set", index=rx, state="up")
         finally:
             ipr.close()
-        # The kernel segments and checksums clones on the sending end.
+        # The kernel segments and checksums clones on the sending end: plain super-packets
+        # and, above all, the ones wrapped once as UDP-tunnel GSO packets (tunnel
+        # segmentation off: wire-size wrapped segments leave the port whatever the next
+        # hop is; a veth there would pass the 64 KB skb on whole).
         r = run(self.netns, "ethtool", "-K", MIRROR_TX, "tso", "off", "gso", "off",
-                "tx", "off", "sg", "off", "gro", "off", check=False)
+                "tx", "off", "sg", "off", "gro", "off", "tx-udp_tnl-segmentation", "off",
+                "tx-udp_tnl-csum-segmentation", "off", check=False)
         if r.returncode:
             raise DatapathError(f"ethtool -K {MIRROR_TX} failed: {r.stderr.strip()}")
         run(self.netns, "ethtool", "-K", MIRROR_RX, "gro", "off", "tso", "off",
@@ -335,6 +343,32 @@ class Datapath:
         self._attach_tc(rx, "mirror_wrap", TC_INGRESS)
         self._attach_tc(tx, "mirror_wrap_inline", TC_EGRESS)
         self.attach_xdp(tx, "analyzer_port_rx")
+
+    def set_gso_handoff(self, ifindex: int, on: bool) -> bool:
+        """Make a local analyzer pod's host-side veth segment UDP-tunnel GSO packets and
+        finish their checksums in software (on), so that a super-packet wrapped once can
+        be handed to it directly; or give it its offloads back (off). True when done."""
+        state = "off" if on else "on"
+        try:
+            name = self._ifname(ifindex)
+        except DatapathError:
+            return False
+        r = run(self.netns, "ethtool", "-K", name, "tx-udp_tnl-segmentation", state,
+                "tx-udp_tnl-csum-segmentation", state, "tx", state, check=False)
+        if r.returncode:
+            log.warning("ethtool -K %s (copy hand-off %s) failed: %s", name,
+                        "on" if on else "off", r.stderr.strip())
+        return r.returncode == 0
+
+    def _ifname(self, ifindex: int) -> str:
+        ipr = iproute(self.netns)
+        try:
+            links = ipr.get_links(ifindex)
+        except Exception as e:
+            raise DatapathError(f"no interface with index {ifindex}") from e
+        finally:
+            ipr.close()
+        return links[0].get_attr("IFLA_IFNAME")
 
     def teardown_mirror_port(self) -> None:
         ipr = iproute(self.netns)

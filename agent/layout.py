@@ -38,6 +38,14 @@ CLONE_RULE_MASK = 0xFFFF
 # second tag, so that the cut is still counted.
 WRAPPED_TAG = 0xD0000000
 WRAPPED_TRUNCATED_TAG = 0xE0000000
+# A GSO super-packet wrapped once (UDP-tunnel GSO) on the sending end: the port's sending
+# end (tunnel segmentation off) cuts it into wire-size wrapped segments, each still
+# carrying this tag; the far end routes each one (and, for an IPv6 outer header, fills
+# in its UDP checksum, which tunnel segmentation leaves at 0).
+WRAPPED_SEGMENTS_TAG = 0xF0000000
+# A wrapped copy too large for its path whose destination wants it whole: the far end
+# hands it to the IP stack, which forwards it and fragments the outer IPv4 header.
+WRAPPED_FRAGMENT_TAG = 0xB0000000
 # A wrapped copy leaving the mirror port carries this mark, so that no classifier on
 # this node mirrors it again (skb->mark survives within one network namespace).
 COPY_MARK = 0x4A4D4952  # "JMIR"
@@ -90,6 +98,15 @@ RULE_MIRRORS = 1  # the rule sends copies (a rule without it only ends its polic
 FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port) side
 FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
 DEST_VTEP_IPV6 = 1  # a VXLAN destination whose VTEP address is IPv6
+# How jmirror copies of GSO super-packets fit the path (neither flag: exact when the
+# wire's segments plus the outer headers fit the path MTU, fit otherwise):
+DEST_SEGMENTS_EXACT = 2  # always the wire's segment size (BPF_F_ADJ_ROOM_FIXED_GSO)
+DEST_SEGMENTS_FIT = 4  # always segments that fit the path (gso_size lowered by the overhead)
+DEST_FRAGMENT = 8  # a copy too large for the path is sent whole, fragmented; else cut
+# The device copies to this destination leave by segments UDP-tunnel GSO packets itself,
+# with finished inner checksums (the agent turned its tunnel segmentation and checksum
+# offload off): super-packets wrapped once are handed to it directly, not through the port.
+DEST_GSO_HANDOFF = 16
 FLOW_OVERFLOW = 4  # more rules matched than the flow could take, or the walk was cut short
 
 FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
@@ -240,6 +257,10 @@ class Counters(C.Structure):
         ("bytes", u64),  # their bytes, as sent (wrapped)
         ("truncated", u64),  # copies cut to fit the MTU (also counted in packets)
         ("drops", u64 * N_DROPS),
+        ("fragmented", u64),  # copies sent whole in outer IPv4 fragments (also in packets)
+        ("gso_wrapped", u64),  # GSO super-packets wrapped once (their segments in packets)
+        ("gso_by_segment", u64),  # super-packets that could not be (UDP GSO, already
+        #   encapsulated, too large to fit): segmented first, wrapped segment by segment
     ]
 
 
@@ -417,6 +438,9 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         "CLONE_RULE_MASK": f"{CLONE_RULE_MASK:#x}",
         "WRAPPED_TAG": f"{WRAPPED_TAG:#x}U",
         "WRAPPED_TRUNCATED_TAG": f"{WRAPPED_TRUNCATED_TAG:#x}U",
+        "WRAPPED_SEGMENTS_TAG": f"{WRAPPED_SEGMENTS_TAG:#x}U",
+        "WRAPPED_FRAGMENT_TAG": f"{WRAPPED_FRAGMENT_TAG:#x}U",
+        "JMIRROR_HEADER_LEN": JMIRROR_HEADER_LEN,
         "COPY_MARK": f"{COPY_MARK:#x}U",
         "JMIRROR_MID_MASK": f"{JMIRROR_MID_MASK:#x}",
         "OUTER_IPV4_OVERHEAD": OUTER_IPV4_OVERHEAD,
@@ -427,6 +451,10 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
         "FLOW_OVERFLOW": FLOW_OVERFLOW,
         "DEST_VTEP_IPV6": DEST_VTEP_IPV6,
+        "DEST_SEGMENTS_EXACT": DEST_SEGMENTS_EXACT,
+        "DEST_SEGMENTS_FIT": DEST_SEGMENTS_FIT,
+        "DEST_FRAGMENT": DEST_FRAGMENT,
+        "DEST_GSO_HANDOFF": DEST_GSO_HANDOFF,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,

@@ -263,6 +263,8 @@ COUNTER_HELP = {
     "packets": ("mirrored_packets_total", "Copies delivered to the analyzer."),
     "bytes": ("mirrored_bytes_total", "Bytes of the copies delivered (after truncation)."),
     "truncated": ("truncated_packets_total", "Copies cut to fit the path to the analyzer."),
+    "fragmented": ("fragmented_packets_total",
+                   "Copies too large for the path sent whole in outer IPv4 fragments."),
     "cloned": ("cloned_packets_total", "Packets cloned towards the mirror port."),
 }
 SCOPES = ("rule", "interface", "destination")

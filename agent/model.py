@@ -20,7 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .state import DEFAULT_JMIRROR_PORT, DeliveryMode, Direction
+from .state import (
+    DEFAULT_JMIRROR_PORT,
+    OVERSIZE_CHOICES,
+    OVERSIZE_FRAGMENT,
+    SEGMENTS_AUTO,
+    SEGMENTS_CHOICES,
+    DeliveryMode,
+    Direction,
+)
 
 # --- API groups and kinds -------------------------------------------------------------
 
@@ -57,6 +65,11 @@ ANN_MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
 ANN_MULTUS_STATUS = "k8s.v1.cni.cncf.io/network-status"
 ANN_MAC = "cn2mirror.io/mac"  # the default interface's MAC, when no network-status gives it
 ANN_HOST_INTERFACE = "cn2mirror.io/host-interface"  # host side of the default interface
+# How jmirror copies fit the path to the analyzer: fields of this project's
+# MirrorDestination (spec.copySegments, spec.copyTooLarge); for CN2's group, whose fields
+# stay CN2's, these annotations on the MirrorDestination.
+ANN_COPY_SEGMENTS = "cn2mirror.io/copy-segments"
+ANN_COPY_TOO_LARGE = "cn2mirror.io/copy-too-large"
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
 # Who decides where copies go (issue 11). Namespaces and MirrorDestinations are
 # cluster-scoped, so only cluster admins write these; a pod's owner writes its pods'
@@ -137,6 +150,8 @@ class MirrorDestination:
     # Namespaces an admin allows this destination's analyzer pods in (spec field of this
     # project's group, or the ANN_ANALYZER_NAMESPACES annotation), sorted.
     analyzer_namespaces: tuple[str, ...] = ()
+    copy_segments: str = SEGMENTS_AUTO  # GSO copies: auto, exact or fit (agent/state.py)
+    copy_too_large: str = OVERSIZE_FRAGMENT  # a copy too large for the path: fragment, truncate
 
     @property
     def mode(self) -> DeliveryMode:
@@ -447,6 +462,18 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
                        if n.strip()]
     if len(set(namespaces)) > ANALYZER_NAMESPACES_MAX:
         raise _fail("spec.analyzerNamespaces", f"at most {ANALYZER_NAMESPACES_MAX} namespaces")
+    # How copies fit the path: fields in this project's group, annotations in CN2's.
+    if api_version.startswith(GROUP + "/"):
+        segments = _typed(spec, "copySegments", p, str, SEGMENTS_AUTO)
+        _enum(segments, SEGMENTS_CHOICES, "spec.copySegments")
+        too_large = _typed(spec, "copyTooLarge", p, str, OVERSIZE_FRAGMENT)
+        _enum(too_large, OVERSIZE_CHOICES, "spec.copyTooLarge")
+    else:
+        notes = _string_map(meta.get("annotations"), "metadata.annotations")
+        segments = notes.get(ANN_COPY_SEGMENTS, SEGMENTS_AUTO)
+        _enum(segments, SEGMENTS_CHOICES, f"metadata.annotations[{ANN_COPY_SEGMENTS}]")
+        too_large = notes.get(ANN_COPY_TOO_LARGE, OVERSIZE_FRAGMENT)
+        _enum(too_large, OVERSIZE_CHOICES, f"metadata.annotations[{ANN_COPY_TOO_LARGE}]")
 
     static = None
     if "staticNextHopHeader" in spec:
@@ -483,6 +510,8 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         external_analyzer=external,
         analyzer_ip=analyzer_ip,
         analyzer_namespaces=tuple(sorted(set(namespaces))),
+        copy_segments=segments,
+        copy_too_large=too_large,
     )
 
 

@@ -17,7 +17,7 @@ from .capacity import Limits, fit, has_namespace_limits
 from .datapath import Datapath, DatapathError
 from .discovery import NodeTables, Placement
 from .netns import iproute
-from .programmer import TRIES, MapWriteError, MapWriter, Plan, PlanError, Planner
+from .programmer import TRIES, MapWriteError, MapWriter, Plan, PlanError, Planner, copy_fit_flags
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ class Node:
         self.attached: dict[int, str] = {}  # ifindex -> interface key
         self.placed: dict[str, Placement] = {}  # interface key -> where it was placed last
         self.last: ApplyResult | None = None
+        # Local analyzer pods' host-side veths set up for the copies' GSO hand-off.
+        self.handoff: set[int] = set()
 
     def start(self) -> None:
         """Load (adopting pinned maps), set up the mirror port, adopt attachments."""
@@ -174,8 +176,14 @@ class Node:
             self.placed = placed
             ifindexes = {key: p.ifindex for key, p in placed.items()}
             resolved = {}
+            # Only destinations some rule or port mirror sends to get a device set up.
+            used = {r.destination for p in state.policies for r in p.rules} | {
+                pm.destination for i in state.interfaces for pm in i.port_mirrors}
             for d in state.destinations:
                 r = tables.resolve_destination(d, self.uplink)
+                r = dataclasses.replace(r, fit_flags=copy_fit_flags(d))
+                if d.name in used and self._gso_handoff(tables, d, r):
+                    r = dataclasses.replace(r, fit_flags=r.fit_flags | layout.DEST_GSO_HANDOFF)
                 resolved[d.name] = r
                 if r.problem:
                     problems[f"MirrorDestination {d.name}"] = r.problem
@@ -238,6 +246,13 @@ class Node:
             # Interfaces attached just now have no entry (it was put back): their
             # classifier passes every packet untouched until the next apply.
             raise ApplyError(str(e), datapath_unchanged=e.restored) from e
+        # Offloads back on the veths of analyzers no longer sent to (after the maps stopped
+        # handing them super-packets).
+        in_use = {r.out_ifindex for r in resolved.values()
+                  if r.fit_flags & layout.DEST_GSO_HANDOFF}
+        for idx in self.handoff - in_use:
+            dp.set_gso_handoff(idx, False)
+        self.handoff &= in_use
         detached = []
         wanted = set(ifindexes.values())
         for idx in [i for i in self.attached if i not in wanted]:
@@ -322,10 +337,32 @@ class Node:
                      "How pod interfaces are attached (1 for the mode in use).").add(
             1, {"mode": self.datapath.mode()})
 
+    def _gso_handoff(self, tables: NodeTables, d, r) -> bool:
+        """Whether copies to `d` can be handed to the device they leave by as super-packets
+        wrapped once: an analyzer pod on this node (jmirror over IPv4, reached directly
+        over its veth), whose host side segments them and finishes their checksums once
+        its offloads for that are off (set here). Anything else (an uplink, another
+        node's analyzer) is segmented by the mirror port: offloads of shared devices are
+        never touched."""
+        if r.problem or r.mode != layout.Mode.JMIRROR4 or not d.analyzer_pod or \
+                not r.out_ifindex or tables.kind(r.out_ifindex) != "veth":
+            return False
+        route = tables.route(d.analyzer_ip)
+        if not route or route.gateway:
+            return False
+        if r.out_ifindex not in self.handoff:
+            if not self.datapath.set_gso_handoff(r.out_ifindex, True):
+                return False
+            self.handoff.add(r.out_ifindex)
+        return True
+
     def stop(self, cleanup: bool = False) -> None:
         """Leave the datapath running (default) or remove every trace of it."""
         dp = self.datapath
         if cleanup:
+            for idx in self.handoff:
+                dp.set_gso_handoff(idx, False)
+            self.handoff.clear()
             for idx in list(self.attached):
                 dp.detach(idx)
             self.attached.clear()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from . import layout as L
 from .bpfsys import BpfMap, map_info
 
-COUNTER_FIELDS = ("cloned", "packets", "bytes", "truncated")
+COUNTER_FIELDS = ("cloned", "packets", "bytes", "truncated", "fragmented", "gso_wrapped",
+                  "gso_by_segment")
 
 
 class NotPinned(FileNotFoundError):
@@ -28,11 +29,16 @@ class CounterTotals:
     packets: int = 0
     bytes: int = 0
     truncated: int = 0
+    fragmented: int = 0  # copies sent whole, in outer IPv4 fragments
+    gso_wrapped: int = 0  # super-packets wrapped once (their segments are in packets)
+    gso_by_segment: int = 0  # super-packets segmented first, wrapped one by one
     drops: dict[str, int] | None = None
 
     def as_dict(self) -> dict:
         return {"cloned": self.cloned, "packets": self.packets, "bytes": self.bytes,
-                "truncated": self.truncated, "drops": dict(self.drops or {})}
+                "truncated": self.truncated, "fragmented": self.fragmented,
+                "gso_wrapped": self.gso_wrapped, "gso_by_segment": self.gso_by_segment,
+                "drops": dict(self.drops or {})}
 
 
 def sum_counters(per_cpu: list[bytes]) -> CounterTotals:

@@ -47,6 +47,13 @@ class ResolvedDestination:
     vni: int = 0
     vlan_id: int = 0
     problem: str | None = None  # why copies to it cannot be delivered now, if so
+    fit_flags: int = 0  # DEST_SEGMENTS_*, DEST_FRAGMENT: see copy_fit_flags()
+
+
+def copy_fit_flags(d: Destination) -> int:
+    """The datapath's flags for how a destination's copies fit the path."""
+    flags = {"exact": L.DEST_SEGMENTS_EXACT, "fit": L.DEST_SEGMENTS_FIT}.get(d.segments, 0)
+    return flags | (L.DEST_FRAGMENT if d.oversize == "fragment" else 0)
 
 
 @dataclass
@@ -282,6 +289,7 @@ class Planner:
             C.memmove(C.addressof(e) + L.DestEntry.mac.offset, _mac_bytes(d.mac), 6)
             if d.mode == L.Mode.VXLAN and d.dst_addr and ":" in d.dst_addr:
                 e.flags = L.DEST_VTEP_IPV6
+            e.flags |= d.fit_flags
             maps["destinations"][_u32(slot)] = bytes(e)
             # Traffic to the analyzer is a stream of copies: never mirror it.
             if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):

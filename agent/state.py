@@ -60,6 +60,19 @@ class Destination:
     uplink_ifname: str | None = None
     # Which pod was chosen as the analyzer ("namespace/name"), for status and display.
     analyzer_pod: str | None = None
+    # jmirror: how copies of GSO super-packets fit the path (SEGMENTS_*), and what
+    # happens to a copy too large for it (OVERSIZE_*).
+    segments: str = "auto"
+    oversize: str = "fragment"
+
+
+SEGMENTS_AUTO = "auto"  # exact when the path MTU takes the wire's segments wrapped, else fit
+SEGMENTS_EXACT = "exact"  # copies segmented exactly as on the wire
+SEGMENTS_FIT = "fit"  # segments made smaller by the overhead: every byte fits the path
+SEGMENTS_CHOICES = (SEGMENTS_AUTO, SEGMENTS_EXACT, SEGMENTS_FIT)
+OVERSIZE_TRUNCATE = "truncate"  # cut to fit (counted as truncated)
+OVERSIZE_FRAGMENT = "fragment"  # sent whole, the outer IPv4 fragmented (counted as fragmented)
+OVERSIZE_CHOICES = (OVERSIZE_TRUNCATE, OVERSIZE_FRAGMENT)
 
 
 @dataclass(frozen=True, order=True)

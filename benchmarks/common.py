@@ -250,13 +250,13 @@ def link_stats(ns: str, ifname: str) -> dict:
 def datapath_counters(node: Node) -> dict:
     """Node-wide totals of the datapath's own counters (rules, interfaces, node)."""
     maps = node.datapath.maps
-    total = {"cloned": 0, "packets": 0, "truncated": 0,
-             "drops": {d.name.lower(): 0 for d in L.Drop}}
+    total = {"cloned": 0, "packets": 0, "truncated": 0, "fragmented": 0, "gso_wrapped": 0,
+             "gso_by_segment": 0, "drops": {d.name.lower(): 0 for d in L.Drop}}
     for _k, v in maps["stats_rule"].items():
         t = sum_counters(v)
-        total["cloned"] += t.cloned
-        total["packets"] += t.packets
-        total["truncated"] += t.truncated
+        for f in ("cloned", "packets", "truncated", "fragmented", "gso_wrapped",
+                  "gso_by_segment"):
+            total[f] += getattr(t, f)
         for d, n in t.drops.items():
             total["drops"][d] += n
     node_t = sum_counters(maps["stats_node"].lookup(bytes(4)) or [])
@@ -269,7 +269,8 @@ def datapath_counters(node: Node) -> dict:
 
 
 def counters_delta(after: dict, before: dict) -> dict:
-    out = {k: after[k] - before[k] for k in ("cloned", "packets", "truncated")}
+    out = {k: after[k] - before[k] for k in ("cloned", "packets", "truncated", "fragmented",
+                                             "gso_wrapped", "gso_by_segment")}
     out["drops"] = {k: after["drops"][k] - before["drops"][k] for k in after["drops"]}
     return out
 

@@ -10,6 +10,14 @@
 jmirror to the analyzer pod on the same node (whose eth0 counts and drops them in an
 nft netdev hook). "Off" is nothing attached. Each "on" measurement is a ratio to the
 "off" measurement of the same round.
+
+Side by side (SCENARIOS, every round runs each of them in a rotating order): off,
+cn2mirror, `tc` u32 match-all + `mirred egress mirror` to the analyzer's veth, and
+nftables `dup to <analyzer>`; bulk throughput and sockperf latency per scenario, as
+ratios and differences to "off" of the same round. For each mirroring scenario, a
+20 MB transfer once more with a reader at the analyzer (an AF_PACKET socket on its
+eth0) that rebuilds the TCP byte stream from what arrives (jmirror payloads or the raw
+frames): the share of the bytes sent that the copies carry.
 """
 
 from __future__ import annotations
@@ -26,6 +34,88 @@ from . import common as cm
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
 PINGPONG_PORT = 11112
+STREAM_PORT = 5202  # the recoverability transfer
+STREAM_BYTES = 20 * 1024 * 1024
+SCENARIOS = ("off", "cn2m", "tc_mirred", "nft_dup")
+
+# The analyzer's reader: every frame arriving on eth0 (before the sink drops it), the
+# transfer's bytes found in them (inside jmirror, or in the raw frame), as a coverage map
+# of the stream; prints the share covered, the largest copy and the socket's drops.
+STREAM_READER = r"""
+import json, os, socket, struct, sys
+stop, dst, port, size = sys.argv[1], socket.inet_aton(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)
+s.bind(("eth0", 0))
+s.settimeout(0.5)
+print("ready", flush=True)
+frames = []
+while True:
+    try:
+        frames.append(s.recv(1 << 17))
+    except socket.timeout:
+        if os.path.exists(stop):
+            break
+drops = struct.unpack("II", s.getsockopt(263, 6, 8))[1]
+segs, largest, cut = [], 0, 0
+for f in frames:
+    if f[12:14] != b"\x08\x00":
+        continue
+    ip = f[14:]
+    size_read = len(ip)
+    if ip[9] == 17 and len(ip) >= 36 and ip[22:24] == struct.pack("!H", 30030):
+        ip = ip[36:]
+        if not ip or ip[0] >> 4 != 4:
+            continue
+    if ip[9] != 6 or ip[16:20] != dst:
+        continue
+    ihl = (ip[0] & 15) * 4
+    tcp = ip[ihl:]
+    if len(tcp) < 20 or struct.unpack("!H", tcp[2:4])[0] != port:
+        continue
+    end = struct.unpack("!H", ip[2:4])[0]
+    have = min(end, len(ip))  # a copy cut short carries less than its header says
+    cut += have < end
+    largest = max(largest, size_read)
+    seq = struct.unpack("!I", tcp[4:8])[0]
+    segs.append((seq, tcp[13], ihl + (tcp[12] >> 4) * 4, have))
+isn = next((q for q, fl, _, _ in segs if fl & 0x12 == 0x02), None)
+covered = bytearray(size)
+if isn is not None:
+    for q, _, hdr, have in segs:
+        off = (q - isn - 1) % (1 << 32)
+        n = have - hdr
+        if n > 0 and off < size:
+            covered[off:off + n] = b"\x01" * min(n, size - off)
+print(json.dumps({"share": (size - covered.count(0)) / size if isn is not None else 0.0,
+                  "frames": len(frames), "cut": cut, "socket_drops": drops,
+                  "largest_copy": largest}))
+"""
+
+STREAM_SENDER = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+c.sendall(bytes(range(256)) * (int(sys.argv[3]) // 256))
+c.close()
+"""
+
+STREAM_SINK = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+n = 0
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    n += len(d)
+print(n, flush=True)
+"""
 
 PINGPONG_SERVER = r"""
 import socket, sys
@@ -107,12 +197,60 @@ class TcpBench:
         time.sleep(0.5)
 
     def mode(self, on: bool) -> None:
-        if on:
+        self.scenario("cn2m" if on else "off")
+
+    def scenario(self, name: str) -> None:
+        """Leave whatever mirroring is set up and set up `name` (one of SCENARIOS)."""
+        web_if, an_if = self.web.host_ifname, self.an.host_ifname
+        cm.ns_sh(self.node_ns, "nft", "delete", "table", "ip", "cn2mbenchdup", check=False)
+        if name == "cn2m":
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
-        else:
-            self.node.apply(cm.state(self.lab, interfaces=()))
-            cm.ns_sh(self.node_ns, "tc", "qdisc", "del", "dev", self.web.host_ifname,
-                     "clsact", check=False)
+            return
+        self.node.apply(cm.state(self.lab, interfaces=()))
+        cm.ns_sh(self.node_ns, "tc", "qdisc", "del", "dev", web_if, "clsact", check=False)
+        if name == "tc_mirred":
+            cm.ns_sh(self.node_ns, "tc", "qdisc", "add", "dev", web_if, "clsact")
+            for d in ("ingress", "egress"):
+                cm.ns_sh(self.node_ns, "tc", "filter", "add", "dev", web_if, d, "protocol",
+                         "all", "prio", "1", "u32", "match", "u32", "0", "0", "action",
+                         "mirred", "egress", "mirror", "dev", an_if)
+        elif name == "nft_dup":
+            cm.nft(self.node_ns, f"""
+table ip cn2mbenchdup {{
+  chain post {{ type filter hook postrouting priority 0;
+    oifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
+  chain pre {{ type filter hook prerouting priority 0;
+    iifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
+}}""")
+
+    def recoverable(self, size: int = STREAM_BYTES) -> dict:
+        """One transfer of `size` bytes under the current scenario, read at the analyzer."""
+        import os
+        import tempfile
+
+        stop = tempfile.mktemp(prefix="cn2mbench-stop-")
+        reader = self.procs.start(self.an.netns, sys.executable, "-c", STREAM_READER, stop,
+                                  self.web.ip, str(STREAM_PORT), str(size))
+        sink = self.procs.start(self.web.netns, sys.executable, "-c", STREAM_SINK,
+                                self.web.ip, str(STREAM_PORT))
+        try:
+            for p in (reader, sink):
+                if p.stdout.readline().decode().strip() != "ready":
+                    raise cm.BenchError("stream reader or sink did not start")
+            cm.ns_sh(self.client.netns, sys.executable, "-c", STREAM_SENDER, self.web.ip,
+                     str(STREAM_PORT), str(size), timeout=120)
+            got = int(sink.stdout.readline().decode().strip() or 0)
+            open(stop, "w").close()
+            out, _ = self.procs.stop(reader, signal.SIGCONT, wait=120)
+            res = json.loads(out.strip().splitlines()[-1])
+            res["received_by_pod"] = got
+            return res
+        finally:
+            self.procs.stop(sink, signal.SIGKILL, wait=2)
+            if reader in self.procs.procs:
+                self.procs.stop(reader, signal.SIGKILL, wait=2)
+            if os.path.exists(stop):
+                os.unlink(stop)
 
     def iperf(self, seconds: float) -> dict:
         r = cm.ns_sh(self.client.netns, "iperf3", "-c", self.web.ip, "-p", str(IPERF_PORT),
@@ -142,7 +280,7 @@ class TcpBench:
 
 
 def run(quick: bool = False, log=print) -> dict:
-    bulk_rounds = 1 if quick else 6
+    bulk_rounds = 1 if quick else 5
     rr_pairs = 1 if quick else 24
     sockperf_pairs = 0 if quick else 6
     bulk_s = 1 if quick else 2
@@ -154,7 +292,8 @@ def run(quick: bool = False, log=print) -> dict:
                       f"measurement, {rr_pairs} off/on pairs",
                       "mirroring_on": "a policy matching every flow on the web pod, jmirror "
                       "to the analyzer pod (same node)"},
-           "machine": cm.machine(), "rounds": [], "rr_pairs": [], "sockperf_pairs": []}
+           "machine": cm.machine(), "rounds": [], "rr_pairs": [], "sockperf_pairs": [],
+           "scenario_rounds": [], "recoverable": {}}
     procs = cm.Procs()
     with cm.sigterm_as_exit(), cm.bench_lab() as lab, cm.bench_node(lab) as node:
         b = TcpBench(lab, node, procs, sockperf=sockperf_pairs > 0)
@@ -169,32 +308,43 @@ def run(quick: bool = False, log=print) -> dict:
                     b.mode(on)
                     pair["on" if on else "off"] = b.pingpong(pp_n)
                 out["rr_pairs"].append(pair)
-            for i in range(sockperf_pairs if b.sockperf else 0):
-                pair = {}
-                for on in ((False, True) if i % 2 == 0 else (True, False)):
-                    b.mode(on)
-                    pair["on" if on else "off"] = b.sockperf_pp(1)
-                out["sockperf_pairs"].append(pair)
-            pp = [p["on"]["median_us"] - p["off"]["median_us"] for p in out["rr_pairs"]]
-            log(f"  tcp request/response: ping-pong median RTT on - off: "
-                f"{cm.median(pp):+.2f} us over {len(pp)} pairs")
-            for r in range(bulk_rounds):
+            # Side by side: every round runs each scenario, in a rotating order; ratios
+            # and differences are to "off" of the same round.
+            for r in range(max(bulk_rounds, sockperf_pairs)):
+                order = SCENARIOS[r % len(SCENARIOS):] + SCENARIOS[:r % len(SCENARIOS)]
                 row = {}
-                for on in ((False, True) if r % 2 == 0 else (True, False)):
-                    b.mode(on)
-                    sink0 = cm.sink_count(b.an.netns)
-                    dp0 = cm.datapath_counters(node)
-                    m = {"bulk": b.iperf(bulk_s)}
-                    time.sleep(0.1)
-                    d = cm.counters_delta(cm.datapath_counters(node), dp0)
-                    m["copies"] = {"cloned": d["cloned"], "sent": d["packets"],
-                                   "truncated": d["truncated"],
-                                   "delivered": cm.sink_count(b.an.netns) - sink0,
-                                   "drops": {k: v for k, v in d["drops"].items() if v}}
-                    row["on" if on else "off"] = m
-                out["rounds"].append(row)
-                log(f"  tcp bulk round {r + 1}/{bulk_rounds}: "
-                    f"{row['off']['bulk']['gbps']:.2f} -> {row['on']['bulk']['gbps']:.2f} Gb/s")
+                for name in order:
+                    b.scenario(name)
+                    m = {}
+                    if r < sockperf_pairs and b.sockperf:
+                        m["sockperf"] = b.sockperf_pp(1)
+                    if r < bulk_rounds:
+                        sink0 = cm.sink_count(b.an.netns)
+                        dp0 = cm.datapath_counters(node)
+                        m["bulk"] = b.iperf(bulk_s)
+                        time.sleep(0.1)
+                        d = cm.counters_delta(cm.datapath_counters(node), dp0)
+                        m["copies"] = {"cloned": d["cloned"], "sent": d["packets"],
+                                       "truncated": d["truncated"],
+                                       "gso_wrapped": d.get("gso_wrapped", 0),
+                                       "gso_by_segment": d.get("gso_by_segment", 0),
+                                       "delivered": cm.sink_count(b.an.netns) - sink0,
+                                       "drops": {k: v for k, v in d["drops"].items() if v}}
+                    row[name] = m
+                out["scenario_rounds"].append(row)
+                if r < sockperf_pairs and b.sockperf:
+                    out["sockperf_pairs"].append({"off": row["off"].get("sockperf"),
+                                                  "on": row["cn2m"].get("sockperf")})
+                if r < bulk_rounds:
+                    out["rounds"].append({"off": row["off"], "on": row["cn2m"]})
+                    log(f"  tcp round {r + 1}: bulk Gb/s " + ", ".join(
+                        f"{n} {row[n]['bulk']['gbps']:.2f}" for n in SCENARIOS))
+            for name in SCENARIOS[1:]:
+                b.scenario(name)
+                out["recoverable"][name] = b.recoverable(
+                    STREAM_BYTES // 10 if quick else STREAM_BYTES)
+                log(f"  {name}: {out['recoverable'][name]['share'] * 100:.2f}% of the TCP "
+                    "byte stream recoverable at the analyzer")
             if not quick:
                 out["perf_bulk_on"] = _profile_bulk(b, procs)
         finally:
@@ -238,9 +388,31 @@ def summarize(out: dict) -> dict:
             s[f"{tool}_{stat}_on"] = cm.summary(b)
             s[f"{tool}_{stat}_delta"] = cm.summary([y - x for x, y in zip(a, b, strict=True)])
             s[f"{tool}_{stat}_ratio"] = cm.summary(cm.ratios(b, a))
+    # Side by side: per scenario, bulk ratio and sockperf median difference to "off".
+    side = {}
+    srounds = out.get("scenario_rounds") or []
+    for name in SCENARIOS:
+        e = {}
+        bulk = [(r[name]["bulk"]["gbps"], r["off"]["bulk"]["gbps"]) for r in srounds
+                if "bulk" in r.get(name, {})]
+        if bulk:
+            e["bulk_gbps"] = cm.summary([x for x, _ in bulk])
+            e["bulk_ratio"] = cm.summary([x / y for x, y in bulk if y])
+        sp = [(r[name]["sockperf"], r["off"]["sockperf"]) for r in srounds
+              if (r.get(name) or {}).get("sockperf") and (r.get("off") or {}).get("sockperf")]
+        sp = [(x["median_us"], y["median_us"]) for x, y in sp
+              if "median_us" in x and "median_us" in y]
+        if sp:
+            e["sockperf_median_us"] = cm.summary([x for x, _ in sp])
+            e["sockperf_median_delta_us"] = cm.summary([x - y for x, y in sp])
+        if name in (out.get("recoverable") or {}):
+            e["recoverable"] = out["recoverable"][name]
+        side[name] = e
+    s["side_by_side"] = side
     cop = [r["on"]["copies"] for r in rounds]
-    s["bulk_copies"] = {k: sum(c[k] for c in cop) for k in ("cloned", "sent", "truncated",
-                                                            "delivered")}
+    s["bulk_copies"] = {k: sum(c.get(k, 0) for c in cop)
+                        for k in ("cloned", "sent", "truncated", "delivered", "gso_wrapped",
+                                  "gso_by_segment")}
     s["bulk_copies"]["drops"] = {}
     for c in cop:
         for k, v in c["drops"].items():

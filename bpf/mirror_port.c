@@ -9,9 +9,16 @@
  *    tx checksumming off, so the kernel cuts super-packets into wire-size segments and
  *    finishes their checksums before they cross to the receiving end (mirror-rx), where
  *    mirror_wrap runs on TC ingress.
+ *  - GSO super-packets for jmirror destinations are wrapped once on mirror-tx's egress
+ *    (wrap_super_packet: a UDP-tunnel GSO packet whose "inner L2" is the jmirror
+ *    header). To a local analyzer pod's veth set up for it (DEST_GSO_HANDOFF) they are
+ *    redirected whole and that veth segments them; otherwise they go on into the veth,
+ *    whose sending end (tunnel segmentation off) cuts them into wrapped wire-size
+ *    segments that the far end only routes (route_wrapped).
  * The wrapper reads the (interface, rule) the classifier put in skb->mark, wraps the
- * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), cuts it to
- * the path MTU, and redirects it on. Nothing on this path touches production packets.
+ * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), fits it to
+ * the path MTU (cut, or sent whole to be fragmented by the IP stack on the far end), and
+ * redirects it on. Nothing on this path touches production packets.
  *
  * analyzer_port_rx (XDP on mirror-tx) drops anything that tries to come in through the
  * mirror port: like a JUNOSe analyzer port, it only sends.
@@ -86,8 +93,13 @@ static __always_inline __s64 csum_payload(struct __sk_buff *skb, __u32 off, __u3
     return sum;
 }
 
+/* How a delivered copy was fitted to its path, for its counters. */
+#define FIT_WHOLE 0
+#define FIT_TRUNCATED 1
+#define FIT_FRAGMENTED 2
+
 static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
-                                       int drop, __u32 bytes, int truncated)
+                                       int drop, __u32 bytes, int fitted)
 {
     struct counters *cs[3] = {
         stats_rule.lookup(&rule_slot),
@@ -105,23 +117,53 @@ static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest
         } else {
             c->packets++;
             c->bytes += bytes;
-            c->truncated += truncated;
+            c->truncated += fitted == FIT_TRUNCATED;
+            c->fragmented += fitted == FIT_FRAGMENTED;
         }
     }
 }
 
-/* Cut the copy so that its L3 part, once `overhead` bytes of headers are added, fits
- * `mtu`. A copy is cut, never dropped, for being too large; the cut is counted. */
+/* A GSO super-packet's way through the port, counted per rule, interface and
+ * destination: wrapped once, or (when that was refused) segmented and wrapped one by
+ * one. Its segments are counted as copies as they leave. */
+static __always_inline void count_super_packet(__u32 rule_slot, __u32 ifslot,
+                                               __u32 dest_slot, int wrapped_once)
+{
+    struct counters *cs[3] = {
+        stats_rule.lookup(&rule_slot),
+        stats_iface.lookup(&ifslot),
+        stats_dest.lookup(&dest_slot),
+    };
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        struct counters *c = cs[i];
+        if (!c)
+            continue;
+        if (wrapped_once)
+            c->gso_wrapped++;
+        else
+            c->gso_by_segment++;
+    }
+}
+
+/* Fit the copy's L3 part, once `overhead` bytes of headers are added, to `mtu`. A copy
+ * is never dropped for being too large: it is cut, or (when `whole` is allowed: outer
+ * IPv4 and a destination that asks for it) left whole for the IP stack to fragment.
+ * Either is counted. */
 static __always_inline int fit_mtu(struct __sk_buff *skb, __u32 l2_len, __u32 overhead,
-                                   __u32 mtu, int *truncated)
+                                   __u32 mtu, int whole, int *fitted)
 {
     if (!mtu)
         return 0;
     __u32 room = mtu > overhead ? mtu - overhead : 0;
     if (skb->len > l2_len + room) {
+        if (whole) {
+            *fitted = FIT_FRAGMENTED;
+            return 0;
+        }
         if (bpf_skb_change_tail(skb, l2_len + room, 0) < 0)
             return -1;
-        *truncated = 1;
+        *fitted = FIT_TRUNCATED;
     }
     return 0;
 }
@@ -199,34 +241,42 @@ static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 
     return -DROP_NO_ROUTE;
 }
 
-static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry *d,
-                                        __u32 mirror_id, __u32 session_id, int *truncated,
-                                        int in_line)
+/* Internal result: wrapped, to be handed whole to the IP stack on the port's far end,
+ * which forwards it and fragments its outer IPv4 header to fit the path. */
+#define PASS_TO_STACK 1001
+/* Internal result: a GSO super-packet wrapped once: on into the port, whose sending end
+ * cuts it into wrapped wire-size segments (UDP-tunnel segmentation). */
+#define PASS_SEGMENTS 1002
+/* Internal result: a GSO super-packet that cannot be wrapped once (UDP GSO that must
+ * change size, already encapsulated, segments too large for the path): on into the
+ * port unwrapped, to be segmented and wrapped one segment at a time. */
+#define PASS_BY_SEGMENT 1003
+
+/* The outer IP, UDP and jmirror headers, written at the front of a copy that
+ * bpf_skb_adjust_room has made room for. `inner_len` is the inner packet's length (a
+ * GSO super-packet's lengths are set again for each segment by the kernel). The UDP
+ * checksum is left 0: IPv4 sends none; IPv6 fills it in afterwards (udp6_checksum). */
+static __always_inline int write_jmirror(struct __sk_buff *skb, struct dest_entry *d,
+                                         __u32 mirror_id, __u32 session_id, __u32 inner_len,
+                                         int may_fragment)
 {
-    __u16 proto = strip_vlans(skb);
-    if (!proto)
-        return -DROP_WRAP_FAILED;
-    if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
-        return -DROP_NOT_IP;
-    int v6 = d->mode == MODE_JMIRROR6;
-    __u32 overhead = v6 ? OUTER_IPV6_OVERHEAD : OUTER_IPV4_OVERHEAD;
-    if (fit_mtu(skb, ETH_HLEN, overhead, d->mtu, truncated) < 0)
-        return -DROP_WRAP_FAILED;
-    __u32 inner_len = skb->len - ETH_HLEN;
-    __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
-                  (v6 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
-    if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, flags) < 0)
-        return -DROP_WRAP_FAILED;
-    __u16 udp_len = inner_len + sizeof(struct udphdr) + 8;
     __u32 mid = bpf_htonl(mirror_id & JMIRROR_MID_MASK);  /* version 0 in the top bits */
     __u32 sid = bpf_htonl(session_id);
-    if (!v6) {
+    __u32 udp_len = inner_len + sizeof(struct udphdr) + JMIRROR_HEADER_LEN;
+    if (udp_len > 0xFFFF)
+        udp_len = 0xFFFF;
+    if (d->mode != MODE_JMIRROR6) {
+        __u32 tot_len = inner_len + OUTER_IPV4_OVERHEAD;
+        if (tot_len > 0xFFFF)
+            tot_len = 0xFFFF;
         struct jmirror_v4 h = {};
         h.ip.version = 4;
         h.ip.ihl = 5;
         h.ip.ttl = 255;
         h.ip.protocol = IPPROTO_UDP;
-        h.ip.tot_len = bpf_htons(inner_len + OUTER_IPV4_OVERHEAD);
+        h.ip.tot_len = bpf_htons(tot_len);
+        /* DF unless the destination wants oversized copies whole (fragmented). */
+        h.ip.frag_off = may_fragment ? 0 : bpf_htons(0x4000);
         h.ip.saddr = d->src_addr[0];
         h.ip.daddr = d->dst_addr[0];
         h.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
@@ -237,11 +287,9 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
         h.mid = mid;
         h.sid = sid;
         if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
-            return -DROP_WRAP_FAILED;
+            return -1;
         __u16 eth_proto = bpf_htons(ETH_P_IP);
-        bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
-        return send_routed(skb, FAMILY_V4, d->src_addr, d->dst_addr, d->udp_port,
-                           inner_len + OUTER_IPV4_OVERHEAD, in_line);
+        return bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0) < 0 ? -1 : 0;
     }
     struct jmirror_v6 h = {};
     h.ip.version = 6;
@@ -256,10 +304,19 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
     h.mid = mid;
     h.sid = sid;
     if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
-        return -DROP_WRAP_FAILED;
+        return -1;
     __u16 eth_proto = bpf_htons(ETH_P_IPV6);
-    bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0);
-    /* IPv6 requires a UDP checksum: pseudo-header, then UDP header and payload. */
+    return bpf_skb_store_bytes(skb, 12, &eth_proto, 2, 0) < 0 ? -1 : 0;
+}
+
+/* IPv6 requires a UDP checksum: pseudo-header, then UDP header and payload, over the
+ * datagram as it is now (one wrapped copy, or one segment of a wrapped super-packet). */
+static __always_inline int udp6_checksum(struct __sk_buff *skb, struct dest_entry *d)
+{
+    __u32 udp_len = skb->len - ETH_HLEN - sizeof(struct ipv6hdr);
+    __u16 zero = 0;
+    if (bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &zero, 2, 0) < 0)
+        return -1;
     __be32 pseudo[10] = {};
     __builtin_memcpy(pseudo, d->src_addr, 16);
     __builtin_memcpy(&pseudo[4], d->dst_addr, 16);
@@ -270,10 +327,106 @@ static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry
     __u16 check = csum_fold(sum);
     if (check == 0)
         check = 0xFFFF;
-    if (bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &check, 2, 0) < 0)
+    return bpf_skb_store_bytes(skb, ETH_HLEN + 40 + 6, &check, 2, 0) < 0 ? -1 : 0;
+}
+
+/* Length of the inner IP and TCP/UDP headers of a GSO super-packet (the part the kernel
+ * repeats in every segment), or 0 when they cannot be read. */
+static __always_inline __u32 gso_header_len(struct __sk_buff *skb, __u16 proto)
+{
+    __u32 l3 = 0;
+    __u8 l4 = 0;
+    if (proto == bpf_htons(ETH_P_IP)) {
+        __u8 vihl = 0;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) < 0 ||
+            bpf_skb_load_bytes(skb, ETH_HLEN + 9, &l4, 1) < 0)
+            return 0;
+        l3 = (vihl & 0xF) * 4;
+    } else {
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &l4, 1) < 0)
+            return 0;
+        l3 = sizeof(struct ipv6hdr);
+    }
+    if (l4 == IPPROTO_UDP)
+        return l3 + sizeof(struct udphdr);
+    if (l4 != IPPROTO_TCP)
+        return 0;
+    __u8 doff = 0;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN + (l3 & 0x3C) + 12, &doff, 1) < 0)
+        return 0;
+    return l3 + (doff >> 4) * 4;
+}
+
+/* One wrap for a whole GSO super-packet: bpf_skb_adjust_room marks it a UDP tunnel
+ * packet (outer IP and UDP, the jmirror header as its 8-byte "inner L2"), and the
+ * kernel later segments it, repeating the outer headers in every segment. Exact: the
+ * wire's segment size (needs the path MTU to take the overhead); fit: the kernel
+ * lowers gso_size by the overhead, so segments are the wire's size once wrapped.
+ * Returns PASS_SEGMENTS, PASS_BY_SEGMENT when the kernel refuses (or the segments would
+ * not fit either way), or a negative drop. */
+static __always_inline int wrap_jmirror_gso(struct __sk_buff *skb, struct dest_entry *d,
+                                            __u32 mirror_id, __u32 session_id)
+{
+    __u16 proto = strip_vlans(skb);
+    if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
+        return PASS_BY_SEGMENT;
+    int v6 = d->mode == MODE_JMIRROR6;
+    __u32 overhead = v6 ? OUTER_IPV6_OVERHEAD : OUTER_IPV4_OVERHEAD;
+    __u32 hdrs = gso_header_len(skb, proto);
+    if (!hdrs)
+        return PASS_BY_SEGMENT;
+    __u32 wire = hdrs + skb->gso_size;  /* L3 size of the wire's segments */
+    __u32 mtu = d->mtu ? d->mtu : 0xFFFF;
+    int exact = !(d->flags & DEST_SEGMENTS_FIT) &&
+                ((d->flags & DEST_SEGMENTS_EXACT) || wire + overhead <= mtu);
+    if (exact ? wire + overhead > mtu : wire > mtu)
+        return PASS_BY_SEGMENT;  /* too large either way: cut or fragmented one by one */
+    __u32 inner_len = skb->len - ETH_HLEN;
+    __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+                  (v6 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) |
+                  BPF_F_ADJ_ROOM_ENCAP_L2(JMIRROR_HEADER_LEN) |
+                  (exact ? BPF_F_ADJ_ROOM_FIXED_GSO : 0);
+    /* Refused for a packet already encapsulated (-EALREADY) and for UDP GSO whose size
+     * would change: those are segmented first, then wrapped one by one. */
+    if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, flags) < 0)
+        return PASS_BY_SEGMENT;
+    if (write_jmirror(skb, d, mirror_id, session_id, inner_len, 0) < 0)
         return -DROP_WRAP_FAILED;
-    return send_routed(skb, FAMILY_V6, d->src_addr, d->dst_addr, d->udp_port,
-                       inner_len + OUTER_IPV6_OVERHEAD, in_line);
+    return PASS_SEGMENTS;
+}
+
+static __always_inline int wrap_jmirror(struct __sk_buff *skb, struct dest_entry *d,
+                                        __u32 mirror_id, __u32 session_id, int *fitted,
+                                        int in_line)
+{
+    __u16 proto = strip_vlans(skb);
+    if (!proto)
+        return -DROP_WRAP_FAILED;
+    if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
+        return -DROP_NOT_IP;
+    int v6 = d->mode == MODE_JMIRROR6;
+    __u32 overhead = v6 ? OUTER_IPV6_OVERHEAD : OUTER_IPV4_OVERHEAD;
+    /* Outer IPv6 is never fragmented on the way: oversized copies over it are cut. */
+    int whole = !v6 && (d->flags & DEST_FRAGMENT);
+    if (fit_mtu(skb, ETH_HLEN, overhead, d->mtu, whole, fitted) < 0)
+        return -DROP_WRAP_FAILED;
+    __u32 inner_len = skb->len - ETH_HLEN;
+    __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+                  (v6 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
+    /* A copy of a tunnel packet (a pod's own VXLAN, say) is refused as already
+     * encapsulated (-EALREADY): a single finished packet needs no tunnel marks, so it
+     * gets plain room instead. */
+    if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, flags) < 0 &&
+        bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, 0) < 0)
+        return -DROP_WRAP_FAILED;
+    if (write_jmirror(skb, d, mirror_id, session_id, inner_len, whole) < 0)
+        return -DROP_WRAP_FAILED;
+    if (*fitted == FIT_FRAGMENTED)
+        return PASS_TO_STACK;
+    if (v6 && udp6_checksum(skb, d) < 0)
+        return -DROP_WRAP_FAILED;
+    return send_routed(skb, v6 ? FAMILY_V6 : FAMILY_V4, d->src_addr, d->dst_addr,
+                       d->udp_port, inner_len + overhead, in_line);
 }
 
 static __always_inline int has_mac(struct dest_entry *d)
@@ -282,10 +435,10 @@ static __always_inline int has_mac(struct dest_entry *d)
 }
 
 static __always_inline int count_result(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
-                                        int rc, __u32 len, int truncated)
+                                        int rc, __u32 len, int fitted)
 {
     if (rc == TC_ACT_REDIRECT) {
-        count_copy(rule_slot, ifslot, dest_slot, -1, len, truncated);
+        count_copy(rule_slot, ifslot, dest_slot, -1, len, fitted);
         return rc;
     }
     count_copy(rule_slot, ifslot, dest_slot, rc < 0 ? -rc : DROP_REDIRECT_FAILED, 0, 0);
@@ -311,6 +464,19 @@ static __always_inline void copy_ref_of(__u32 mark, struct copy_ref *c)
     c->d = destinations.lookup(&c->dest_slot);
 }
 
+/* A wrapped copy on the port's far end that goes whole to the IP stack: it forwards it
+ * towards the analyzer and fragments the outer IPv4 header to fit the path. */
+static __always_inline int hand_to_stack(struct __sk_buff *skb, struct copy_ref *c)
+{
+    skb->mark = COPY_MARK;
+    if (bpf_skb_change_type(skb, 0 /* PACKET_HOST */) < 0) {
+        count_copy(c->rule_slot, c->ifslot, c->dest_slot, DROP_WRAP_FAILED, 0, 0);
+        return TC_ACT_SHOT;
+    }
+    count_copy(c->rule_slot, c->ifslot, c->dest_slot, -1, skb->len, FIT_FRAGMENTED);
+    return TC_ACT_OK;
+}
+
 static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
 {
     __u32 mark = skb->mark;
@@ -327,15 +493,15 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
         return TC_ACT_SHOT;
     }
     __u32 *sid = sessions.lookup(&c.ifslot);
-    int truncated = 0;
+    int fitted = FIT_WHOLE;
     int rc;
     switch (d->mode) {
     case MODE_JMIRROR4:
     case MODE_JMIRROR6:
-        rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &truncated, in_line);
+        rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &fitted, in_line);
         break;
     case MODE_L2:
-        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0 ||
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, &fitted) < 0 ||
             bpf_skb_store_bytes(skb, 0, d->mac, 6, 0) < 0) {
             rc = -DROP_WRAP_FAILED;
             break;
@@ -346,7 +512,7 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     case MODE_VXLAN: {
         struct bpf_tunnel_key key = {};
         __u64 tflags = 0;
-        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0) {
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, &fitted) < 0) {
             rc = -DROP_WRAP_FAILED;
             break;
         }
@@ -368,7 +534,7 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
         break;
     }
     case MODE_VLAN:
-        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, &truncated) < 0 ||
+        if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, &fitted) < 0 ||
             bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), d->vlan_id) < 0) {
             rc = -DROP_WRAP_FAILED;
             break;
@@ -379,34 +545,145 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     default:
         rc = -DROP_NO_DESTINATION;
     }
-    if (rc == PASS_TO_PORT) {  /* counted by the far end, which sends it */
-        skb->mark = (truncated ? WRAPPED_TRUNCATED_TAG : WRAPPED_TAG) |
-                    (mark & ~CLONE_TAG_MASK);
+    if (rc == PASS_TO_STACK && !in_line)
+        return hand_to_stack(skb, &c);
+    if (rc == PASS_TO_PORT || rc == PASS_TO_STACK) {  /* counted by the far end */
+        __u32 tag = rc == PASS_TO_STACK ? WRAPPED_FRAGMENT_TAG :
+                    fitted == FIT_TRUNCATED ? WRAPPED_TRUNCATED_TAG : WRAPPED_TAG;
+        skb->mark = tag | (mark & ~CLONE_TAG_MASK);
         return TC_ACT_OK;
     }
-    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, truncated);
+    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, fitted);
 }
 
-/* A copy wrapped inline (jmirror) whose next hop needed resolving: route it as its
- * destination says, from this clean softirq context. */
+/* Bytes a wrapped super-packet repeats in each of its segments: Ethernet, outer IPv4,
+ * UDP, jmirror, inner IP and TCP/UDP headers. */
+static __always_inline __u32 gso_header_len_outer(struct __sk_buff *skb)
+{
+    __u8 v = 0;
+    __u32 off = ETH_HLEN + OUTER_IPV4_OVERHEAD;
+    if (bpf_skb_load_bytes(skb, off, &v, 1) < 0)
+        return off;
+    __u16 proto = (v >> 4) == 6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
+    /* gso_header_len reads from ETH_HLEN on: read the inner headers at their place. */
+    __u32 l3 = 0;
+    __u8 l4 = 0;
+    if (proto == bpf_htons(ETH_P_IP)) {
+        l3 = (v & 0xF) * 4;
+        if (bpf_skb_load_bytes(skb, off + 9, &l4, 1) < 0)
+            return off;
+    } else {
+        l3 = sizeof(struct ipv6hdr);
+        if (bpf_skb_load_bytes(skb, off + 6, &l4, 1) < 0)
+            return off;
+    }
+    if (l4 == IPPROTO_UDP)
+        return off + l3 + sizeof(struct udphdr);
+    __u8 doff = 0;
+    if (bpf_skb_load_bytes(skb, off + (l3 & 0x3C) + 12, &doff, 1) < 0)
+        return off + l3;
+    return off + l3 + (doff >> 4) * 4;
+}
+
+/* Copies of one super-packet handed to a device that segments it: counted as the
+ * segments it becomes. */
+static __always_inline void count_segments(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
+                                           __u32 segs, __u32 bytes)
+{
+    struct counters *cs[3] = {
+        stats_rule.lookup(&rule_slot),
+        stats_iface.lookup(&ifslot),
+        stats_dest.lookup(&dest_slot),
+    };
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        struct counters *c = cs[i];
+        if (c) {
+            c->packets += segs;
+            c->bytes += bytes;
+        }
+    }
+}
+
+/* A GSO super-packet on the port's sending end. jmirror: wrapped once, then on into the
+ * port, whose sending end (UDP-tunnel segmentation off) cuts it into wrapped wire-size
+ * segments; the far end only routes them. Refused by the kernel (see
+ * wrap_jmirror_gso), or another mode: on into the port unwrapped, segmented there and
+ * wrapped one segment at a time by the far end. */
+static __always_inline int wrap_super_packet(struct __sk_buff *skb)
+{
+    __u32 mark = skb->mark;
+    if ((mark & CLONE_TAG_MASK) != CLONE_TAG)
+        return TC_ACT_OK;  /* the far end counts and drops it */
+    struct copy_ref c;
+    copy_ref_of(mark, &c);
+    if (!c.r || !c.d || (c.d->mode != MODE_JMIRROR4 && c.d->mode != MODE_JMIRROR6))
+        return TC_ACT_OK;
+    __u32 *sid = sessions.lookup(&c.ifslot);
+    int rc = wrap_jmirror_gso(skb, c.d, c.r->mirror_id, sid ? *sid : 0);
+    if (rc == PASS_SEGMENTS && (c.d->flags & DEST_GSO_HANDOFF) &&
+        c.d->mode == MODE_JMIRROR4) {
+        /* Straight to the device, which segments it: its segments are counted here. */
+        __u32 per_seg = skb->gso_size;
+        __u32 hdrs = gso_header_len_outer(skb);
+        __u32 payload = skb->len > hdrs ? skb->len - hdrs : 0;
+        __u32 segs = per_seg ? (payload + per_seg - 1) / per_seg : 1;
+        /* The FIB lookup checks the MTU against one segment, not the super-packet. */
+        int sent = send_routed(skb, FAMILY_V4, c.d->src_addr, c.d->dst_addr, c.d->udp_port,
+                               hdrs - ETH_HLEN + per_seg, 1);
+        if (sent == TC_ACT_REDIRECT) {
+            count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, 1);
+            count_segments(c.rule_slot, c.ifslot, c.dest_slot, segs,
+                           skb->len + (segs - 1) * hdrs);
+            return TC_ACT_REDIRECT;
+        }
+        if (sent != PASS_TO_PORT) {
+            count_copy(c.rule_slot, c.ifslot, c.dest_slot,
+                       sent < 0 ? -sent : DROP_REDIRECT_FAILED, 0, 0);
+            return TC_ACT_STOLEN;
+        }
+    }
+    if (rc == PASS_SEGMENTS || rc == PASS_BY_SEGMENT) {
+        count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, rc == PASS_SEGMENTS);
+        if (rc == PASS_SEGMENTS)
+            skb->mark = WRAPPED_SEGMENTS_TAG | (mark & ~CLONE_TAG_MASK);
+        return TC_ACT_OK;
+    }
+    count_copy(c.rule_slot, c.ifslot, c.dest_slot, rc < 0 ? -rc : DROP_WRAP_FAILED, 0, 0);
+    return TC_ACT_STOLEN;  /* counted; TC_ACT_SHOT would count it once more (see below) */
+}
+
+/* A copy wrapped on the sending end, on the far end: routed as its destination says,
+ * from this clean softirq context. Its tag says why it came this way: its next hop
+ * needed resolving, it is one segment of a super-packet wrapped once (over IPv6 its UDP
+ * checksum is filled in here, per segment), or it goes whole to the IP stack. */
 static __always_inline int route_wrapped(struct __sk_buff *skb, __u32 mark)
 {
     struct copy_ref c;
     copy_ref_of(mark, &c);
-    int truncated = (mark & CLONE_TAG_MASK) == WRAPPED_TRUNCATED_TAG;
+    __u32 tag = mark & CLONE_TAG_MASK;
+    if (tag == WRAPPED_FRAGMENT_TAG)
+        return hand_to_stack(skb, &c);
+    int fitted = tag == WRAPPED_TRUNCATED_TAG ? FIT_TRUNCATED : FIT_WHOLE;
     int rc = -DROP_NO_DESTINATION;
-    if (c.d)
-        rc = send_routed(skb, c.d->mode == MODE_JMIRROR6 ? FAMILY_V6 : FAMILY_V4,
-                         c.d->src_addr, c.d->dst_addr, c.d->udp_port, skb->len - ETH_HLEN, 0);
-    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, truncated);
+    if (c.d) {
+        int v6 = c.d->mode == MODE_JMIRROR6;
+        if (v6 && tag == WRAPPED_SEGMENTS_TAG && udp6_checksum(skb, c.d) < 0)
+            rc = -DROP_WRAP_FAILED;
+        else
+            rc = send_routed(skb, v6 ? FAMILY_V6 : FAMILY_V4, c.d->src_addr,
+                             c.d->dst_addr, c.d->udp_port, skb->len - ETH_HLEN, 0);
+    }
+    return count_result(c.rule_slot, c.ifslot, c.dest_slot, rc, skb->len, fitted);
 }
 
 /* The copies that went through the port: segmented, checksums finished; or already
- * wrapped inline and only waiting for their next hop to be resolved. */
+ * wrapped on the sending end. */
 int mirror_wrap(struct __sk_buff *skb)
 {
     __u32 tag = skb->mark & CLONE_TAG_MASK;
-    if (tag == WRAPPED_TAG || tag == WRAPPED_TRUNCATED_TAG)
+    if (tag == WRAPPED_TAG || tag == WRAPPED_TRUNCATED_TAG || tag == WRAPPED_SEGMENTS_TAG ||
+        tag == WRAPPED_FRAGMENT_TAG)
         return route_wrapped(skb, skb->mark);
     return wrap_copy(skb, 0);
 }
@@ -426,8 +703,10 @@ static __always_inline int l4_csum_unfinished(struct __sk_buff *skb, __u32 l4_of
     } else if (proto == IPPROTO_UDP) {
         if (bpf_skb_load_bytes(skb, l4_off + 6, &check, 2) < 0)
             return 1;
-        if (!check)  /* UDP over IPv4 without a checksum */
-            return 0;
+        /* UDP over IPv4 without a checksum is mostly a tunnel (VXLAN, say), whose inner
+         * packet's checksum may be the one left unfinished: take the port. */
+        if (!check)
+            return 1;
     } else {
         return proto == IPPROTO_SCTP;  /* CRC32c offload: also PARTIAL */
     }
@@ -480,6 +759,8 @@ static __always_inline int needs_kernel_finish(struct __sk_buff *skb)
  * on into the veth (TC_ACT_OK) to be finished by the kernel and wrapped on the far end. */
 int mirror_wrap_inline(struct __sk_buff *skb)
 {
+    if (skb->gso_size)
+        return wrap_super_packet(skb);
     if (needs_kernel_finish(skb))
         return TC_ACT_OK;
     int rc = wrap_copy(skb, 1);

@@ -280,7 +280,8 @@ def _counters(t: CounterTotals) -> dict:
 
 
 def _nonzero(t: CounterTotals) -> bool:
-    return any((t.cloned, t.packets, t.bytes, t.truncated, *(t.drops or {}).values()))
+    return any((t.cloned, t.packets, t.bytes, t.truncated, t.fragmented,
+                *(t.drops or {}).values()))
 
 
 # ============================================================================ collecting
@@ -477,7 +478,8 @@ def collect_stats(pm: PinnedMaps, names: Names) -> dict:
 
     def add(t: CounterTotals, only: str | None = None) -> None:
         if only is None:
-            for f in ("cloned", "packets", "bytes", "truncated"):
+            for f in ("cloned", "packets", "bytes", "truncated", "fragmented", "gso_wrapped",
+                      "gso_by_segment"):
                 setattr(total, f, getattr(total, f) + getattr(t, f))
         for reason, n in (t.drops or {}).items():
             if only is None or reason == only:
@@ -639,10 +641,10 @@ def _drops_text(c: dict) -> str:
 
 def _counter_row(label: str, c: dict) -> list:
     return [label, c["cloned"], c["packets"], human_bytes(c["bytes"]), c["truncated"],
-            c["dropped"], _drops_text(c)]
+            c.get("fragmented", 0), c["dropped"], _drops_text(c)]
 
 
-COUNTER_HEADERS = ["CLONED", "COPIES", "BYTES", "TRUNCATED", "DROPPED", "DROPS"]
+COUNTER_HEADERS = ["CLONED", "COPIES", "BYTES", "TRUNCATED", "FRAGMENTED", "DROPPED", "DROPS"]
 
 
 def _table_stats(data: dict) -> str:

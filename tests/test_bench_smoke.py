@@ -117,6 +117,11 @@ def test_tcp(quick_run):
     assert _finite_positive(s["pingpong_median_us_off"]["median"])
     assert _finite_positive(s["pingpong_median_us_on"]["median"])
     assert s["bulk_copies"]["cloned"] > 0 and s["bulk_copies"]["delivered"] > 0
+    # Side by side: every scenario measured; the copies carry the whole byte stream.
+    side = s["side_by_side"]
+    assert set(side) == {"off", "cn2m", "tc_mirred", "nft_dup"}
+    assert all(_finite_positive(e["bulk_ratio"]["median"]) for e in side.values())
+    assert side["cn2m"]["recoverable"]["share"] > 0.99
 
 
 def test_nothing_left_behind(quick_run):

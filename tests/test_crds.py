@@ -149,14 +149,38 @@ def test_both_groups_define_the_same_schema(kind):
     assert all(v["served"] for v in ours["versions"] + cn2["versions"])
     schemas = [copy.deepcopy(v["schema"]) for v in ours["versions"] + cn2["versions"]]
     if kind == model.KIND_MD:
-        # The one field of this project's own: CN2's group keeps CN2's fields exactly.
+        # This project's group adds: the namespaces analyzers may be in, and how copies
+        # fit the path (CN2's group takes annotations for both); CN2's fields are kept.
         spec = schemas[0]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         assert spec.pop("analyzerNamespaces")["items"]["pattern"] == \
             model.NAMESPACE_NAME_PATTERN
+        assert spec.pop("copySegments")["enum"] == ["auto", "exact", "fit"]
+        assert spec.pop("copyTooLarge")["enum"] == ["truncate", "fragment"]
         assert all("analyzerNamespaces" not in s["openAPIV3Schema"]["properties"]["spec"][
             "properties"] for s in schemas[1:])
     assert all(s == schemas[0] for s in schemas)
     assert ours["names"] == cn2["names"] and ours["scope"] == cn2["scope"]
+
+
+@pytest.mark.parametrize("group", [model.GROUP, model.CN2_GROUP])
+def test_copy_fit_choices_from_fields_or_cn2_annotations(group):
+    """Fields in this project's group; CN2's fields stay CN2's, so there an annotation."""
+    base = {"apiVersion": f"{group}/v1alpha1", "kind": model.KIND_MD,
+            "metadata": {"name": "md1"}, "spec": {}}
+    md = model.parse_mirror_destination(base)
+    assert (md.copy_segments, md.copy_too_large) == ("auto", "fragment")
+    if group == model.GROUP:
+        obj = {**base, "spec": {"copySegments": "fit", "copyTooLarge": "truncate"}}
+        bad = {**base, "spec": {"copySegments": "sometimes"}}
+    else:
+        obj = {**base, "metadata": {"name": "md1", "annotations": {
+            model.ANN_COPY_SEGMENTS: "fit", model.ANN_COPY_TOO_LARGE: "truncate"}}}
+        bad = {**base, "metadata": {"name": "md1", "annotations": {
+            model.ANN_COPY_SEGMENTS: "sometimes"}}}
+    md = model.parse_mirror_destination(obj)
+    assert (md.copy_segments, md.copy_too_large) == ("fit", "truncate")
+    with pytest.raises(model.ModelError):
+        model.parse_mirror_destination(bad)
 
 
 @pytest.mark.parametrize("kind, short, scope", [
