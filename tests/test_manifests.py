@@ -165,9 +165,11 @@ def test_daemonset_runs_everywhere_with_capabilities_not_privileged():
 
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert set(mounts) == {"/sys/fs/bpf/cn2mirror", "/lib/modules", "/usr/src",
-                           "/sys/kernel/btf", "/run/cn2mirror", "/tmp"}
+                           "/sys/kernel/btf", "/run/cn2mirror", "/tmp", "/var/run/netns"}
     assert all(mounts[p].get("readOnly") for p in ("/lib/modules", "/usr/src",
-                                                   "/sys/kernel/btf"))
+                                                   "/sys/kernel/btf", "/var/run/netns"))
+    # Namespaces the runtime makes after the agent started must show up in it.
+    assert mounts["/var/run/netns"]["mountPropagation"] == "HostToContainer"
     volumes = {v["name"]: v for v in spec["volumes"]}
     for m in agent["volumeMounts"]:
         if m["mountPath"] == "/tmp":
