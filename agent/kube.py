@@ -1033,11 +1033,7 @@ class Services:
         self._thread.start()
 
     def on_report(self, report: Any) -> None:
-        problems = getattr(report, "problems", ()) or ()
-        self.sync.observe(report.duration_s, ok=report.ok,
-                          latency=getattr(report, "latency_s", None),
-                          errors=sum(1 for p in problems if p.origin == "compiler"),
-                          problems=sum(1 for p in problems if p.origin == "datapath"))
+        self.sync.observe_report(report)
         self._wake.set()
 
     def _report_loop(self) -> None:
@@ -1111,7 +1107,8 @@ def kube_options(f: Callable | None = None) -> Any:
                      help="Take part in the election to write object status and Events."),
         click.option("--metrics-address", "kube_metrics_address", envvar="METRICS_ADDRESS",
                      metavar="HOST:PORT", default=None,
-                     help="Serve /metrics, /healthz and /readyz here: HOST:PORT, e.g. "
+                     help="Serve /metrics, /healthz and /readyz here (any source): "
+                          "HOST:PORT, e.g. "
                           "the node's address $(NODE_IP):9464 for Prometheus; :9464 is "
                           "127.0.0.1:9464 (this node only)."),
         click.option("--debounce", "kube_debounce", type=float, default=DEFAULT_DEBOUNCE,

@@ -202,6 +202,25 @@ class Registry:
 # --- The agent's own metrics -------------------------------------------------------------
 
 
+def serve_agent(agent, address: str, pin_root: str, state_dir: str) -> MetricsServer:
+    """/metrics, /healthz and /readyz for an agent whatever its source (file mode; the
+    Kubernetes source adds its own collectors in KubeOptions.start_services): process,
+    reconciles, the datapath's counters, attachments, readiness."""
+    registry = Registry()
+    sync = SyncMetrics()
+    registry.register(ProcessCollector())
+    registry.register(sync)
+    registry.register(DatapathCollector(pin_root, state_dir))
+    if hasattr(getattr(agent, "node", None), "collect"):
+        registry.register(agent.node)
+    agent.add_listener(sync.observe_report)
+    source = agent.source
+    ready = {"agent": agent.ready}
+    if hasattr(source, "ready"):
+        ready["source"] = source.ready
+    return MetricsServer(registry, address, {}, ready).start()
+
+
 class SyncMetrics:
     """Control-plane timings from the runtime's reconcile reports (one ``observe`` each)."""
 
@@ -220,6 +239,13 @@ class SyncMetrics:
                             "Objects the last compile could not apply (see status and Events).")
         self.problems = Gauge("cn2mirror_datapath_problems",
                               "Interfaces and destinations the last apply could not set up.")
+
+    def observe_report(self, report) -> None:
+        """One reconcile report of the runtime (agent/runtime.py ReconcileReport)."""
+        problems = getattr(report, "problems", ()) or ()
+        self.observe(report.duration_s, ok=report.ok, latency=getattr(report, "latency_s", None),
+                     errors=sum(1 for p in problems if p.origin == "compiler"),
+                     problems=sum(1 for p in problems if p.origin == "datapath"))
 
     def observe(self, seconds: float, ok: bool = True, latency: float | None = None,
                 errors: int | None = None, problems: int | None = None) -> None:
@@ -439,6 +465,14 @@ class MetricsServer:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        registry.register(self)  # cn2mirror_ready
+
+    def collect(self) -> Iterable[Family]:
+        """cn2mirror_ready: /readyz's verdict, as a series alerts can watch (1 ready)."""
+        ready, _ = self._results(self.ready_checks)
+        yield Family("cn2mirror_ready", "gauge",
+                     "1 when /readyz passes: the source is in sync and the state applied."
+                     ).add(1 if ready else 0)
 
     def metrics_text(self) -> str:
         """The exposition, from the cache while it is fresh; one render at a time (a

@@ -152,6 +152,7 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
         raise click.UsageError("give --node NAME or set NODE_NAME (the downward API's "
                                "spec.nodeName)")
     check_environment(netns)
+    metrics_address = source_options.get("kube_metrics_address")  # any source serves it
     kube = KubeOptions.from_params(source_options)  # takes the kube_* options
     from cn2mirror.agent.filesource import SourceError
     from cn2mirror.agent.ownership import OwnedElsewhere, OwnerRecord, PinRootLock
@@ -178,14 +179,14 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                         "limits": Limits(max_rules_per_namespace=max_rules_per_namespace,
                                          max_interfaces_per_namespace=max_interfaces_per_namespace)}
         _run(source, kube, node_name, netns, pin_root, state_dir, node_options,
-             resync_interval, once, cleanup_on_exit)
+             resync_interval, once, cleanup_on_exit, metrics_address)
     finally:
         lock.release()
 
 
 def _run(source, kube, node_name, netns, pin_root, state_dir, node_options: dict,
-         resync_interval, once, cleanup_on_exit) -> None:
-    services = None
+         resync_interval, once, cleanup_on_exit, metrics_address) -> None:
+    services = metrics_server = None
 
     from cn2mirror.agent.datapath import DatapathError
     from cn2mirror.agent.node import Node
@@ -209,6 +210,15 @@ def _run(source, kube, node_name, netns, pin_root, state_dir, node_options: dict
             if kube is not None:  # metrics, status (leader-elected) and Events
                 services = kube.start_services(source, node_name, agent=runner,
                                                pin_root=pin_root, state_dir=state_dir)
+            elif metrics_address:  # file mode: metrics and probes all the same
+                from cn2mirror.agent.metrics import parse_address, serve_agent
+
+                try:
+                    metrics_server = serve_agent(runner, metrics_address, pin_root, state_dir)
+                except OSError as e:
+                    raise AgentError(f"--metrics-address {metrics_address}: {e}") from None
+                log.info("serving /metrics, /healthz and /readyz on %s:%d",
+                         parse_address(metrics_address)[0], metrics_server.port)
             if once:
                 if not runner.wait_for(1, ONCE_TIMEOUT):
                     raise AgentError(f"the source gave no objects within {ONCE_TIMEOUT:.0f} s")
@@ -228,6 +238,8 @@ def _run(source, kube, node_name, netns, pin_root, state_dir, node_options: dict
         finally:
             if services is not None:
                 services.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
             runner.stop(cleanup=cleanup_on_exit)
     finally:
         for sig, handler in previous.items():

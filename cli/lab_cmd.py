@@ -618,6 +618,7 @@ class Demo:
             for (a, mid, sid, text), n in sorted(self.unexpected.items()):
                 self.echo(f"      {a} mid {mid} sid {sid}: {text} ({n})")
         self.echo("")
+        self._copy_fit_summary()
         if ok:
             self.echo("    OK: every flow a rule mirrors arrived at its analyzer, with the "
                       "rule's mirror id and web's session id; nothing else was mirrored.")
@@ -634,6 +635,26 @@ class Demo:
         self.echo(f"      {self.out / 'agent' / 'names.json'}: what each map slot and id "
                   "stands for")
         return ok
+
+    def _copy_fit_summary(self) -> None:
+        """How many copies had to be cut or fragmented to fit the path (the datapath's own
+        counters, summed over every destination)."""
+        from cn2mirror.agent.pinned import PinnedMaps, sum_counters
+
+        try:
+            pm = PinnedMaps(self.pin_root)
+        except OSError as e:
+            self.echo(f"    (counters unavailable: {e})")
+            return
+        try:
+            totals = [sum_counters(v) for _, v in pm.map("stats_dest").items()]
+        finally:
+            pm.close()
+        copies = sum(t.packets for t in totals)
+        cut = sum(t.truncated for t in totals)
+        fragmented = sum(t.fragmented for t in totals)
+        self.echo(f"    Copies sent: {copies}; cut to fit the path: {cut}; sent whole in "
+                  f"IPv4 fragments: {fragmented} (per destination: cn2mirror show stats).")
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
