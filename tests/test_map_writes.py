@@ -267,3 +267,33 @@ def test_per_namespace_limits_leave_out_the_namespaces_largest_object_only(pn):
     assert {p for p, _ in result.plan.rule_slots.values()} == {"aaa-tenant/small", "other/p"}
     send(pn, tcp(40000))
     assert copies_of(pn, 40000) == [(1001, 1)]
+
+
+def test_counters_survive_a_destination_re_resolved_and_restart_for_another_object(pn):
+    """A destination whose entry changes (re-resolved: here its port, as when its next
+    hop, MTU or reachability changes) keeps its counters: the `no_route` drops counted
+    while its analyzer was away are not erased when it comes back. Given to another
+    destination, the slot's counters restart (they belong to what the slot holds)."""
+    pn.apply(state(policy("p", rule("p", 0, ports=(tcp_ports(80),))), dests=[analyzer()]))
+    slot = pn.node.last.plan.dest_slots["an"]
+    key = slot.to_bytes(4, "little")
+    stats = pn.node.datapath.maps["stats_dest"]
+    counted = L.Counters()
+    counted.packets = 100
+    counted.drops[L.Drop.NO_ROUTE] = 6228
+    stats.update_percpu(key, [bytes(counted)] + [bytes(L.Counters())] *
+                        (len(stats.lookup(key)) - 1))
+    before = pn.counters("dest", slot)
+    assert before.drops["no_route"] == 6228 and before.packets == 100
+
+    pn.apply(state(policy("p", rule("p", 0, ports=(tcp_ports(80),))),
+                   dests=[analyzer(port=30031)]))
+    assert pn.node.last.plan.dest_slots["an"] == slot and pn.node.last.changes > 0
+    kept = pn.counters("dest", slot)
+    assert kept.drops["no_route"] == 6228 and kept.packets == 100
+
+    pn.apply(state(policy("p", rule("p", 0, ports=(tcp_ports(80),), dest="other")),
+                   dests=[analyzer("other")]))
+    assert pn.node.last.plan.dest_slots["other"] == slot
+    fresh = pn.counters("dest", slot)
+    assert fresh.packets == 0 and fresh.drops["no_route"] == 0

@@ -36,8 +36,14 @@ def test_file_mode_agent_serves_the_metrics_the_dashboards_read(lab, pin_root, s
                                                                tmp_path):
     objects = tmp_path / "objects"
     objects.mkdir()
-    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
-        policy(rule([{"protocol": "ICMP"}], "analyzer1"))])
+    # One destination this node cannot reach (no route to it in the lab): a problem, so
+    # that the per-problem series is there too.
+    nowhere = {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "MirrorDestination",
+               "metadata": {"name": "nowhere"},
+               "spec": {"externalAnalyzer": True, "analyzerIP": "198.18.250.250"}}
+    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [nowhere] + [
+        policy(rule([{"protocol": "ICMP"}], "analyzer1"),
+               rule([{"protocol": "UDP", "port": 9}], "nowhere"))])
     port = free_port()
     agent = start_agent(agent_args(lab, objects, pin_root, state_dir, "--metrics-address",
                                    f"127.0.0.1:{port}"), state_dir)
@@ -60,7 +66,9 @@ def test_file_mode_agent_serves_the_metrics_the_dashboards_read(lab, pin_root, s
     assert not missing, f"the dashboards and alerts read series the agent does not export: " \
                         f"{sorted(missing)}"
     assert values["cn2mirror_ready"] == 1 and values["cn2mirror_datapath_up"] == 1
+    assert any(k.startswith("cn2mirror_datapath_problem{") and "nowhere" in k
+               for k in values)
     copies = [v for k, v in values.items()
               if k.startswith("cn2mirror_rule_mirrored_packets_total{")
-              and 'policy="demo/p"' in k]
+              and 'policy="demo/p"' in k and 'rule="0"' in k]
     assert copies == [6]  # 3 echo requests and 3 replies
