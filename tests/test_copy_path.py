@@ -294,8 +294,13 @@ def test_bulk_tcp_every_byte_reaches_analyzers_here_on_another_node_and_outside(
     for name, mid in (("local", 11), ("remote", 12), ("ext", 13)):
         stream, largest = stream_from_copies(got[name], lab.pods["web"].ip, len(data), mid)
         assert stream == data, name
-        assert largest <= 1500 - 28, name  # one wire-size datagram per read, never 64 KB
         c = dest_counters(node, name)
+        # One wire-size datagram per read, never 64 KB. A full-size segment the sender did
+        # not hand over as GSO (a retransmission, say) is one copy too large for the path
+        # once wrapped: sent whole in outer IPv4 fragments (copyTooLarge: fragment), which
+        # the analyzer's stack reassembles, and counted as such.
+        assert largest <= 1500 + 36 - 28, name
+        assert largest <= 1500 - 28 or c.fragmented > 0, name
         # Wrapped once per super-packet; every copy counted was read, none cut or dropped.
         assert c.gso_wrapped > 0 and c.gso_by_segment == 0, name
         assert c.packets > 10 * c.gso_wrapped, name  # many segments per super-packet
