@@ -98,14 +98,20 @@ static __always_inline __s64 csum_payload(struct __sk_buff *skb, __u32 off, __u3
 #define FIT_TRUNCATED 1
 #define FIT_FRAGMENTED 2
 
+/* The counters a copy is counted under: its rule's, its interface's, its destination's. */
+static __always_inline void copy_counters(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
+                                          struct counters *cs[3])
+{
+    cs[0] = stats_rule.lookup(&rule_slot);
+    cs[1] = stats_iface.lookup(&ifslot);
+    cs[2] = stats_dest.lookup(&dest_slot);
+}
+
 static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
                                        int drop, __u32 bytes, int fitted)
 {
-    struct counters *cs[3] = {
-        stats_rule.lookup(&rule_slot),
-        stats_iface.lookup(&ifslot),
-        stats_dest.lookup(&dest_slot),
-    };
+    struct counters *cs[3];
+    copy_counters(rule_slot, ifslot, dest_slot, cs);
 #pragma unroll
     for (int i = 0; i < 3; i++) {
         struct counters *c = cs[i];
@@ -129,11 +135,8 @@ static __always_inline void count_copy(__u32 rule_slot, __u32 ifslot, __u32 dest
 static __always_inline void count_super_packet(__u32 rule_slot, __u32 ifslot,
                                                __u32 dest_slot, int wrapped_once)
 {
-    struct counters *cs[3] = {
-        stats_rule.lookup(&rule_slot),
-        stats_iface.lookup(&ifslot),
-        stats_dest.lookup(&dest_slot),
-    };
+    struct counters *cs[3];
+    copy_counters(rule_slot, ifslot, dest_slot, cs);
 #pragma unroll
     for (int i = 0; i < 3; i++) {
         struct counters *c = cs[i];
@@ -590,11 +593,8 @@ static __always_inline __u32 gso_header_len_outer(struct __sk_buff *skb)
 static __always_inline void count_segments(__u32 rule_slot, __u32 ifslot, __u32 dest_slot,
                                            __u32 segs, __u32 bytes)
 {
-    struct counters *cs[3] = {
-        stats_rule.lookup(&rule_slot),
-        stats_iface.lookup(&ifslot),
-        stats_dest.lookup(&dest_slot),
-    };
+    struct counters *cs[3];
+    copy_counters(rule_slot, ifslot, dest_slot, cs);
 #pragma unroll
     for (int i = 0; i < 3; i++) {
         struct counters *c = cs[i];
