@@ -160,6 +160,16 @@ def md_objects(lab) -> list[dict]:
     ]
 
 
+def stream_objects(tmp_path, lab):
+    """A source directory: the lab's pods and namespaces, its two MirrorDestinations and
+    a policy mirroring web's UDP 5000 (the UdpStream's port) to analyzer1."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
+        policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"))])
+    return objects
+
+
 def policy(*rules: dict) -> dict:
     return {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "ContrailSecurityPolicy",
             "metadata": {"name": "p", "namespace": "demo"},
@@ -382,10 +392,7 @@ def test_restarted_agent_adopts_the_datapath_without_a_gap(lab, pin_root, state_
                                                            tmp_path):
     client, web = lab.pods["client"], lab.pods["web"]
     node1 = lab.nodes["node1"].netns
-    objects = tmp_path / "objects"
-    objects.mkdir()
-    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
-        policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"))])
+    objects = stream_objects(tmp_path, lab)
     mids, sid = compiled(objects)
     (mid,) = mids
 

@@ -35,6 +35,7 @@ from tests.test_agent_e2e import (
     rule,
     seq_of,
     start_agent,
+    stream_objects,
     write_yaml,
 )
 
@@ -82,10 +83,7 @@ class NewFlows:
 
 def test_kill9_and_restart_with_old_and_new_flows(lab, pin_root, state_dir, tmp_path):
     client, web = lab.pods["client"], lab.pods["web"]
-    objects = tmp_path / "objects"
-    objects.mkdir()
-    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
-        policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"))])
+    objects = stream_objects(tmp_path, lab)
     a1 = Analyzer(lab.pods["analyzer"].netns)
     stream = UdpStream(client.netns, web.netns, web.ip, 5000)
     procs = [start_agent(agent_args(lab, objects, pin_root, state_dir), state_dir)]

@@ -24,11 +24,8 @@ from tests.test_agent_e2e import (
     classifiers_on,
     cli,
     log_of,
-    md_objects,
-    policy,
-    rule,
     start_agent,
-    write_yaml,
+    stream_objects,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -38,10 +35,7 @@ def test_a_second_agent_is_refused_and_the_first_keeps_mirroring(lab, pin_root, 
                                                                  tmp_path):
     client, web = lab.pods["client"], lab.pods["web"]
     node1 = lab.nodes["node1"].netns
-    objects = tmp_path / "objects"
-    objects.mkdir()
-    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
-        policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"))])
+    objects = stream_objects(tmp_path, lab)
     empty = tmp_path / "empty"
     empty.mkdir()
     other_state = tmp_path / "other-state"

@@ -21,10 +21,7 @@ from tests.test_agent_e2e import (
     classifiers_on,
     cli,
     link_exists,
-    md_objects,
-    policy,
-    rule,
-    write_yaml,
+    stream_objects,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -33,10 +30,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 def test_uninstall_stops_every_copy_and_leaves_nothing(lab, pin_root, state_dir, tmp_path):
     client, web = lab.pods["client"], lab.pods["web"]
     node1 = lab.nodes["node1"].netns
-    objects = tmp_path / "objects"
-    objects.mkdir()
-    write_yaml(objects / "all.yaml", lab.pod_objects() + md_objects(lab) + [
-        policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"))])
+    objects = stream_objects(tmp_path, lab)
 
     a1 = Analyzer(lab.pods["analyzer"].netns)
     stream = UdpStream(client.netns, web.netns, web.ip, 5000)
