@@ -50,10 +50,8 @@ thread) and ``explain(...)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -64,13 +62,18 @@ from .compiler import Compiler, explain, id_table, session_table
 from .node import ApplyResult, describe
 from .snapshot import Snapshot
 from .state import NodeState
+from .statefiles import (
+    CAPTURE_NAMES_FILE,
+    NAMES_FILE,
+    STATE_FILE_MODE,
+    STATUS_FILE,
+    private_dir,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESYNC_INTERVAL = 30.0
-NAMES_FILE = "names.json"
-CAPTURE_NAMES_FILE = "capture-names.json"
-STATUS_FILE = "status.json"
 RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
 # While a destination cannot be resolved (no route to its analyzer, its MAC not on this
 # node), the node's tables are looked at again soon, backing off from RETRY_FIRST up to
@@ -163,38 +166,6 @@ class ReconcileReport:
             "attached": list(self.attached), "detached": list(self.detached),
             "exception": self.exception, "repairs": list(self.repairs),
         }
-
-
-STATE_DIR_MODE = 0o700  # the state files name every pod, policy and analyzer: root only
-STATE_FILE_MODE = 0o600
-
-
-def private_dir(path: str) -> None:
-    """Make ``path`` (and missing parents) a directory only its owner can read."""
-    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
-    os.chmod(path, STATE_DIR_MODE)
-
-
-def write_atomic(path: str, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old file or the new one, never half;
-    readable by its owner only (STATE_FILE_MODE), in a directory of STATE_DIR_MODE."""
-    directory = os.path.dirname(path) or "."
-    private_dir(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, STATE_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def source_problems(errors: Iterable[Any]) -> list[Problem]:
