@@ -30,16 +30,23 @@ from tests.test_agent_e2e import (
     Analyzer,
     UdpStream,
     agent_args,
+    cli,
     md_objects,
     policy,
     rule,
     seq_of,
     start_agent,
     stream_objects,
+    wait_until,
     write_yaml,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+# How long the API server is away in test_api_server_away_while_objects_change: 20 s in
+# `make test` (each chaos test under a minute); the issue's 60 s with
+# CN2MIRROR_CHAOS_OUTAGE=60.
+OUTAGE = float(os.environ.get("CN2MIRROR_CHAOS_OUTAGE", "20"))
 
 
 class NewFlows:
@@ -168,10 +175,10 @@ def test_flow_flood_keeps_the_live_flow(lab, pin_root, state_dir, tmp_path):
 
 
 def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
-    """The API server is away for 20 s; meanwhile a rule is added (UDP 5001) and the
-    stream's rule stays. Mirroring goes on as it was during the outage (the stream's
-    copies keep coming, 5001 is not mirrored yet); once the server is back the change is
-    applied within a few seconds, and every kind is watched again."""
+    """The API server is away for OUTAGE (20 s); meanwhile a rule is added (UDP 5001)
+    and the stream's rule stays. Mirroring goes on as it was during the outage (the
+    stream's copies keep coming, 5001 is not mirrored yet); once the server is back the
+    change is applied within a few seconds, and every kind is watched again."""
     from kubernetes import client as kclient
 
     from cn2mirror.agent.kube import KubeSource
@@ -207,7 +214,7 @@ def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
         wait_until(lambda: not source.ready(), 10, what="the source to notice")
         emu.apply(policy(rule([{"protocol": "UDP", "port": 5000}], "analyzer1"),
                          rule([{"protocol": "UDP", "port": 5001}], "analyzer1")))
-        time.sleep(20 - (time.monotonic() - t_down))
+        time.sleep(OUTAGE - (time.monotonic() - t_down))
         t_up = time.monotonic()
         emu.come_up()
         wait_until(lambda: any(c[3][4] == 5001 for c in list(a1.copies)), 15,
@@ -230,3 +237,57 @@ def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
     sent = [seq for t, seq in s5000.sent if t_down <= t < t_up]
     assert len(sent) > 500 and not set(sent) - got  # every packet of the outage mirrored
     assert t_applied - t_up < 8, f"applied {t_applied - t_up:.1f} s after the server came back"
+
+
+def _stats(pin_root: str, state_dir: str) -> dict:
+    out = subprocess.run(cli("show", "stats", "--pin-root", pin_root, "--state-dir",
+                             state_dir, "-o", "json"), capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return json.loads(out)["stats"]
+
+
+def test_analyzer_gone_and_back_keeps_its_counters(lab, pin_root, state_dir, tmp_path):
+    """The analyzer pod's network goes away for 3 s (its sandbox died) and comes back
+    with a new veth, a new MAC and the same address, while a mirrored stream runs. The
+    agent looks again soon while the destination is unresolved (not at the 30 s resync).
+    Every stream packet is either copied or counted as a
+    drop of the analyzer's destination, and the drops of the outage are still counted
+    after the agent has re-resolved the analyzer (a resync must not zero them)."""
+    client, web = lab.pods["client"], lab.pods["web"]
+    objects = stream_objects(tmp_path, lab)
+    a1 = Analyzer(lab.pods["analyzer"].netns)
+    proc = start_agent(agent_args(lab, objects, pin_root, state_dir), state_dir)
+    stream = None
+    try:
+        stream = UdpStream(client.netns, web.netns, web.ip, 5000)
+        wait_until(lambda: len(a1.copies) >= 20, 10, "copies before the outage")
+        lab.unplug_pod("analyzer")
+        t_gone = time.monotonic()
+        time.sleep(3)
+        lab.replug_pod("analyzer")
+        t_back = time.monotonic()
+        wait_until(lambda: a1.between(t_back), 15, "copies once the analyzer is back")
+        time.sleep(1)
+        stream.close()
+        time.sleep(GRACE)
+        stats = _stats(pin_root, state_dir)
+    finally:
+        if stream is not None:
+            stream.close()
+        proc.kill()
+        proc.wait()
+        a1.close()
+    got = {seq_of(c[4]) for c in a1.copies}
+    sent = [seq for _, seq in stream.sent]
+    missing = set(sent) - got
+    (dest,) = [d for d in stats["destinations"] if d["name"] == "analyzer1"]
+    drops = dest["counters"]["drops"]
+    # copies during the outage were missed, and every one of them is counted
+    assert len(missing) > 50, f"only {len(missing)} copies missed in a 3 s outage"
+    assert all(t_gone - 0.2 <= t < t_back + 6 for t, seq in stream.sent if seq in missing)
+    # Every copy is delivered or counted: those made while the agent still had the
+    # analyzer unresolved included (counted no_route, never sent from 0.0.0.0). Sent and
+    # not received: at most the copies on the wire when the veth was deleted.
+    on_the_wire = dest["counters"]["packets"] - len(got)
+    assert 0 <= on_the_wire <= 3, on_the_wire
+    assert sum(drops.values()) + on_the_wire == len(missing), (drops, len(missing), len(sent))

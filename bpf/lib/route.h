@@ -19,6 +19,11 @@ static long (*redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int
 static __always_inline int send_routed(struct __sk_buff *skb, int family, __u32 *src,
                                        __u32 *dst, __u16 port, __u32 l3_len, int in_line)
 {
+    /* No source address: the agent found no route to the analyzer when it last looked.
+     * The route may be back before it looks again; a copy sent now would leave from
+     * 0.0.0.0 (or ::) and be dropped by the analyzer's kernel, unseen: count it instead. */
+    if (!(src[0] | src[1] | src[2] | src[3]))
+        return -DROP_NO_ROUTE;
     struct bpf_fib_lookup fib = {};
     fib.family = family == FAMILY_V4 ? AF_INET : AF_INET6;
     fib.l4_protocol = IPPROTO_UDP;
