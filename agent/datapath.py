@@ -107,14 +107,18 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def load_time_defines(pin_root: str, max_flow_dests: int) -> dict[str, str]:
-    """The values bpf/gen/layout.h leaves to load time (layout.LOAD_TIME_DEFINES)."""
-    return {
+def load_time_defines(pin_root: str, max_flow_dests: int,
+                      flow_table_size: int | None = None) -> dict[str, str]:
+    """The values bpf/gen/layout.h leaves to load time (layout.LOAD_TIME_DEFINES, and
+    every map's size as layout.map_specs() gives it now)."""
+    defines = {
         "CN2M_PIN_ROOT": _c_string(pin_root.rstrip("/")),
         "MAX_FLOW_DESTS": str(max_flow_dests),
         "CN2M_SCRATCH_DIGEST": _c_string(scratch_digest(max_flow_dests)),
-        "FLOW_TABLE_SIZE": str(layout.FLOW_TABLE_SIZE),
     }
+    for spec in layout.map_specs(max_flow_dests, flow_table_size):
+        defines[layout.map_entries_define(spec.name)] = str(spec.entries)
+    return defines
 
 
 _QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -151,10 +155,10 @@ def inline_includes(text: str, root: str, name: str = "unit.c",
     return "\n".join(out)
 
 
-def bpf_source(pin_root: str, max_flow_dests: int) -> str:
+def bpf_source(pin_root: str, max_flow_dests: int, flow_table_size: int | None = None) -> str:
     """The text the loader compiles: the load-time defines, then the entry files of bpf/
     with their includes inlined (see inline_includes)."""
-    defines = load_time_defines(pin_root, max_flow_dests)
+    defines = load_time_defines(pin_root, max_flow_dests, flow_table_size)
     lines = ["/* Load-time settings (agent/datapath.py); everything else is bpf/. */"]
     lines += [f"#define {k} {v}" for k, v in defines.items()]
     lines += [f'#include "{name}"' for name in SOURCES]
@@ -262,12 +266,16 @@ class Datapath:
     """The programs and maps of one node (one network namespace)."""
 
     def __init__(self, pin_root: str = DEFAULT_PIN_ROOT, netns: str | None = None,
-                 max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS):
+                 max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
+                 flow_table_size: int | None = None):
         if not 1 <= max_flow_dests <= 32:
             raise DatapathError(f"max flow destinations must be 1..32, not {max_flow_dests}")
         self.pin_root = pin_root.rstrip("/")
         self.netns = netns
         self.max_flow_dests = max_flow_dests
+        # Entries of the flow table when it is created (None: layout.FLOW_TABLE_SIZE); a
+        # pinned table is adopted with the size it has.
+        self.flow_table_size = flow_table_size
         self.progs: dict[str, int] = {}  # name -> fd of the pinned program
         self.maps: dict[str, BpfMap] = {}
         self.mirror_tx_index = 0
@@ -312,7 +320,8 @@ class Datapath:
         if self.netns:
             argv += ["--netns", self.netns]
         try:
-            r = subprocess.run(argv, input=bpf_source(self.pin_root, self.max_flow_dests),
+            r = subprocess.run(argv, input=bpf_source(self.pin_root, self.max_flow_dests,
+                                                      self.flow_table_size),
                                capture_output=True, text=True, timeout=LOAD_TIMEOUT)
         except subprocess.TimeoutExpired as e:
             raise DatapathError(f"loading the BPF programs took more than {LOAD_TIMEOUT} s "

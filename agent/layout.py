@@ -402,16 +402,18 @@ class MapSpec:
 BPF_F_NO_PREALLOC = 1
 
 
-def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ...]:
+def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
+              flow_table_size: int | None = None) -> tuple[MapSpec, ...]:
     """Every map the programs use; all but the scratch areas pinned under the pin root by
-    their name."""
+    their name. ``flow_table_size``: the flow table's entries (default FLOW_TABLE_SIZE)."""
     return (
         MapSpec("config", "array", u32, Config, 1),
         MapSpec("interfaces", "hash", u32, InterfaceEntry, MAX_INTERFACES),  # by ifindex
         MapSpec("sessions", "array", u32, u32, MAX_INTERFACES),  # ifslot -> session id
         MapSpec("rules", "array", u32, RuleEntry, MAX_RULES),
         MapSpec("destinations", "array", u32, DestEntry, MAX_DESTINATIONS),
-        MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests), FLOW_TABLE_SIZE),
+        MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests),
+                flow_table_size or FLOW_TABLE_SIZE),
         MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS),
         MapSpec("flow_cache_tags", "percpu_array", u32, FlowCacheTags, 1),
         MapSpec("src_v4", "lpm_trie", LpmV4Key, MatchBits, LPM_ENTRIES, BPF_F_NO_PREALLOC),
@@ -460,13 +462,19 @@ def eval_scratch_pin(pin_root: str, digest: str) -> str:
 # `python -m cn2mirror.agent.layout --write`.
 GENERATED_HEADER = "gen/layout.h"  # under bpf/
 # What varies at load time: defined by agent/datapath.py (bpf_source) before the header
-# is read; the defaults are for editors and for programs that only read the maps.
+# is read; the defaults are for editors and for programs that only read the maps. Each
+# map's size is one too (map_entries_define), so that a node can be given another flow
+# table size, and tests small maps.
 LOAD_TIME_DEFINES = {
     "CN2M_PIN_ROOT": '"/sys/fs/bpf/cn2mirror"',  # where the maps are pinned
     "MAX_FLOW_DESTS": DEFAULT_MAX_FLOW_DESTS,  # copies per flow
     "CN2M_SCRATCH_DIGEST": '"0"',  # datapath.scratch_digest(): names the scratch pin
-    "FLOW_TABLE_SIZE": FLOW_TABLE_SIZE,  # flows the flow table holds (an LRU hash)
 }
+
+
+def map_entries_define(name: str) -> str:
+    """The macro that sizes map ``name`` in bpf/gen/layout.h."""
+    return f"MAP_ENTRIES_{name.upper()}"
 _C_TYPES = {C.c_uint8: "__u8", C.c_uint16: "__u16", C.c_uint32: "__u32", C.c_uint64: "__u64"}
 # Arrays whose length is the load-time MAX_FLOW_DESTS (see _with_flow_dests).
 _FLOW_DESTS_FIELD = "rules"
@@ -588,7 +596,7 @@ def c_constants() -> dict[str, object]:
 
 def _c_map(spec: MapSpec) -> str:
     key, value = _c_type_name(spec.key), _c_type_name(spec.value)
-    entries = "FLOW_TABLE_SIZE" if spec.name == "flows" else spec.entries
+    entries = map_entries_define(spec.name)
     if spec.pin == NOT_PINNED:
         return f'BPF_F_TABLE("{spec.kind}", {key}, {value}, {spec.name}, {entries}, ' \
             f'{spec.flags});'
@@ -611,6 +619,9 @@ def c_header() -> str:
            " editors. */"]
     for name, default in LOAD_TIME_DEFINES.items():
         out += [f"#ifndef {name}", f"#define {name} {default}", "#endif"]
+    for spec in map_specs():
+        macro = map_entries_define(spec.name)
+        out += [f"#ifndef {macro}", f"#define {macro} {spec.entries}", "#endif"]
     out.append("")
     out += [f"#define {k} {v}" for k, v in c_constants().items()]
     out.append("")

@@ -801,8 +801,8 @@ def _stats_breakdown(node, lab, run_: Runner, cls_fd, prm) -> dict:
 def _patched_source(replacements):
     original = dpmod.bpf_source
 
-    def patched(pin_root, max_flow_dests):
-        text = original(pin_root, max_flow_dests)
+    def patched(pin_root, *args):
+        text = original(pin_root, *args)
         for old, new in replacements:
             if old not in text:
                 raise cm.BenchError(f"ablation: {old!r} is no longer in the classifier")

@@ -117,3 +117,12 @@ def test_every_header_compiles_on_its_own_with_warnings_as_errors(pin_root):
             BPF(text=text, cflags=CFLAGS_WARNINGS).cleanup()
         except Exception as e:  # bcc raises a bare Exception with clang's verdict
             pytest.fail(f"{rel} does not compile on its own: {e}")
+
+
+def test_map_sizes_are_set_at_load_time(monkeypatch):
+    text = datapath.bpf_source("/sys/fs/bpf/cn2m-unit", 4, flow_table_size=64)
+    assert "#define MAP_ENTRIES_FLOWS 64\n" in text
+    monkeypatch.setattr(L, "LPM_ENTRIES", 256)  # what tests do for small tries
+    text = datapath.bpf_source("/sys/fs/bpf/cn2m-unit", 4)
+    assert "#define MAP_ENTRIES_DST_V4 256\n" in text
+    assert f"#define MAP_ENTRIES_FLOWS {L.FLOW_TABLE_SIZE}\n" in text

@@ -87,8 +87,8 @@ def test_a_compile_error_is_a_datapath_error_with_the_compilers_message(pin_root
                                                                         monkeypatch):
     real = dpmod.bpf_source
 
-    def broken(root, max_flow_dests):
-        return real(root, max_flow_dests) + "\nint cn2m_broken(void) { return undeclared_x; }\n"
+    def broken(root, *args):
+        return real(root, *args) + "\nint cn2m_broken(void) { return undeclared_x; }\n"
 
     monkeypatch.setattr(dpmod, "bpf_source", broken)
     dp = Datapath(pin_root)
@@ -103,11 +103,11 @@ def test_a_compile_error_is_a_datapath_error_with_the_compilers_message(pin_root
 def test_a_program_the_kernel_rejects_is_a_datapath_error(pin_root, monkeypatch):
     real = dpmod.bpf_source
 
-    def rejected(root, max_flow_dests):
+    def rejected(root, *args):
         # Reads past the end of a stack buffer: the verifier refuses it. (The real one
         # is renamed while bpf/ is included.)
         return "#define analyzer_port_rx analyzer_port_rx_orig\n" + \
-            real(root, max_flow_dests) + """
+            real(root, *args) + """
 #undef analyzer_port_rx
 int analyzer_port_rx(struct xdp_md *ctx) {
     volatile char buf[8] = {};

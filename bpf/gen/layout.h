@@ -15,8 +15,74 @@
 #ifndef CN2M_SCRATCH_DIGEST
 #define CN2M_SCRATCH_DIGEST "0"
 #endif
-#ifndef FLOW_TABLE_SIZE
-#define FLOW_TABLE_SIZE 131072
+#ifndef MAP_ENTRIES_CONFIG
+#define MAP_ENTRIES_CONFIG 1
+#endif
+#ifndef MAP_ENTRIES_INTERFACES
+#define MAP_ENTRIES_INTERFACES 4096
+#endif
+#ifndef MAP_ENTRIES_SESSIONS
+#define MAP_ENTRIES_SESSIONS 4096
+#endif
+#ifndef MAP_ENTRIES_RULES
+#define MAP_ENTRIES_RULES 16384
+#endif
+#ifndef MAP_ENTRIES_DESTINATIONS
+#define MAP_ENTRIES_DESTINATIONS 256
+#endif
+#ifndef MAP_ENTRIES_FLOWS
+#define MAP_ENTRIES_FLOWS 131072
+#endif
+#ifndef MAP_ENTRIES_FLOW_CACHE
+#define MAP_ENTRIES_FLOW_CACHE 4096
+#endif
+#ifndef MAP_ENTRIES_FLOW_CACHE_TAGS
+#define MAP_ENTRIES_FLOW_CACHE_TAGS 1
+#endif
+#ifndef MAP_ENTRIES_SRC_V4
+#define MAP_ENTRIES_SRC_V4 65536
+#endif
+#ifndef MAP_ENTRIES_DST_V4
+#define MAP_ENTRIES_DST_V4 65536
+#endif
+#ifndef MAP_ENTRIES_SRC_V6
+#define MAP_ENTRIES_SRC_V6 65536
+#endif
+#ifndef MAP_ENTRIES_DST_V6
+#define MAP_ENTRIES_DST_V6 65536
+#endif
+#ifndef MAP_ENTRIES_PORTS
+#define MAP_ENTRIES_PORTS 65536
+#endif
+#ifndef MAP_ENTRIES_ANALYZERS
+#define MAP_ENTRIES_ANALYZERS 512
+#endif
+#ifndef MAP_ENTRIES_STATS_RULE
+#define MAP_ENTRIES_STATS_RULE 16384
+#endif
+#ifndef MAP_ENTRIES_STATS_IFACE
+#define MAP_ENTRIES_STATS_IFACE 4096
+#endif
+#ifndef MAP_ENTRIES_STATS_DEST
+#define MAP_ENTRIES_STATS_DEST 256
+#endif
+#ifndef MAP_ENTRIES_STATS_NODE
+#define MAP_ENTRIES_STATS_NODE 1
+#endif
+#ifndef MAP_ENTRIES_EVAL_PROGS
+#define MAP_ENTRIES_EVAL_PROGS 1
+#endif
+#ifndef MAP_ENTRIES_PEER_PROGS
+#define MAP_ENTRIES_PEER_PROGS 1
+#endif
+#ifndef MAP_ENTRIES_PEER_CONFIG
+#define MAP_ENTRIES_PEER_CONFIG 1
+#endif
+#ifndef MAP_ENTRIES_EVAL_SCRATCH_MAP
+#define MAP_ENTRIES_EVAL_SCRATCH_MAP 1
+#endif
+#ifndef MAP_ENTRIES_CSUM_SCRATCH
+#define MAP_ENTRIES_CSUM_SCRATCH 1
 #endif
 
 #define MAX_RULES 16384
@@ -257,28 +323,28 @@ struct csum_buf {
 _Static_assert(sizeof(struct csum_buf) == 520, "csum_buf layout");
 
 /* Maps: every one of layout.map_specs(); pinned ones under CN2M_PIN_ROOT. */
-BPF_TABLE_PINNED("array", __u32, struct config, config, 1, CN2M_PIN_ROOT "/config");
-BPF_TABLE_PINNED("hash", __u32, struct iface_entry, interfaces, 4096, CN2M_PIN_ROOT "/interfaces");
-BPF_TABLE_PINNED("array", __u32, __u32, sessions, 4096, CN2M_PIN_ROOT "/sessions");
-BPF_TABLE_PINNED("array", __u32, struct rule_entry, rules, 16384, CN2M_PIN_ROOT "/rules");
-BPF_TABLE_PINNED("array", __u32, struct dest_entry, destinations, 256, CN2M_PIN_ROOT "/destinations");
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, flows, FLOW_TABLE_SIZE, CN2M_PIN_ROOT "/flows");
-BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_entry, flow_cache, 4096, CN2M_PIN_ROOT "/flow_cache");
-BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_tags, flow_cache_tags, 1, CN2M_PIN_ROOT "/flow_cache_tags");
-BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct match_bits, src_v4, 65536, CN2M_PIN_ROOT "/src_v4", 1);
-BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct match_bits, dst_v4, 65536, CN2M_PIN_ROOT "/dst_v4", 1);
-BPF_TABLE_PINNED("lpm_trie", struct lpm_v6_key, struct match_bits, src_v6, 65536, CN2M_PIN_ROOT "/src_v6", 1);
-BPF_TABLE_PINNED("lpm_trie", struct lpm_v6_key, struct match_bits, dst_v6, 65536, CN2M_PIN_ROOT "/dst_v6", 1);
-BPF_TABLE_PINNED("lpm_trie", struct lpm_port_key, struct match_bits, ports, 65536, CN2M_PIN_ROOT "/ports", 1);
-BPF_TABLE_PINNED("hash", struct analyzer_key, __u8, analyzers, 512, CN2M_PIN_ROOT "/analyzers");
-BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_rule, 16384, CN2M_PIN_ROOT "/stats_rule");
-BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_iface, 4096, CN2M_PIN_ROOT "/stats_iface");
-BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_dest, 256, CN2M_PIN_ROOT "/stats_dest");
-BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_node, 1, CN2M_PIN_ROOT "/stats_node");
-BPF_TABLE_PINNED("prog", __u32, __u32, eval_progs, 1, CN2M_PIN_ROOT "/eval_progs");
-BPF_TABLE_PINNED("prog", __u32, __u32, peer_progs, 1, CN2M_PIN_ROOT "/peer_progs");
-BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, 1, CN2M_PIN_ROOT "/peer_config");
-BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, 1, CN2M_PIN_ROOT "/eval_scratch_map_" CN2M_SCRATCH_DIGEST);
-BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, 1, 0);
+BPF_TABLE_PINNED("array", __u32, struct config, config, MAP_ENTRIES_CONFIG, CN2M_PIN_ROOT "/config");
+BPF_TABLE_PINNED("hash", __u32, struct iface_entry, interfaces, MAP_ENTRIES_INTERFACES, CN2M_PIN_ROOT "/interfaces");
+BPF_TABLE_PINNED("array", __u32, __u32, sessions, MAP_ENTRIES_SESSIONS, CN2M_PIN_ROOT "/sessions");
+BPF_TABLE_PINNED("array", __u32, struct rule_entry, rules, MAP_ENTRIES_RULES, CN2M_PIN_ROOT "/rules");
+BPF_TABLE_PINNED("array", __u32, struct dest_entry, destinations, MAP_ENTRIES_DESTINATIONS, CN2M_PIN_ROOT "/destinations");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, flows, MAP_ENTRIES_FLOWS, CN2M_PIN_ROOT "/flows");
+BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_entry, flow_cache, MAP_ENTRIES_FLOW_CACHE, CN2M_PIN_ROOT "/flow_cache");
+BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_tags, flow_cache_tags, MAP_ENTRIES_FLOW_CACHE_TAGS, CN2M_PIN_ROOT "/flow_cache_tags");
+BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct match_bits, src_v4, MAP_ENTRIES_SRC_V4, CN2M_PIN_ROOT "/src_v4", 1);
+BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct match_bits, dst_v4, MAP_ENTRIES_DST_V4, CN2M_PIN_ROOT "/dst_v4", 1);
+BPF_TABLE_PINNED("lpm_trie", struct lpm_v6_key, struct match_bits, src_v6, MAP_ENTRIES_SRC_V6, CN2M_PIN_ROOT "/src_v6", 1);
+BPF_TABLE_PINNED("lpm_trie", struct lpm_v6_key, struct match_bits, dst_v6, MAP_ENTRIES_DST_V6, CN2M_PIN_ROOT "/dst_v6", 1);
+BPF_TABLE_PINNED("lpm_trie", struct lpm_port_key, struct match_bits, ports, MAP_ENTRIES_PORTS, CN2M_PIN_ROOT "/ports", 1);
+BPF_TABLE_PINNED("hash", struct analyzer_key, __u8, analyzers, MAP_ENTRIES_ANALYZERS, CN2M_PIN_ROOT "/analyzers");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_rule, MAP_ENTRIES_STATS_RULE, CN2M_PIN_ROOT "/stats_rule");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_iface, MAP_ENTRIES_STATS_IFACE, CN2M_PIN_ROOT "/stats_iface");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_dest, MAP_ENTRIES_STATS_DEST, CN2M_PIN_ROOT "/stats_dest");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_node, MAP_ENTRIES_STATS_NODE, CN2M_PIN_ROOT "/stats_node");
+BPF_TABLE_PINNED("prog", __u32, __u32, eval_progs, MAP_ENTRIES_EVAL_PROGS, CN2M_PIN_ROOT "/eval_progs");
+BPF_TABLE_PINNED("prog", __u32, __u32, peer_progs, MAP_ENTRIES_PEER_PROGS, CN2M_PIN_ROOT "/peer_progs");
+BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, MAP_ENTRIES_PEER_CONFIG, CN2M_PIN_ROOT "/peer_config");
+BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, MAP_ENTRIES_EVAL_SCRATCH_MAP, CN2M_PIN_ROOT "/eval_scratch_map_" CN2M_SCRATCH_DIGEST);
+BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, MAP_ENTRIES_CSUM_SCRATCH, 0);
 
 #endif /* CN2M_GEN_LAYOUT_H */
