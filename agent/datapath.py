@@ -35,11 +35,11 @@ from importlib import resources
 
 from . import bpfsys, layout
 from .bpfsys import BpfError, BpfMap, obj_get, obj_pin
+from .defaults import DEFAULT_PIN_ROOT
 from .netns import NETNS_DIR, entered, iproute, run, sysctl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/cn2mirror"
 MIRROR_TX = "cn2m-tx"  # clones enter here; finished ones are wrapped on its TC egress
 MIRROR_RX = "cn2m-rx"  # the rest (offloads off: the kernel segments them) wrapped here
 MIRROR_MTU = 65535

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .compiler import Compiler, explain, id_table, session_table
+from .defaults import DEFAULT_RESYNC_INTERVAL
 from .node import ApplyResult, describe
 from .snapshot import Snapshot
 from .state import NodeState
@@ -73,7 +74,6 @@ from .statefiles import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESYNC_INTERVAL = 30.0
 RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
 
 # Where a problem comes from.

@@ -19,8 +19,9 @@ from kubernetes import client
 
 from cn2mirror.agent import kube
 from cn2mirror.agent.compiler import compile_node
-from cn2mirror.agent.kube import KubeOptions, KubeSource, kube_options, trim
+from cn2mirror.agent.kube import KubeSource, trim
 from cn2mirror.agent.model import CN2_GROUP, GROUP
+from cn2mirror.cli.kube_options import kube_options, kube_options_from_params
 
 from .kube_emulator import KubeEmulator, Snapshots, crd_files, names, wait_until
 
@@ -432,7 +433,7 @@ def test_kube_options_and_kubeconfig(emu, tmp_path):
     @click.option("--node", envvar="NODE_NAME")
     @kube_options
     def cmd(node, **params):
-        seen["kube"] = KubeOptions.from_params(params)
+        seen["kube"] = kube_options_from_params(params)
         seen["rest"] = params
 
     runner = CliRunner()

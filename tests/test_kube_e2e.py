@@ -32,6 +32,7 @@ from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import PinnedMaps
 from cn2mirror.agent.runtime import Agent
+from cn2mirror.agent.services import start_services
 
 from .kube_emulator import KubeEmulator, crd_files, wait_until
 from .test_kube_status import check_exposition
@@ -113,8 +114,8 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         options = KubeOptions(namespace="cn2mirror-system", metrics_address="127.0.0.1:0",
                               lease_duration=3, renew_deadline=2, retry_period=0.5,
                               _client=api)
-        services = options.start_services(source, "node1", agent=agent, pin_root=pin_root,
-                                          state_dir=state_dir)
+        services = start_services(options, source, "node1", agent=agent, pin_root=pin_root,
+                                  state_dir=state_dir)
         base = f"http://127.0.0.1:{services.server.port}"
         wait_until(agent.ready, 30, what="the agent to apply the API's objects")
 

@@ -21,9 +21,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from cn2mirror.agent.kube import KubeSource, kube_options
+from cn2mirror.agent.kube import KubeSource
 from cn2mirror.agent.model import CN2_GROUP, GROUP, MIRROR_KINDS
 from cn2mirror.agent.status import EventRecorder, LeaderElector, StatusWriter
+from cn2mirror.cli.kube_options import kube_options
 
 from .kube_emulator import KubeEmulator, crd_files, wait_until
 from .test_crds import api_server_errors, example_documents
