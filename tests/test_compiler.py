@@ -12,18 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cn2mirror.agent import compiler
 from cn2mirror.agent.compiler import (
-    REVERSE,
     assign_ids,
     compile_node,
-    explain,
     id_table,
     port_key,
     rule_key,
     session_table,
     stable_id,
 )
+from cn2mirror.agent.explain import REVERSE, explain, rule_matches
 from cn2mirror.agent.model import CN2_GROUP, GROUP
 from cn2mirror.agent.snapshot import FIELDS, Snapshot, load_paths, snapshot_from_objects
 from cn2mirror.agent.state import (
@@ -901,12 +899,12 @@ def test_explain_reads_the_rules_the_compiler_wrote():
     """A flow matches exactly the rules whose sets contain its ends and port."""
     rule = Rule(policy="p", index=0, src=(Cidr("198.18.0.0/16", ("198.18.1.0/24",)),),
                 dst=ANY, ports=(PortRange(TCP, 80, 90), PortRange(UDP)))
-    assert compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 85)
-    assert not compiler.rule_matches(rule, "198.18.1.1", "198.19.0.1", TCP, 85)  # excepted
-    assert not compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 91)
-    assert compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", UDP, None)
-    assert not compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, None)
-    assert not compiler.rule_matches(rule, "fd00::1", "198.19.0.1", UDP, 1)
+    assert rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 85)
+    assert not rule_matches(rule, "198.18.1.1", "198.19.0.1", TCP, 85)  # excepted
+    assert not rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 91)
+    assert rule_matches(rule, "198.18.2.1", "198.19.0.1", UDP, None)
+    assert not rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, None)
+    assert not rule_matches(rule, "fd00::1", "198.19.0.1", UDP, 1)
 
 
 # --- The examples compile into a working demo ----------------------------------------------------
