@@ -860,12 +860,10 @@ class Datapath:
 
     # ------------------------------------------------------------------ removal
     def remove_pins(self) -> None:
-        """Unpin everything under the pin root (the agent's `--cleanup`)."""
-        if not os.path.isdir(self.pin_root):
-            return
-        for name in os.listdir(self.pin_root):
-            os.unlink(os.path.join(self.pin_root, name))
-        os.rmdir(self.pin_root)
+        """Unpin everything under the pin root (the agent's `--cleanup`); a pin root that
+        is a mount point is emptied."""
+        if os.path.isdir(self.pin_root):
+            bpfsys.clear_directory(self.pin_root)
 
     def close(self) -> None:
         """Close our descriptors of the programs and maps (the pins keep them)."""
