@@ -32,6 +32,8 @@ from cn2mirror.agent.node import Node
 from cn2mirror.agent.runtime import Agent
 from cn2mirror.agent.snapshot import load_paths
 
+from .builders import mirror_policy, wait_until
+
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 GRACE = 0.3  # copies already on their way when a change is applied
@@ -138,16 +140,6 @@ def seq_of(inner: bytes) -> int:
     return int.from_bytes(inner[at:at + 4], "big")
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def md_objects(lab) -> list[dict]:
     return [
         {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "MirrorDestination",
@@ -171,10 +163,8 @@ def stream_objects(tmp_path, lab):
 
 
 def policy(*rules: dict) -> dict:
-    return {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": "p", "namespace": "demo"},
-            "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-                     "rules": list(rules)}}
+    """Policy demo/p on web with these rules."""
+    return mirror_policy("p", "demo", "web", None, rules=list(rules))
 
 
 def rule(ports: list[dict], mirror_to: str, src_app: str | None = "client") -> dict:

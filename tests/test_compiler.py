@@ -40,10 +40,20 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
+from .builders import (
+    ANALYZER_POD,
+    ANALYZER_SELECTOR,
+    NODE,
+    csp,
+    gcsp,
+    md,
+    namespace,
+    pod,
+)
+from .builders import match_labels as labels
+
 ROOT = Path(__file__).resolve().parent.parent
-NODE = "n1"
-ANALYZER_SEL = "core.juniper.net/analyzer-pod-selector"
-ANALYZER_POD = "core.juniper.net/analyzer-pod"
+ANALYZER_SEL = ANALYZER_SELECTOR
 MIRROR_ANN = "core.juniper.net/mirror-destination"
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
@@ -51,50 +61,6 @@ ANALYZER_NS = "cn2mirror.io/analyzer-namespace"
 TRUSTED = "cn2mirror.io/trusted-network-annotations"
 
 # --- Object builders -----------------------------------------------------------------------------
-
-
-def pod(name: str, ns: str = "demo", node: str | None = NODE, labels: dict | None = None,
-        ips: tuple[str, ...] = (), annotations: dict | None = None, phase: str = "Running",
-        ports: tuple[tuple[str, int, str], ...] = (), host_network: bool = False) -> dict:
-    spec: dict[str, Any] = {"containers": [{"name": "c", "ports": [
-        {"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]}]}
-    if node:
-        spec["nodeName"] = node
-    if host_network:
-        spec["hostNetwork"] = True
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels or {},
-                     "annotations": annotations or {}},
-        "spec": spec,
-        "status": {"phase": phase, "podIPs": [{"ip": ip} for ip in ips]},
-    }
-
-
-def namespace(name: str, **labels: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels}}
-
-
-def md(name: str, selector: str | None = None, api: str = f"{GROUP}/v1alpha1",
-       **spec: Any) -> dict:
-    labels = {ANALYZER_SEL: selector} if selector else {}
-    return {"apiVersion": api, "kind": "MirrorDestination",
-            "metadata": {"name": name, "labels": labels}, "spec": spec}
-
-
-def csp(name: str, ns: str = "demo", api: str = f"{GROUP}/v1alpha1", **spec: Any) -> dict:
-    return {"apiVersion": api, "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-
-def gcsp(name: str, **spec: Any) -> dict:
-    return {"apiVersion": f"{CN2_GROUP}/v4", "kind": "GlobalContrailSecurityPolicy",
-            "metadata": {"name": name}, "spec": spec}
-
-
-def labels(**kv: str) -> dict:
-    return {"matchLabels": kv}
 
 
 def eps(*endpoints: dict) -> dict:
