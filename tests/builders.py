@@ -1,6 +1,7 @@
 """Builders of the objects the tests feed cn2mirror (Pods, Namespaces, CN2's
-MirrorDestinations and policies, in either API group), and small helpers every kind of
-test uses: wait_until, an HTTP GET, a kubeconfig for the emulated API server.
+MirrorDestinations and policies, in either API group), of the namespace lab and a node
+on it for the datapath tests (default_lab, started_node), and small helpers every kind
+of test uses: wait_until, an HTTP GET, a kubeconfig for the emulated API server.
 
 One definition each: a test that needs its own defaults wraps these (tests/test_kube.py
 pod(): one address and a MAC annotation, as its API server's pods have).
@@ -8,9 +9,12 @@ pod(): one address and a MAC annotation, as its API server's pods have).
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +127,44 @@ def write_kubeconfig(path: Path, server: str) -> Path:
         "users: [{name: emu, user: {token: x}}]\n"
         "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n")
     return path
+
+
+@contextlib.contextmanager
+def default_lab(prefix: str):
+    """A Lab().up_default() (two nodes, pods, analyzers, an external analyzer) named
+    ``prefix`` and a random suffix, always torn down."""
+    from cn2mirror.agent.lab import Lab
+
+    lab = Lab(prefix=prefix + uuid.uuid4().hex[:4])
+    try:
+        lab.up_default()
+        yield lab
+    finally:
+        lab.down()
+
+
+def set_analyzer_mtu(lab, mtu: int) -> None:
+    """The MTU of the path to the analyzer pod (its veth, both ends)."""
+    from cn2mirror.agent.lab import ns_sh
+
+    an = lab.pods["analyzer"]
+    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
+        ns_sh(ns, "ip", "link", "set", dev, "mtu", str(mtu))
+
+
+@contextlib.contextmanager
+def started_node(lab, attach_mode: str | None = None, pin_root: str | None = None):
+    """A started Node on the lab's node1 with a fresh pin root; stopped and unpinned
+    after, and the analyzer's MTU given back (what a test changed does not leak)."""
+    from cn2mirror.agent.node import Node
+
+    pin_root = pin_root or f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
+    options = {"attach_mode": attach_mode} if attach_mode else {}
+    node = Node(pin_root, netns=lab.nodes["node1"].netns, **options)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop(cleanup=True)
+        set_analyzer_mtu(lab, 1500)
+        subprocess.run(["rm", "-rf", pin_root])
