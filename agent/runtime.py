@@ -76,6 +76,11 @@ from .statefiles import (
 log = logging.getLogger(__name__)
 
 RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
+# While a destination cannot be resolved (no route to its analyzer, its MAC not on this
+# node), the node's tables are looked at again soon, backing off from RETRY_FIRST up to
+# this (or the resync interval if shorter): an analyzer that comes back gets its copies
+# within seconds, not at the next full resync.
+UNRESOLVED_RETRY_MAX = 5.0
 
 # Where a problem comes from.
 ORIGIN_SOURCE = "source"  # an input could not be read (a file, a watch)
@@ -245,6 +250,7 @@ class Agent:
         self.reconcile_count = 0
         self.failed_count = 0
         self.consecutive_failures = 0  # reconciles failed in a row: the retry backs off
+        self.consecutive_unresolved = 0  # applied with a destination unresolved, in a row
         self.errors: tuple[Problem, ...] = ()
         self.errors_before: tuple[Problem, ...] = ()
 
@@ -511,12 +517,24 @@ class Agent:
             self.reconcile_count = report.number
             if report.ok:
                 self.consecutive_failures = 0
-                self._next_resync = time.monotonic() + self.resync_interval
+                self._next_resync = time.monotonic() + self._settle_delay(result)
             else:  # retried soon, backing off: 0.5 s, 1 s, 2 s ... up to the resync interval
                 self.consecutive_failures += 1
                 self._next_resync = time.monotonic() + self.retry_delay()
             self._cond.notify_all()
         return report
+
+    def _settle_delay(self, result: ApplyResult | None) -> float:
+        """After a successful apply: the resync interval, or sooner (backing off) while
+        a destination is unresolved."""
+        unresolved = result is not None and any(
+            obj.startswith("MirrorDestination ") for obj in result.problems)
+        if not unresolved:
+            self.consecutive_unresolved = 0
+            return self.resync_interval
+        self.consecutive_unresolved += 1
+        n = self.consecutive_unresolved
+        return min(RETRY_FIRST * 2 ** (n - 1), UNRESOLVED_RETRY_MAX, self.resync_interval)
 
     def retry_delay(self) -> float:
         """How long after a failed reconcile the state is applied again."""
