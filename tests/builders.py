@@ -96,7 +96,7 @@ def mirror_policy(name: str, ns: str, app: str | None, mirror_to: str | None,
     return csp(name, ns, api, **spec)
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = ""):
+def wait_until(predicate, timeout: float = 5.0, what: str = "", interval: float = 0.01):
     """Polls ``predicate`` until it returns something true, and returns that; fails the
     test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
