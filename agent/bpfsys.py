@@ -10,6 +10,7 @@ import ctypes as C
 import ctypes.util
 import errno
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 
@@ -65,6 +66,24 @@ def obj_pin(fd: int, path: str) -> None:
     if os.path.exists(path):
         os.unlink(path)
     _check(lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def clear_directory(path: str) -> bool:
+    """Remove a directory tree (a pin root, or the state directory); a mount point (the
+    directory a pod was given with a hostPath, or a bpffs of its own) is emptied instead,
+    as it cannot be removed from inside. Returns whether anything was there."""
+    if not os.path.lexists(path):
+        return False
+    if os.path.ismount(path):
+        for name in os.listdir(path):
+            child = os.path.join(path, name)
+            if os.path.isdir(child) and not os.path.islink(child):
+                shutil.rmtree(child)
+            else:
+                os.unlink(child)
+    else:
+        shutil.rmtree(path)  # bpffs: unlinking a pin releases it; empty dirs rmdir
+    return True
 
 
 class MapInfo(C.Structure):

@@ -45,7 +45,7 @@ Destinations
   default one (status.podIPs) unless the pod marks a Multus one and its namespace is
   trusted for network annotations (see Pods).
 
-Flow evaluation (the datapath's, mirrored by explain())
+Flow evaluation (the datapath's, mirrored by agent/explain.py)
   The first packet of a flow is evaluated, on each local interface that sees it, against
   every policy applying to that interface. When no policy mirrors the packet as it
   travels and it is not a TCP SYN, every policy is evaluated again with the packet
@@ -105,7 +105,6 @@ from .model import (
     LABEL_ANALYZER_POD,
     LABEL_ANALYZER_SELECTOR,
     LABEL_TRUSTED_NETWORK_ANNOTATIONS,
-    PROTOCOLS,
     MirrorDestination,
     ModelError,
     Namespace,
@@ -127,7 +126,6 @@ from .state import (
     Cidr,
     DeliveryMode,
     Destination,
-    Direction,
     EndpointSet,
     Interface,
     NodeState,
@@ -553,6 +551,107 @@ def compile_node(snapshot: Snapshot, node: str) -> NodeState:
     return Compiler(node).compile(snapshot)
 
 
+# --- The cluster as every node sees it (object status, the CLI) ----------------------------
+
+
+@dataclass(frozen=True)
+class ObjectView:
+    """One MirrorDestination or policy as the compiler reads it."""
+
+    kind: str
+    name: str  # object_name(): "<name>" for cluster-scoped kinds, "<namespace>/<name>"
+    object: Mapping[str, Any]  # the object used (its "kind" set)
+    ignored: tuple[Mapping[str, Any], ...]  # the same object given again: not used
+    parsed: Any  # its MirrorDestination or SecurityPolicy; None when invalid
+    error: str | None  # why it is invalid
+
+
+@dataclass(frozen=True)
+class DestinationView:
+    """A MirrorDestination resolved as every node sees it (the node-independent part)."""
+
+    destination: Destination | None  # None: it cannot be used, ``problem`` says why
+    problem: str | None
+    refused: tuple[str, ...]  # pods carrying its analyzer label never chosen, and why
+    analyzer_interface: PodInterface | None  # the analyzer pod's receiving interface
+    analyzer_node: str | None  # the analyzer pod's node
+
+
+@dataclass(frozen=True)
+class RuleMirror:
+    rule: int  # the rule's index (0 for a rule-less policy's implicit rule)
+    destination: str
+    mirror_id: int
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    problems: tuple[str, ...]  # its destinations that cannot be used: the policy is left out
+    mirrors: tuple[RuleMirror, ...]  # each rule that mirrors, where to, with which id
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the compiler makes of the cluster's objects, whatever the node: each
+    MirrorDestination's and policy's object (which copy is used, its problems), resolved
+    destinations, and mirror ids. The status writer (agent/status.py) reports it."""
+
+    objects: tuple[ObjectView, ...]  # sorted by (kind, name)
+    destinations: Mapping[str, DestinationView]  # valid MirrorDestinations, by name
+    policies: Mapping[tuple[str, str], PolicyView]  # valid policies, by (kind, key)
+    mirror_ids: Mapping[str, int]  # every mirror-id key of the cluster -> id
+
+
+def cluster_view(snapshot: Snapshot) -> ClusterView:
+    """The cluster's objects as the compiler reads them, with the same parsing, choice
+    among duplicates, analyzer choice and id assignment as compile()."""
+    compiler = Compiler("")
+    compiler._parse(snapshot)
+    world = compiler._world
+    objects = []
+    for kind in (KIND_MD, KIND_CSP, KIND_GCSP):
+        _, entries, picked, _ = compiler._kinds[kind]
+        copies: dict[str, list[_Parsed]] = {}
+        for entry in entries.values():
+            copies.setdefault(entry.name, []).append(entry)
+        for name, used in picked.items():
+            ignored = sorted((e for e in copies[name] if e is not used), key=_Parsed.preference)
+            invalid = isinstance(used.result, ModelError)
+            objects.append(ObjectView(
+                kind, name, _typed(kind, used.obj), tuple(_typed(kind, e.obj) for e in ignored),
+                None if invalid else used.result, str(used.result) if invalid else None))
+    objects.sort(key=lambda o: (o.kind, o.name))
+
+    resolved = {name: _resolve(md, world, "") for name, md in world.destinations.items()}
+    pods = {p.key: p for p in world.pods}
+    destinations = {}
+    for name, r in resolved.items():
+        pod = pods.get(r.analyzer_pod) if isinstance(r, Destination) and r.analyzer_pod \
+            else None
+        iface = _receiving_interface(pod, world) if pod is not None else None
+        destinations[name] = DestinationView(
+            r if isinstance(r, Destination) else None, r if isinstance(r, str) else None,
+            tuple(refused_analyzers(world.destinations[name], world)),
+            iface if isinstance(iface, PodInterface) else None,
+            pod.node if pod is not None else None)
+
+    mirror_ids = assign_ids(_mirror_keys(world), MIRROR_ID_MAX)
+    policies = {}
+    for policy in world.policies:
+        mirrors = tuple(
+            RuleMirror(i, dest, mirror_ids[rule_key(policy.key, i)])
+            for i, rule in enumerate(_effective_rules(policy))
+            if (dest := rule.mirror_to or policy.mirror_to))
+        policies[policy.kind, policy.key] = PolicyView(
+            tuple(_destination_problems(policy, world, resolved)), mirrors)
+    return ClusterView(tuple(objects), destinations, policies, mirror_ids)
+
+
+def _typed(kind: str, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The object with its kind set (objects from a typed list may not say it)."""
+    return obj if obj.get("kind") == kind else {**obj, "kind": kind}
+
+
 class _PolicyRecord:
     """What the compiler worked out for one parsed policy, and from what."""
 
@@ -910,168 +1009,3 @@ class Compiler:
         if not any(r.destination for r in rules):
             return None
         return Policy(name=policy.key, rules=tuple(rules), interfaces=interfaces)
-
-
-# --- explain -------------------------------------------------------------------------------
-
-FORWARD = "forward"
-REVERSE = "reverse"
-
-
-@dataclass(frozen=True)
-class PolicyMatch:
-    """How one policy decided for a flow on one interface."""
-
-    policy: str
-    orientation: str  # FORWARD: as the packet goes; REVERSE: the fallback, src and dst swapped
-    matching_rules: tuple[int, ...]  # indexes of every matching rule, in order
-    deciding_rule: int  # the first of them
-    destination: str | None
-    mirror_id: int
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One mirrored copy: where it goes and what identifies it on the wire."""
-
-    destination: str
-    mirror_id: int
-    session_id: int
-    interface: str
-    cause: str  # "policy <name> rule <i>" or "port mirror <direction>"
-
-
-@dataclass(frozen=True)
-class InterfaceExplanation:
-    interface: str
-    direction: Direction | None  # EGRESS: the packet leaves the pod; None: neither end is it
-    matches: tuple[PolicyMatch, ...]  # the policies that matched, in evaluation order
-    unmatched: tuple[str, ...]  # the policies on this interface that matched nothing
-    copies: tuple[Copy, ...]
-
-
-@dataclass(frozen=True)
-class Explanation:
-    src_ip: str
-    dst_ip: str
-    protocol: int
-    dst_port: int | None
-    src_port: int | None
-    interfaces: tuple[InterfaceExplanation, ...]
-
-    @property
-    def copies(self) -> tuple[Copy, ...]:
-        return tuple(c for i in self.interfaces for c in i.copies)
-
-    def lines(self) -> list[str]:
-        """A readable account, for the command line."""
-        flow = f"{self.src_ip}:{self.src_port or '*'} -> {self.dst_ip}:{self.dst_port or '*'}"
-        out = [f"flow {flow} protocol {self.protocol}"]
-        if not self.interfaces:
-            out.append("  no local interface sees this flow")
-        for i in self.interfaces:
-            direction = i.direction.value if i.direction else "transit"
-            out.append(f"  interface {i.interface} ({direction})")
-            for m in i.matches:
-                rules = ", ".join(map(str, m.matching_rules))
-                dest = f"mirror to {m.destination} (id {m.mirror_id})" if m.destination \
-                    else "no mirror"
-                out.append(f"    policy {m.policy}: {m.orientation} rules [{rules}] match, "
-                           f"rule {m.deciding_rule} decides: {dest}")
-            for name in i.unmatched:
-                out.append(f"    policy {name}: no rule matches")
-            for c in i.copies:
-                out.append(f"    copy -> {c.destination} mirror id {c.mirror_id} "
-                           f"session id {c.session_id} ({c.cause})")
-        return out
-
-
-def _protocol_number(protocol: int | str) -> int:
-    return protocol if isinstance(protocol, int) else PROTOCOLS[protocol]
-
-
-def rule_matches(rule: Rule, src_ip: str, dst_ip: str, protocol: int,
-                 dst_port: int | None) -> bool:
-    """Whether a flow matches a rule; a None port matches only rules without port bounds."""
-    if not (in_endpoints(rule.src, src_ip) and in_endpoints(rule.dst, dst_ip)):
-        return False
-    if not rule.ports:
-        return True
-    return any(
-        p.protocol == protocol and (
-            p.port_lo is None or (dst_port is not None and p.port_lo <= dst_port <= p.port_hi)
-        )
-        for p in rule.ports
-    )
-
-
-def _evaluate(policy: Policy, src_ip: str, dst_ip: str, protocol: int, dst_port: int | None,
-              orientation: str) -> PolicyMatch | None:
-    matching = tuple(r for r in policy.rules if rule_matches(r, src_ip, dst_ip, protocol, dst_port))
-    if not matching:
-        return None
-    first = matching[0]
-    return PolicyMatch(policy.name, orientation, tuple(r.index for r in matching), first.index,
-                       first.destination, first.mirror_id)
-
-
-def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
-            dst_port: int | None = None, interface_key: str | None = None, *,
-            src_port: int | None = None, reverse_fallback: bool = True,
-            tcp_syn: bool | None = None) -> Explanation:
-    """Which policies and rules match a flow's first packet, and where copies go.
-
-    The packet is looked at on ``interface_key``, or else on every local interface whose
-    addresses include src_ip (egress) or dst_ip (ingress). On each, every policy applying
-    to it is evaluated on its own: its first matching rule decides. With
-    ``reverse_fallback``, when no policy mirrors the packet, every policy is evaluated
-    again with the packet's orientation reversed (src and dst swapped, src_port as the
-    destination port), as the datapath does, unless the packet is a TCP SYN
-    (``tcp_syn``; None: a TCP packet is taken to be a SYN, the first packet of a new
-    flow). Port mirrors add a copy when their direction covers the packet's.
-    """
-    proto = _protocol_number(protocol)
-    syn = tcp_syn if tcp_syn is not None else proto == PROTOCOLS["TCP"]
-    src, dst = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
-
-    def own(i: Interface, addr: Any) -> bool:
-        return any(ipaddress.ip_address(ip) == addr for ip in i.ips)
-
-    if interface_key is not None:
-        seen = [i for i in state.interfaces if i.key == interface_key]
-    else:
-        seen = [i for i in state.interfaces if own(i, src) or own(i, dst)]
-
-    results = []
-    for iface in seen:
-        direction = Direction.EGRESS if own(iface, src) else \
-            Direction.INGRESS if own(iface, dst) else None
-        matches, unmatched, copies = [], [], []
-        applying = [p for p in state.policies if iface.key in p.interfaces]
-        decided = {p.name: _evaluate(p, src_ip, dst_ip, proto, dst_port, FORWARD)
-                   for p in applying}
-        # The datapath tries the other orientation only when nothing mirrors this one.
-        if reverse_fallback and not syn and not any(
-                m is not None and m.destination is not None for m in decided.values()):
-            for p in applying:
-                again = _evaluate(p, dst_ip, src_ip, proto, src_port, REVERSE)
-                if again is not None:
-                    decided[p.name] = again
-        for policy in applying:
-            match = decided[policy.name]
-            if match is None:
-                unmatched.append(policy.name)
-                continue
-            matches.append(match)
-            if match.destination is not None:
-                copies.append(Copy(match.destination, match.mirror_id, iface.session_id,
-                                   iface.key, f"policy {match.policy} rule {match.deciding_rule}"))
-        for m in iface.port_mirrors:
-            # A packet between two addresses of the same pod is both egress and ingress.
-            for d in (Direction.EGRESS, Direction.INGRESS):
-                if m.direction.covers(d) and own(iface, src if d is Direction.EGRESS else dst):
-                    copies.append(Copy(m.destination, m.mirror_id, iface.session_id, iface.key,
-                                       f"port mirror {d.value}"))
-        results.append(InterfaceExplanation(iface.key, direction, tuple(matches),
-                                            tuple(unmatched), tuple(copies)))
-    return Explanation(str(src), str(dst), proto, dst_port, src_port, tuple(results))

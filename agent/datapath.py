@@ -35,11 +35,11 @@ from importlib import resources
 
 from . import bpfsys, layout
 from .bpfsys import BpfError, BpfMap, obj_get, obj_pin
+from .defaults import DEFAULT_PIN_ROOT
 from .netns import NETNS_DIR, entered, iproute, run, sysctl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/cn2mirror"
 MIRROR_TX = "cn2m-tx"  # clones enter here; finished ones are wrapped on its TC egress
 MIRROR_RX = "cn2m-rx"  # the rest (offloads off: the kernel segments them) wrapped here
 MIRROR_MTU = 65535
@@ -921,12 +921,10 @@ class Datapath:
 
     # ------------------------------------------------------------------ removal
     def remove_pins(self) -> None:
-        """Unpin everything under the pin root (the agent's `--cleanup`)."""
-        if not os.path.isdir(self.pin_root):
-            return
-        for name in os.listdir(self.pin_root):
-            os.unlink(os.path.join(self.pin_root, name))
-        os.rmdir(self.pin_root)
+        """Unpin everything under the pin root (the agent's `--cleanup`); a pin root that
+        is a mount point is emptied."""
+        if os.path.isdir(self.pin_root):
+            bpfsys.clear_directory(self.pin_root)
 
     def close(self) -> None:
         """Close our descriptors of the programs and maps (the pins keep them)."""

@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .defaults import DEFAULT_POLL_INTERVAL
 from .snapshot import FIELDS, YAML_SUFFIXES, LoadError, Snapshot, identity, load_paths
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_SETTLE = 0.1
 
 # A file's identity and version as stat() shows it.

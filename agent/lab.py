@@ -19,8 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import socket
 import subprocess
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -347,6 +352,38 @@ EXAMPLES_SPEC: dict[str, Any] = {
 }
 
 _SPEC_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class CopyReceiver:
+    """An analyzer's end of the copies in a lab: a UDP socket in the analyzer's network
+    namespace, read on a thread of its own, each datagram handed to
+    ``on_datagram(arrival time (monotonic), datagram)``. The tests keep and decode every
+    copy; the soak only counts them."""
+
+    def __init__(self, netns: str, on_datagram: Callable[[float, bytes], None],
+                 port: int = 30030, rcvbuf: int = 4 << 20):
+        from .netns import entered
+
+        with entered(netns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind(("0.0.0.0", port))
+        self.on_datagram = on_datagram
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.05)
+            if ready:
+                data = self.sock.recv(65535)
+                self.on_datagram(time.monotonic(), data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
 
 
 class LabSpecError(ValueError):

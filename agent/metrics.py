@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 
+from .defaults import DEFAULT_METRICS_ADDRESS as DEFAULT_ADDRESS
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DEFAULT_ADDRESS = ":9464"
 Labels = dict[str, str]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .capacity import Limits, fit, has_namespace_limits
 from .datapath import Datapath, DatapathError
+from .defaults import DEFAULT_ATTACH_MODE
 from .discovery import NodeTables, Placement
 from .netns import iproute
 from .programmer import TRIES, MapWriteError, MapWriter, Plan, PlanError, Planner, copy_fit_flags
@@ -22,8 +23,6 @@ from .state import NodeState
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_STATE_DIR = "/run/cn2mirror"
 
 
 @dataclass
@@ -119,7 +118,7 @@ class ApplyError(DatapathError):
 class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
-                 uplink: str | None = None, attach_mode: str = "auto",
+                 uplink: str | None = None, attach_mode: str = DEFAULT_ATTACH_MODE,
                  pod_side: bool = False, limits: Limits | None = None):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.datapath.set_attach_mode(attach_mode)

@@ -58,7 +58,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .compiler import Compiler, explain, id_table, session_table
+from .compiler import Compiler, id_table, session_table
+from .defaults import DEFAULT_RESYNC_INTERVAL
+from .explain import explain
 from .node import ApplyResult, describe
 from .snapshot import Snapshot
 from .state import NodeState
@@ -73,7 +75,6 @@ from .statefiles import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESYNC_INTERVAL = 30.0
 RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
 # While a destination cannot be resolved (no route to its analyzer, its MAC not on this
 # node), the node's tables are looked at again soon, backing off from RETRY_FIRST up to
@@ -350,7 +351,7 @@ class Agent:
 
     def explain(self, src_ip: str, dst_ip: str, protocol: int | str,
                 dst_port: int | None = None, **kwargs):
-        """compiler.explain on the last applied state (None before the first apply)."""
+        """explain() (agent/explain.py) on the last applied state (None before the first apply)."""
         state = self.last_state
         return None if state is None else explain(state, src_ip, dst_ip, protocol, dst_port,
                                                   **kwargs)

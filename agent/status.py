@@ -42,19 +42,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import compiler
+from .compiler import DestinationView, cluster_view
 from .model import (
     KIND_CSP,
     KIND_GCSP,
     KIND_MD,
     KIND_POD,
     NAMESPACED_KINDS,
-    ModelError,
     object_name,
-    parse_object,
 )
 from .snapshot import Snapshot
-from .state import MIRROR_ID_MAX, DeliveryMode, Destination
+from .state import DeliveryMode, Destination
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +398,7 @@ def _status(obj: Mapping[str, Any], ok: bool, reason: str, message: str,
     return status
 
 
-def _destination_fields(d: Destination, world: Any) -> tuple[dict, str]:
+def _destination_fields(d: Destination, view: DestinationView) -> tuple[dict, str]:
     fields: dict[str, Any] = {"mode": d.mode.value}
     if d.mode is DeliveryMode.VXLAN:
         fields["analyzerIP"] = d.vtep_ip
@@ -413,15 +411,12 @@ def _destination_fields(d: Destination, world: Any) -> tuple[dict, str]:
         else f"{d.analyzer_ip} (MAC {d.analyzer_mac})"
     if d.analyzer_pod is None:
         return fields, f"external analyzer {where}"
-    pod = next((p for p in world.pods if p.key == d.analyzer_pod), None)
     fields["analyzerPod"] = d.analyzer_pod
-    node = "an unscheduled node"
-    iface = compiler._receiving_interface(pod, world) if pod is not None else None
-    if iface is not None and not isinstance(iface, str):
+    iface = view.analyzer_interface
+    if iface is not None:
         fields["analyzerInterface"] = iface.name
         fields["analyzerMac"] = iface.mac
-    if pod is not None and pod.node:
-        node = f"node {pod.node}"
+    node = f"node {view.analyzer_node}" if view.analyzer_node else "an unscheduled node"
     return fields, (f"analyzer pod {d.analyzer_pod} on {node}, interface "
                     f"{fields.get('analyzerInterface', '?')}, {where}")
 
@@ -429,65 +424,42 @@ def _destination_fields(d: Destination, world: Any) -> tuple[dict, str]:
 def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]:
     """(object, the status it should have) for every MirrorDestination and policy.
 
-    Uses the compiler's own parsing, analyzer choice and id assignment, so the status
-    says exactly what the nodes do.
+    Reports the compiler's own view of the cluster (compiler.cluster_view: its parsing,
+    choice among duplicates, analyzer choice and id assignment), so the status says
+    exactly what the nodes do.
     """
-    world = compiler._parse(snapshot)
-    resolved: dict[str, Destination | str] = {
-        name: compiler._resolve(md, world, "") for name, md in world.destinations.items()}
-    mirror_ids = compiler.assign_ids(compiler._mirror_keys(world), MIRROR_ID_MAX)
-    policies = {(p.kind, p.key): p for p in world.policies}
-
-    copies: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for kind, objs in ((KIND_MD, snapshot.destinations), (KIND_CSP, snapshot.policies),
-                       (KIND_GCSP, snapshot.global_policies)):
-        for o in objs:
-            o = o if o.get("kind") == kind else {**o, "kind": kind}
-            copies[kind, object_name(o)].append(o)
-
+    view = cluster_view(snapshot)
     out: list[tuple[Mapping[str, Any], dict]] = []
-    for (kind, name), objs in sorted(copies.items()):
-        objs = sorted(objs, key=lambda o, k=kind: compiler._preference(k, o))
-        chosen = objs[0]
-        for other in objs[1:]:
+    for o in view.objects:
+        chosen = o.object
+        for other in o.ignored:
             out.append((other, _status(other, False, "Duplicate", (
-                f"{kind} {name} is also given as {chosen.get('apiVersion')}; that object is "
-                f"used and this {other.get('apiVersion')} one is ignored"))))
-        try:
-            parsed = parse_object(chosen)
-        except ModelError as e:
-            out.append((chosen, _status(chosen, False, "Invalid", str(e))))
+                f"{o.kind} {o.name} is also given as {chosen.get('apiVersion')}; that object "
+                f"is used and this {other.get('apiVersion')} one is ignored"))))
+        if o.error is not None:
+            out.append((chosen, _status(chosen, False, "Invalid", o.error)))
             continue
-        except Exception as e:  # a parser bug must not stop the other statuses
-            out.append((chosen, _status(chosen, False, "Invalid", f"cannot be read: {e}")))
-            continue
-        if kind == KIND_MD:
-            r = resolved.get(parsed.name)
-            if isinstance(r, Destination):
-                fields, message = _destination_fields(r, world)
-                refused = compiler.refused_analyzers(world.destinations[parsed.name], world)
-                if refused:  # labelled pods an admin did not allow: never chosen
-                    message += "; not chosen as the analyzer: " + "; ".join(refused)
+        if o.kind == KIND_MD:
+            d = view.destinations.get(o.parsed.name)
+            if d is not None and d.destination is not None:
+                fields, message = _destination_fields(d.destination, d)
+                if d.refused:  # labelled pods an admin did not allow: never chosen
+                    message += "; not chosen as the analyzer: " + "; ".join(d.refused)
                 out.append((chosen, _status(chosen, True, "Resolved", message, fields)))
             else:
                 out.append((chosen, _status(chosen, False, "AnalyzerUnavailable",
-                                            r or "not resolved")))
+                                            (d.problem if d else None) or "not resolved")))
             continue
-        policy = policies.get((kind, parsed.key))
+        policy = view.policies.get((o.kind, o.parsed.key))
         if policy is None:
             out.append((chosen, _status(chosen, False, "Invalid", "not read by the compiler")))
             continue
-        problems = compiler._destination_problems(policy, world, resolved)
-        if problems:
+        if policy.problems:
             out.append((chosen, _status(chosen, False, "DestinationUnavailable",
-                                        "; ".join(problems))))
+                                        "; ".join(policy.problems))))
             continue
-        parts = []
-        for i, rule in enumerate(compiler._effective_rules(policy)):
-            dest = rule.mirror_to or policy.mirror_to
-            if dest:
-                mid = mirror_ids[compiler.rule_key(policy.key, i)]
-                parts.append(f"rule {i} to {dest} as mirror id {mid}")
+        parts = [f"rule {m.rule} to {m.destination} as mirror id {m.mirror_id}"
+                 for m in policy.mirrors]
         message = "mirrors " + "; ".join(parts) if parts else "accepted; no rule mirrors"
         out.append((chosen, _status(chosen, True, "Accepted", message)))
     return out

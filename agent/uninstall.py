@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from dataclasses import dataclass, field
 
+from .bpfsys import clear_directory
 from .datapath import MIRROR_RX, MIRROR_TX, Datapath
 from .discovery import VXLAN_DEVICE
 from .netns import iproute
@@ -66,24 +66,6 @@ def _remove_devices(netns: str | None) -> list[str]:
     return removed
 
 
-def _clear(path: str) -> bool:
-    """Remove a directory tree (pins or state); a mount point (the directory a pod was
-    given with a hostPath) is emptied instead, as it cannot be removed from inside.
-    Returns whether anything was there."""
-    if not os.path.lexists(path):
-        return False
-    if os.path.ismount(path):
-        for name in os.listdir(path):
-            child = os.path.join(path, name)
-            if os.path.isdir(child) and not os.path.islink(child):
-                shutil.rmtree(child)
-            else:
-                os.unlink(child)
-    else:
-        shutil.rmtree(path)  # bpffs: unlinking a pin releases it; empty dirs rmdir
-    return True
-
-
 def _present(path: str) -> bool:
     """Something of ours is there (an emptied mount point is not)."""
     if not os.path.lexists(path):
@@ -127,7 +109,7 @@ def uninstall(pin_root: str, state_dir: str | None = None,
         dp.detach(idx)
         report.detached.append(names.get(idx, str(idx)))
     report.devices = _remove_devices(netns)
-    report.pins = _present(pin_root) and _clear(pin_root)
-    report.state_dir = bool(state_dir) and _present(state_dir) and _clear(state_dir)
+    report.pins = _present(pin_root) and clear_directory(pin_root)
+    report.state_dir = bool(state_dir) and _present(state_dir) and clear_directory(state_dir)
     report.left = leftovers(pin_root, state_dir, netns)
     return report

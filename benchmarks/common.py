@@ -216,6 +216,40 @@ def nft(ns: str, script: str) -> None:
         raise BenchError(f"nft in {ns}: {r.stderr.strip()}\n{script}")
 
 
+# --- The baselines: tc mirred and nft dup copying a pod's traffic to the analyzer ----------
+NFT_DUP_TABLE = "cn2mbenchdup"
+
+
+def tc_mirred_start(node_ns: str, pod_if: str, analyzer_if: str) -> None:
+    """Both directions of ``pod_if`` mirrored by tc (clsact, u32 match-all, mirred) out of
+    the analyzer's host-side veth: copies of the frames, unwrapped."""
+    ns_sh(node_ns, "tc", "qdisc", "add", "dev", pod_if, "clsact")
+    for d in ("ingress", "egress"):
+        ns_sh(node_ns, "tc", "filter", "add", "dev", pod_if, d, "protocol", "all", "prio", "1",
+              "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev",
+              analyzer_if)
+
+
+def tc_mirred_stop(node_ns: str, *pod_ifs: str) -> None:
+    for ifname in pod_ifs:
+        ns_sh(node_ns, "tc", "qdisc", "del", "dev", ifname, "clsact", check=False)
+
+
+def nft_dup_start(node_ns: str, pod_if: str, analyzer_ip: str, analyzer_if: str) -> None:
+    """Both directions of ``pod_if`` duplicated by nftables (dup to) to the analyzer."""
+    nft(node_ns, f"""
+table ip {NFT_DUP_TABLE} {{
+  chain post {{ type filter hook postrouting priority 0;
+    oifname "{pod_if}" dup to {analyzer_ip} device "{analyzer_if}"; }}
+  chain pre {{ type filter hook prerouting priority 0;
+    iifname "{pod_if}" dup to {analyzer_ip} device "{analyzer_if}"; }}
+}}""")
+
+
+def nft_dup_stop(node_ns: str) -> None:
+    ns_sh(node_ns, "nft", "delete", "table", "ip", NFT_DUP_TABLE, check=False)
+
+
 def install_sink(ns: str, what: str = "meta l4proto udp", drop: bool = True) -> None:
     """A named counter on the pod's eth0 ingress (netdev hook, before IP), counting (and by
     default dropping) what matches: the cheapest possible receiver, the same in every

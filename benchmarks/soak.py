@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from cn2mirror.agent import jmirror
-from cn2mirror.agent.lab import Lab
+from cn2mirror.agent.lab import CopyReceiver, Lab
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.pinned import PinnedMaps, sum_counters
 
@@ -75,36 +75,23 @@ def fds(pid: int) -> int | None:
 
 
 class Counter:
-    """Copies arriving at one analyzer (a UDP socket in its namespace)."""
+    """Copies arriving at one analyzer, counted (ten minutes of copies are not kept),
+    and the sequence numbers of the UDP stream's copies."""
 
     def __init__(self, netns: str, port: int = 30030):
-        with entered(netns):
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind(("0.0.0.0", port))
-        self.sock.settimeout(0.2)
         self.copies = 0
         self.stream_seqs: set[int] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self._receiver = CopyReceiver(netns, self._copy, port, rcvbuf=8 << 20)
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(65535)
-            except (TimeoutError, OSError):
-                continue
-            self.copies += 1
-            with contextlib.suppress(jmirror.NotJMirror):
-                inner = jmirror.decode(data).inner
-                if inner[9] == 17 and inner[22:24] == (5000).to_bytes(2, "big"):
-                    self.stream_seqs.add(int.from_bytes(inner[28:32], "big"))
+    def _copy(self, _now: float, data: bytes) -> None:
+        self.copies += 1
+        with contextlib.suppress(jmirror.NotJMirror):
+            inner = jmirror.decode(data).inner
+            if inner[9] == 17 and inner[22:24] == (5000).to_bytes(2, "big"):
+                self.stream_seqs.add(int.from_bytes(inner[28:32], "big"))
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
+        self._receiver.close()
 
 
 def objects(lab: Lab, step: int) -> list[dict]:

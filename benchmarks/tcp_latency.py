@@ -202,26 +202,16 @@ class TcpBench:
     def scenario(self, name: str) -> None:
         """Leave whatever mirroring is set up and set up `name` (one of SCENARIOS)."""
         web_if, an_if = self.web.host_ifname, self.an.host_ifname
-        cm.ns_sh(self.node_ns, "nft", "delete", "table", "ip", "cn2mbenchdup", check=False)
+        cm.nft_dup_stop(self.node_ns)
         if name == "cn2m":
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
             return
         self.node.apply(cm.state(self.lab, interfaces=()))
-        cm.ns_sh(self.node_ns, "tc", "qdisc", "del", "dev", web_if, "clsact", check=False)
+        cm.tc_mirred_stop(self.node_ns, web_if)
         if name == "tc_mirred":
-            cm.ns_sh(self.node_ns, "tc", "qdisc", "add", "dev", web_if, "clsact")
-            for d in ("ingress", "egress"):
-                cm.ns_sh(self.node_ns, "tc", "filter", "add", "dev", web_if, d, "protocol",
-                         "all", "prio", "1", "u32", "match", "u32", "0", "0", "action",
-                         "mirred", "egress", "mirror", "dev", an_if)
+            cm.tc_mirred_start(self.node_ns, web_if, an_if)
         elif name == "nft_dup":
-            cm.nft(self.node_ns, f"""
-table ip cn2mbenchdup {{
-  chain post {{ type filter hook postrouting priority 0;
-    oifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
-  chain pre {{ type filter hook prerouting priority 0;
-    iifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
-}}""")
+            cm.nft_dup_start(self.node_ns, web_if, self.an.ip, an_if)
 
     def recoverable(self, size: int = STREAM_BYTES) -> dict:
         """One transfer of `size` bytes under the current scenario, read at the analyzer."""

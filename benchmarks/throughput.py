@@ -84,8 +84,7 @@ class Bench:
         self._del_clsact()
 
     def _del_clsact(self):
-        for ifname in (self.web.host_ifname, self.client.host_ifname):
-            cm.ns_sh(self.node_ns, "tc", "qdisc", "del", "dev", ifname, "clsact", check=False)
+        cm.tc_mirred_stop(self.node_ns, self.web.host_ifname, self.client.host_ifname)
 
     def enter(self, name: str) -> None:
         web_if, an_if = self.web.host_ifname, self.an.host_ifname
@@ -98,19 +97,9 @@ class Bench:
         else:
             self._no_cn2m()
         if name == "tc_mirred":
-            cm.ns_sh(self.node_ns, "tc", "qdisc", "add", "dev", web_if, "clsact")
-            for d in ("ingress", "egress"):
-                cm.ns_sh(self.node_ns, "tc", "filter", "add", "dev", web_if, d, "protocol",
-                         "all", "prio", "1", "u32", "match", "u32", "0", "0", "action",
-                         "mirred", "egress", "mirror", "dev", an_if)
+            cm.tc_mirred_start(self.node_ns, web_if, an_if)
         elif name == "nft_dup":
-            cm.nft(self.node_ns, f"""
-table ip cn2mbench {{
-  chain post {{ type filter hook postrouting priority 0;
-    oifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
-  chain pre {{ type filter hook prerouting priority 0;
-    iifname "{web_if}" dup to {self.an.ip} device "{an_if}"; }}
-}}""")
+            cm.nft_dup_start(self.node_ns, web_if, self.an.ip, an_if)
         elif name == "iptables_tee":
             for chain, opt in (("POSTROUTING", "-o"), ("PREROUTING", "-i")):
                 cm.ns_sh(self.node_ns, "iptables", "-t", "mangle", "-A", chain, opt, web_if,
@@ -126,7 +115,7 @@ table ip cn2mbench {{
         if name == "tc_mirred":
             self._del_clsact()
         elif name == "nft_dup":
-            cm.ns_sh(self.node_ns, "nft", "delete", "table", "ip", "cn2mbench", check=False)
+            cm.nft_dup_stop(self.node_ns)
         elif name == "iptables_tee":
             # Flushing leaves the base chains hooked: remove the whole table.
             cm.ns_sh(self.node_ns, "iptables", "-t", "mangle", "-F", check=False)

@@ -21,12 +21,9 @@ import threading
 
 import click
 
-from cn2mirror.agent import layout
-from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
-from cn2mirror.agent.filesource import DEFAULT_POLL_INTERVAL
-from cn2mirror.agent.kube import KubeOptions, kube_options
-from cn2mirror.agent.node import DEFAULT_STATE_DIR
-from cn2mirror.agent.runtime import DEFAULT_RESYNC_INTERVAL
+from cn2mirror.agent import defaults as D
+
+from .kube_options import kube_options, kube_options_from_params
 
 log = logging.getLogger("cn2mirror.agent")
 
@@ -64,7 +61,7 @@ SOURCE_OPTIONS = [
                  help="YAML file or directory of objects (Pods, Namespaces, "
                       "MirrorDestinations, policies); repeatable. Polled for changes."),
     click.option("--poll-interval", type=click.FloatRange(min=0.05), metavar="SECONDS",
-                 default=DEFAULT_POLL_INTERVAL, show_default=True,
+                 default=D.DEFAULT_POLL_INTERVAL, show_default=True,
                  help="How often --source files are checked for changes."),
     *kube_options(),
 ]
@@ -97,19 +94,20 @@ def _source_options(f):
 @click.option("--netns", metavar="NAME",
               help="Work in this named network namespace (a lab node) instead of the "
                    "agent's own.")
-@click.option("--pin-root", default=DEFAULT_PIN_ROOT, show_default=True, metavar="DIR",
+@click.option("--pin-root", default=D.DEFAULT_PIN_ROOT, show_default=True, metavar="DIR",
               help="Where the BPF maps and programs are pinned (bpffs).")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+@click.option("--state-dir", default=D.DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
               help="Where names.json, capture-names.json and status.json are written.")
 @click.option("--max-flow-dests", type=click.IntRange(1, 32),
-              default=layout.DEFAULT_MAX_FLOW_DESTS, show_default=True,
+              default=D.DEFAULT_MAX_FLOW_DESTS, show_default=True,
               help="Most copies of one flow (the vRouter allows 2).")
 @click.option("--uplink", metavar="IFNAME",
               help="The interface NIC-assisted (VLAN) copies leave on.")
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              default=DEFAULT_RESYNC_INTERVAL, show_default=True,
+              default=D.DEFAULT_RESYNC_INTERVAL, show_default=True,
               help="Re-apply the state this often (picks up late routes, neighbours).")
-@click.option("--attach-mode", type=click.Choice(["auto", "tcx", "legacy"]), default="auto",
+@click.option("--attach-mode", type=click.Choice(["auto", "tcx", "legacy"]),
+              default=D.DEFAULT_ATTACH_MODE,
               show_default=True,
               help="How the classifier is attached to pod interfaces: tcx links at the "
                    "head of the chain (Linux >= 6.6), legacy clsact filters, or auto (tcx "
@@ -153,7 +151,7 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                                "spec.nodeName)")
     check_environment(netns)
     metrics_address = source_options.get("kube_metrics_address")  # any source serves it
-    kube = KubeOptions.from_params(source_options)  # takes the kube_* options
+    kube = kube_options_from_params(source_options)  # takes the kube_* options
     from cn2mirror.agent.filesource import SourceError
     from cn2mirror.agent.ownership import OwnedElsewhere, OwnerRecord, PinRootLock
 
@@ -208,8 +206,10 @@ def _run(source, kube, node_name, netns, pin_root, state_dir, node_options: dict
             raise AgentError(f"cannot start the datapath: {e}") from None
         try:
             if kube is not None:  # metrics, status (leader-elected) and Events
-                services = kube.start_services(source, node_name, agent=runner,
-                                               pin_root=pin_root, state_dir=state_dir)
+                from cn2mirror.agent.services import start_services
+
+                services = start_services(kube, source, node_name, agent=runner,
+                                          pin_root=pin_root, state_dir=state_dir)
             elif metrics_address:  # file mode: metrics and probes all the same
                 from cn2mirror.agent.metrics import parse_address, serve_agent
 

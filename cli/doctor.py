@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from cn2mirror.agent import capabilities
-from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
+from cn2mirror.agent.defaults import DEFAULT_PIN_ROOT
 
 from .output import JSON_VERSION, emit, output_option, render_table
 

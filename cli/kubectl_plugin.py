@@ -21,9 +21,10 @@ import sys
 
 import click
 
+from cn2mirror.agent.defaults import DEFAULT_NAMESPACE
+
 AGENT_LABELS = {"app.kubernetes.io/name": "cn2mirror", "app.kubernetes.io/component": "agent"}
 AGENT_CONTAINER = "agent"
-DEFAULT_NAMESPACE = "cn2mirror-system"
 
 
 class PluginError(click.ClickException):

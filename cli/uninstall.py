@@ -11,8 +11,7 @@ import os
 
 import click
 
-from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
-from cn2mirror.agent.node import DEFAULT_STATE_DIR
+from cn2mirror.agent.defaults import DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR
 from cn2mirror.cli.output import emit, output_option
 
 

@@ -3,7 +3,10 @@
 - ``lab``: a Lab().up_default() (two nodes, pods, analyzers, an external analyzer), always
   torn down, also when the test fails;
 - ``pin_root``: a fresh pin root under /sys/fs/bpf (cn2m-test-<random>), removed after;
-- ``state_dir``: a fresh, empty agent state directory.
+- ``state_dir``: a fresh, empty agent state directory;
+- ``emu``: the emulated API server (tests/kube_emulator.py) with this project's CRDs.
+
+Object builders and helpers (wait_until, http_get, write_kubeconfig): tests/builders.py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import uuid
 import pytest
 
 from cn2mirror.agent.lab import Lab
+from cn2mirror.agent.model import GROUP
+
+from .kube_emulator import KubeEmulator, crd_files
 
 
 def pytest_configure(config):
@@ -52,3 +58,14 @@ def state_dir(tmp_path):
     path = tmp_path / f"state-{uuid.uuid4().hex[:6]}"
     path.mkdir()
     return str(path)
+
+
+@pytest.fixture
+def emu():
+    e = KubeEmulator(bookmark_interval=0.2)
+    e.install_crd_files(crd_files(GROUP))
+    e.start()
+    try:
+        yield e
+    finally:
+        e.stop()

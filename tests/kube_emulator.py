@@ -36,6 +36,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from .builders import wait_until
+
 
 @dataclass(frozen=True)
 class Resource:
@@ -723,19 +725,6 @@ CRD_DIR = ROOT / "manifests" / "crds"
 
 def crd_files(group: str) -> list[str]:
     return sorted(str(p) for p in CRD_DIR.glob(f"{group}_*.yaml"))
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = ""):
-    """Polls ``predicate`` until it returns something true; fails the test after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for "
-                                 f"{what or getattr(predicate, '__name__', 'a condition')}")
-        time.sleep(interval)
 
 
 class Snapshots:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -27,10 +26,13 @@ import yaml
 from cn2mirror.agent import jmirror
 from cn2mirror.agent.compiler import compile_node, rule_key
 from cn2mirror.agent.filesource import FileSource
+from cn2mirror.agent.lab import CopyReceiver
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.runtime import Agent
 from cn2mirror.agent.snapshot import load_paths
+
+from .builders import mirror_policy, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -42,40 +44,27 @@ INTERVAL = 0.02  # the UDP streams: 50 packets a second
 
 
 class Analyzer:
-    """A UDP socket in an analyzer's namespace that decodes every jmirror copy it gets."""
+    """An analyzer that decodes and keeps every jmirror copy it gets:
+    (arrival, mirror id, session id, flow_of(inner), inner)."""
 
     def __init__(self, netns: str, port: int = 30030):
-        with entered(netns):
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(("0.0.0.0", port))
         self.copies: list[tuple[float, int, int, tuple, bytes]] = []
         self.not_jmirror = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._receiver = CopyReceiver(netns, self._copy, port)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.sock], [], [], 0.05)
-            if not ready:
-                continue
-            data = self.sock.recv(65535)
-            now = time.monotonic()
-            try:
-                d = jmirror.decode(data, strict=True)
-            except jmirror.NotJMirror:
-                self.not_jmirror += 1
-                continue
-            self.copies.append((now, d.mirror_id, d.session_id, flow_of(d.inner), d.inner))
+    def _copy(self, now: float, data: bytes) -> None:
+        try:
+            d = jmirror.decode(data, strict=True)
+        except jmirror.NotJMirror:
+            self.not_jmirror += 1
+            return
+        self.copies.append((now, d.mirror_id, d.session_id, flow_of(d.inner), d.inner))
 
     def between(self, t0: float, t1: float = float("inf")) -> list:
         return [c for c in list(self.copies) if t0 <= c[0] < t1]
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
+        self._receiver.close()
 
 
 def flow_of(ip: bytes) -> tuple:
@@ -138,16 +127,6 @@ def seq_of(inner: bytes) -> int:
     return int.from_bytes(inner[at:at + 4], "big")
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def md_objects(lab) -> list[dict]:
     return [
         {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "MirrorDestination",
@@ -171,10 +150,8 @@ def stream_objects(tmp_path, lab):
 
 
 def policy(*rules: dict) -> dict:
-    return {"apiVersion": "mirror.cn2mirror.io/v1alpha1", "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": "p", "namespace": "demo"},
-            "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-                     "rules": list(rules)}}
+    """Policy demo/p on web with these rules."""
+    return mirror_policy("p", "demo", "web", None, rules=list(rules))
 
 
 def rule(ports: list[dict], mirror_to: str, src_app: str | None = "client") -> dict:

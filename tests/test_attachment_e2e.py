@@ -21,12 +21,13 @@ from scapy.layers.inet import IP, UDP
 
 from cn2mirror.agent import bpfsys
 from cn2mirror.agent.datapath import MIRROR_RX
-from cn2mirror.agent.lab import Lab, ns_sh
+from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.runtime import Agent
 from cn2mirror.agent.state import Interface, NodeState, Policy, PortRange, Rule
 
+from .builders import default_lab, started_node
 from .cni_standin import TEST_PORT, StandInCni, delete_legacy_filters, ifindex, legacy_filters
 from .test_datapath_e2e import LOCAL_AN, Capture, copies_in, jm, link
 
@@ -38,24 +39,8 @@ WEB_SID, CLIENT_SID = 501, 502
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(prefix="cn2a" + uuid.uuid4().hex[:4])
-    try:
-        lab.up_default()
+    with default_lab("cn2a") as lab:
         yield lab
-    finally:
-        lab.down()
-
-
-@contextlib.contextmanager
-def started_node(lab, mode: str, pin_root: str | None = None):
-    pin_root = pin_root or f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    node = Node(pin_root, netns=lab.nodes["node1"].netns, attach_mode=mode)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop(cleanup=True)
-        subprocess.run(["rm", "-rf", pin_root])
 
 
 def both_pods_state(lab) -> NodeState:

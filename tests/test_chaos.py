@@ -185,7 +185,8 @@ def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
     from cn2mirror.agent.model import GROUP
     from cn2mirror.agent.node import Node
     from cn2mirror.agent.runtime import Agent
-    from tests.kube_emulator import KubeEmulator, crd_files, wait_until
+    from tests.builders import wait_until
+    from tests.kube_emulator import KubeEmulator, crd_files
 
     web, client_pod = lab.pods["web"], lab.pods["client"]
     emu = KubeEmulator(bookmark_interval=0.5)

@@ -12,18 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cn2mirror.agent import compiler
 from cn2mirror.agent.compiler import (
-    REVERSE,
     assign_ids,
     compile_node,
-    explain,
     id_table,
     port_key,
     rule_key,
     session_table,
     stable_id,
 )
+from cn2mirror.agent.explain import REVERSE, explain, rule_matches
 from cn2mirror.agent.model import CN2_GROUP, GROUP
 from cn2mirror.agent.snapshot import FIELDS, Snapshot, load_paths, snapshot_from_objects
 from cn2mirror.agent.state import (
@@ -42,10 +40,20 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
+from .builders import (
+    ANALYZER_POD,
+    ANALYZER_SELECTOR,
+    NODE,
+    csp,
+    gcsp,
+    md,
+    namespace,
+    pod,
+)
+from .builders import match_labels as labels
+
 ROOT = Path(__file__).resolve().parent.parent
-NODE = "n1"
-ANALYZER_SEL = "core.juniper.net/analyzer-pod-selector"
-ANALYZER_POD = "core.juniper.net/analyzer-pod"
+ANALYZER_SEL = ANALYZER_SELECTOR
 MIRROR_ANN = "core.juniper.net/mirror-destination"
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
@@ -53,50 +61,6 @@ ANALYZER_NS = "cn2mirror.io/analyzer-namespace"
 TRUSTED = "cn2mirror.io/trusted-network-annotations"
 
 # --- Object builders -----------------------------------------------------------------------------
-
-
-def pod(name: str, ns: str = "demo", node: str | None = NODE, labels: dict | None = None,
-        ips: tuple[str, ...] = (), annotations: dict | None = None, phase: str = "Running",
-        ports: tuple[tuple[str, int, str], ...] = (), host_network: bool = False) -> dict:
-    spec: dict[str, Any] = {"containers": [{"name": "c", "ports": [
-        {"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]}]}
-    if node:
-        spec["nodeName"] = node
-    if host_network:
-        spec["hostNetwork"] = True
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels or {},
-                     "annotations": annotations or {}},
-        "spec": spec,
-        "status": {"phase": phase, "podIPs": [{"ip": ip} for ip in ips]},
-    }
-
-
-def namespace(name: str, **labels: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels}}
-
-
-def md(name: str, selector: str | None = None, api: str = f"{GROUP}/v1alpha1",
-       **spec: Any) -> dict:
-    labels = {ANALYZER_SEL: selector} if selector else {}
-    return {"apiVersion": api, "kind": "MirrorDestination",
-            "metadata": {"name": name, "labels": labels}, "spec": spec}
-
-
-def csp(name: str, ns: str = "demo", api: str = f"{GROUP}/v1alpha1", **spec: Any) -> dict:
-    return {"apiVersion": api, "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-
-def gcsp(name: str, **spec: Any) -> dict:
-    return {"apiVersion": f"{CN2_GROUP}/v4", "kind": "GlobalContrailSecurityPolicy",
-            "metadata": {"name": name}, "spec": spec}
-
-
-def labels(**kv: str) -> dict:
-    return {"matchLabels": kv}
 
 
 def eps(*endpoints: dict) -> dict:
@@ -901,12 +865,12 @@ def test_explain_reads_the_rules_the_compiler_wrote():
     """A flow matches exactly the rules whose sets contain its ends and port."""
     rule = Rule(policy="p", index=0, src=(Cidr("198.18.0.0/16", ("198.18.1.0/24",)),),
                 dst=ANY, ports=(PortRange(TCP, 80, 90), PortRange(UDP)))
-    assert compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 85)
-    assert not compiler.rule_matches(rule, "198.18.1.1", "198.19.0.1", TCP, 85)  # excepted
-    assert not compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 91)
-    assert compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", UDP, None)
-    assert not compiler.rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, None)
-    assert not compiler.rule_matches(rule, "fd00::1", "198.19.0.1", UDP, 1)
+    assert rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 85)
+    assert not rule_matches(rule, "198.18.1.1", "198.19.0.1", TCP, 85)  # excepted
+    assert not rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, 91)
+    assert rule_matches(rule, "198.18.2.1", "198.19.0.1", UDP, None)
+    assert not rule_matches(rule, "198.18.2.1", "198.19.0.1", TCP, None)
+    assert not rule_matches(rule, "fd00::1", "198.19.0.1", UDP, 1)
 
 
 # --- The examples compile into a working demo ----------------------------------------------------

@@ -20,19 +20,9 @@ from cn2mirror.agent.compiler import Compiler, compile_node
 from cn2mirror.agent.model import CN2_GROUP
 from cn2mirror.agent.snapshot import FIELDS, Snapshot
 
-from .test_compiler import (
-    ANALYZER_NS,
-    ANALYZER_POD,
-    TRUSTED,
-    cluster_st,
-    csp,
-    eps,
-    labels,
-    md,
-    mirror,
-    namespace,
-    pod,
-)
+from .builders import ANALYZER_POD, csp, md, namespace, pod
+from .builders import match_labels as labels
+from .test_compiler import ANALYZER_NS, TRUSTED, cluster_st, eps, mirror
 
 NODES = ("n1", "n2")
 

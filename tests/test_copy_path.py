@@ -17,7 +17,6 @@ import struct
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -25,9 +24,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from cn2mirror.agent import layout as L
-from cn2mirror.agent.lab import Lab, ns_sh
+from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.netns import entered
-from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.state import (
     DeliveryMode,
@@ -39,6 +37,8 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
+from .builders import default_lab, set_analyzer_mtu, started_node
+
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 LOCAL_AN, REMOTE_AN, EXT_AN = "198.18.1.10", "198.18.2.10", "198.19.1.10"
@@ -47,31 +47,14 @@ PORT = 30030
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(prefix="cn2c" + uuid.uuid4().hex[:4])
-    try:
-        lab.up_default()
+    with default_lab("cn2c") as lab:
         yield lab
-    finally:
-        lab.down()
-
-
-def set_analyzer_mtu(lab, mtu: int) -> None:
-    an = lab.pods["analyzer"]
-    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
-        ns_sh(ns, "ip", "link", "set", dev, "mtu", str(mtu))
 
 
 @pytest.fixture
 def node(lab):
-    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns)
-    n.start()
-    try:
-        yield n
-    finally:
-        n.stop(cleanup=True)
-        set_analyzer_mtu(lab, 1500)
-        subprocess.run(["rm", "-rf", pin_root])
+    with started_node(lab) as node:
+        yield node
 
 
 def web_iface(lab) -> Interface:

@@ -29,7 +29,7 @@ from scapy.utils import wrpcap
 from cn2mirror.agent import jmirror
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.datapath import MIRROR_RX, MIRROR_TX, DatapathError
-from cn2mirror.agent.lab import Lab, ns_sh
+from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
@@ -45,6 +45,8 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
+from .builders import default_lab, set_analyzer_mtu, started_node
+
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 LOCAL_AN, REMOTE_AN, EXT_AN = "198.18.1.10", "198.18.2.10", "198.19.1.10"
@@ -53,31 +55,14 @@ LOCAL_AN, REMOTE_AN, EXT_AN = "198.18.1.10", "198.18.2.10", "198.19.1.10"
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(prefix="cn2e" + uuid.uuid4().hex[:4])
-    try:
-        lab.up_default()
+    with default_lab("cn2e") as lab:
         yield lab
-    finally:
-        lab.down()
-
-
-def analyzer_mtu(lab, mtu: int) -> None:
-    an = lab.pods["analyzer"]
-    for ns, dev in ((lab.nodes["node1"].netns, an.host_ifname), (an.netns, "eth0")):
-        ns_sh(ns, "ip", "link", "set", dev, "mtu", str(mtu))
 
 
 @pytest.fixture
 def node(lab):
-    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns)
-    n.start()
-    try:
-        yield n
-    finally:
-        n.stop(cleanup=True)
-        analyzer_mtu(lab, 1500)  # what a test changed does not leak into the next
-        subprocess.run(["rm", "-rf", pin_root])
+    with started_node(lab) as node:
+        yield node
 
 
 class Capture:
@@ -379,7 +364,7 @@ def test_bulk_tcp_with_tso_is_copied_segment_by_segment(lab, node):
     wire-size segments with finished checksums that together carry every byte."""
     an = lab.pods["analyzer"]
     # Room for a full segment plus 36 bytes of jmirror on the way to the analyzer.
-    analyzer_mtu(lab, 1600)
+    set_analyzer_mtu(lab, 1600)
     node.apply(NodeState("node1", interfaces=(web_iface(lab),),
                          policies=(mirror_all("demo/p", "local", 21,
                                               ports=(PortRange(6, 5201, 5201),)),),

@@ -24,7 +24,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
 from cn2mirror.agent import layout as L
-from cn2mirror.agent.compiler import explain
+from cn2mirror.agent.explain import explain
 from cn2mirror.agent.state import Interface
 
 from .dp_helpers import (

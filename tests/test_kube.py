@@ -19,51 +19,27 @@ from kubernetes import client
 
 from cn2mirror.agent import kube
 from cn2mirror.agent.compiler import compile_node
-from cn2mirror.agent.kube import KubeOptions, KubeSource, kube_options, trim
+from cn2mirror.agent.kube import KubeSource, trim
 from cn2mirror.agent.model import CN2_GROUP, GROUP
+from cn2mirror.cli.kube_options import kube_options, kube_options_from_params
 
-from .kube_emulator import KubeEmulator, Snapshots, crd_files, names, wait_until
+from . import builders
+from .builders import md, namespace, wait_until
+from .builders import mirror_policy as csp
+from .kube_emulator import Snapshots, crd_files, names
 
-MD_V = f"{GROUP}/v1alpha1"
+MD_V = builders.API
 
 
 # ---------------------------------------------------------------------------- objects
 
 
-def namespace(name: str, **labels: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name,
-                                                  **labels}}}
-
-
 def pod(name: str, ns: str, node: str, ip: str, labels: dict | None = None,
         annotations: dict | None = None, phase: str = "Running") -> dict:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": dict(labels or {}),
-                         "annotations": {"cn2mirror.io/mac": "02:00:00:00:00:01",
-                                         **(annotations or {})}},
-            "spec": {"nodeName": node, "containers": [
-                {"name": "main", "image": "busybox",
-                 "ports": [{"name": "http", "containerPort": 80}]}]},
-            "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}}
-
-
-def md(name: str, selector: str | None = None, api_version: str = MD_V, **spec) -> dict:
-    meta: dict = {"name": name}
-    if selector:
-        meta["labels"] = {"core.juniper.net/analyzer-pod-selector": selector}
-    return {"apiVersion": api_version, "kind": "MirrorDestination", "metadata": meta,
-            "spec": spec}
-
-
-def csp(name: str, ns: str, app: str, mirror_to: str, api_version: str = MD_V,
-        rules: list | None = None) -> dict:
-    spec: dict = {"selectors": [{"podSelector": {"matchLabels": {"app": app}}}],
-                  "secondaryActions": {"mirrorTo": mirror_to}}
-    if rules is not None:
-        spec["rules"] = rules
-    return {"apiVersion": api_version, "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    """A pod as this API server holds it: one address, a MAC annotation, a named port."""
+    return builders.pod(name, ns, node, labels, (ip,),
+                        {"cn2mirror.io/mac": "02:00:00:00:00:01", **(annotations or {})},
+                        phase, ports=(("http", 80, "TCP"),), container="main", image="busybox")
 
 
 ANALYZER = {"core.juniper.net/analyzer-pod": "analyzer1"}
@@ -86,17 +62,6 @@ def cluster() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def emu():
-    e = KubeEmulator(bookmark_interval=0.2)
-    e.install_crd_files(crd_files(GROUP))
-    e.start()
-    try:
-        yield e
-    finally:
-        e.stop()
 
 
 @pytest.fixture
@@ -387,7 +352,7 @@ def test_cn2_group_is_discovered_and_watched(emu, make_source):
     cn2 = sorted((r.kind, r.version) for r in src.resources() if r.group == CN2_GROUP)
     assert cn2 == [("ContrailSecurityPolicy", "v4"), ("GlobalContrailSecurityPolicy", "v4"),
                    ("MirrorDestination", "v4")]
-    emu.apply(md("juniper", "analyzer1", api_version=f"{CN2_GROUP}/v1alpha1"))
+    emu.apply(md("juniper", "analyzer1", api=f"{CN2_GROUP}/v1alpha1"))
     emu.apply(csp("cn2-policy", "demo", "web", "juniper", f"{CN2_GROUP}/v1alpha1"))
     snap = snaps.wait(lambda s: s.policies and len(s.destinations) == 2)
     assert {o["apiVersion"] for o in snap.policies} == {f"{CN2_GROUP}/v4"}
@@ -432,7 +397,7 @@ def test_kube_options_and_kubeconfig(emu, tmp_path):
     @click.option("--node", envvar="NODE_NAME")
     @kube_options
     def cmd(node, **params):
-        seen["kube"] = KubeOptions.from_params(params)
+        seen["kube"] = kube_options_from_params(params)
         seen["rest"] = params
 
     runner = CliRunner()

@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from kubernetes import client
@@ -32,8 +30,10 @@ from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import PinnedMaps
 from cn2mirror.agent.runtime import Agent
+from cn2mirror.agent.services import start_services
 
-from .kube_emulator import KubeEmulator, crd_files, wait_until
+from .builders import http_get, wait_until, write_kubeconfig
+from .kube_emulator import KubeEmulator, crd_files
 from .test_kube_status import check_exposition
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -79,12 +79,6 @@ def icmp_between(copies, src_ip: str, dst_ip: str) -> list[jmirror.Decoded]:
     return out
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_dir):
@@ -113,8 +107,8 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         options = KubeOptions(namespace="cn2mirror-system", metrics_address="127.0.0.1:0",
                               lease_duration=3, renew_deadline=2, retry_period=0.5,
                               _client=api)
-        services = options.start_services(source, "node1", agent=agent, pin_root=pin_root,
-                                          state_dir=state_dir)
+        services = start_services(options, source, "node1", agent=agent, pin_root=pin_root,
+                                  state_dir=state_dir)
         base = f"http://127.0.0.1:{services.server.port}"
         wait_until(agent.ready, 30, what="the agent to apply the API's objects")
 
@@ -144,7 +138,7 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         assert {(c.mirror_id, c.session_id) for c in copies} == {(mirror_id, web.session_id)}
 
         # /metrics reads the same counters through names.json; status is written.
-        code, text = get(base + "/metrics")
+        code, text = http_get(base + "/metrics")
         values = check_exposition(text)
         key = next(k for k in values if k.startswith("cn2mirror_rule_mirrored_packets_total{")
                    and 'policy="demo/mirror-web"' in k)
@@ -155,16 +149,16 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         assert values["cn2mirror_syncs_total{result=\"ok\"}"] >= 1
         wait_until(lambda: (emu.read(V, "MirrorDestination", "analyzer1").get("status") or {})
                    .get("analyzerPod") == "tools/analyzer", 10, what="the status")
-        assert get(base + "/readyz")[0] == 200
+        assert http_get(base + "/readyz")[0] == 200
 
         # The API server goes away: not ready, and mirroring goes on as it was.
         emu.go_down()
-        wait_until(lambda: get(base + "/readyz")[0] == 503, 10)
-        assert get(base + "/healthz")[0] == 200
+        wait_until(lambda: http_get(base + "/readyz")[0] == 503, 10)
+        assert http_get(base + "/healthz")[0] == 200
         ping(lab, "client", "web", 2)
         assert len(analyzer.drain(0.4)) == 4
         emu.come_up()
-        wait_until(lambda: get(base + "/readyz")[0] == 200, 15)
+        wait_until(lambda: http_get(base + "/readyz")[0] == 200, 15)
 
         # The policy is deleted through the API: the maps empty, nothing is mirrored.
         count = agent.reconcile_count
@@ -208,12 +202,7 @@ def test_agent_command_line_with_kubernetes(lab, pin_root, state_dir, tmp_path):
                    "metadata": {"name": "mirror-web", "namespace": "demo"},
                    "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                             "secondaryActions": {"mirrorTo": "analyzer1"}}})
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
-            f"clusters: [{{name: emu, cluster: {{server: '{emu.url}'}}}}]\n"
-            "users: [{name: emu, user: {token: x}}]\n"
-            "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n")
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         cli = os.path.join(os.path.dirname(sys.executable), "cn2mirror")
         done = subprocess.run(
             [cli, "agent", "--kubernetes", "--kubeconfig", str(kubeconfig), "--no-status",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import jsonschema
@@ -32,9 +30,11 @@ from cn2mirror.agent.status import (
     desired_statuses,
 )
 
-from .kube_emulator import KubeEmulator, crd_files, wait_until
+from .builders import http_get, md, namespace, wait_until
+from .builders import mirror_policy as csp
+from .kube_emulator import crd_files
 from .test_crds import schema_of, unknown_fields
-from .test_kube import ADMIN_TOOLS, ANALYZER, csp, md, namespace, pod
+from .test_kube import ADMIN_TOOLS, ANALYZER, pod
 
 V = f"{GROUP}/v1alpha1"
 NS = "cn2mirror-system"
@@ -52,7 +52,7 @@ def objects() -> list[dict]:
         pod("analyzer", "tools", "node2", "198.18.2.10", ANALYZER,
             {"cn2mirror.io/mac": "02:00:00:00:02:10"}),
         md("analyzer1", "analyzer1"),
-        md("analyzer1", "analyzer1", api_version=f"{CN2_GROUP}/v4"),  # given twice
+        md("analyzer1", "analyzer1", api=f"{CN2_GROUP}/v4"),  # given twice
         md("nowhere", "nowhere"),
         md("ext", externalAnalyzer=True, analyzerIP="192.0.2.1"),
         two_rules,
@@ -78,14 +78,10 @@ class AgentUnderTest:
 
 
 @pytest.fixture
-def emu():
-    e = KubeEmulator(bookmark_interval=0.2)
-    e.install_crd_files(crd_files(GROUP) + crd_files(CN2_GROUP))
-    e.start()
-    try:
-        yield e
-    finally:
-        e.stop()
+def emu(emu):
+    """conftest's, with CN2's CRDs too."""
+    emu.install_crd_files(crd_files(CN2_GROUP))
+    return emu
 
 
 @pytest.fixture
@@ -371,12 +367,6 @@ def check_exposition(text: str) -> dict[str, float]:
     return values
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_metrics_health_and_readiness(emu, agents):
@@ -394,7 +384,7 @@ def test_metrics_health_and_readiness(emu, agents):
     base = f"http://127.0.0.1:{server.port}"
     try:
         wait_until(a.elector.is_leader, 5)
-        code, text = get(base + "/metrics")
+        code, text = http_get(base + "/metrics")
         assert code == 200
         values = check_exposition(text)
         assert values['cn2mirror_kube_objects{resource="pods"}'] == 2
@@ -407,20 +397,20 @@ def test_metrics_health_and_readiness(emu, agents):
         assert values['cn2mirror_sync_latency_seconds_bucket{le="0.01"}'] == 0
         assert values["cn2mirror_sync_latency_seconds_count"] == 1
         assert values["cn2mirror_object_errors"] == 1
-        assert get(base + "/healthz")[0] == 200
-        assert get(base + "/readyz") == (200, "[+]source ok\nok\n")
-        assert get(base + "/nothing")[0] == 404
+        assert http_get(base + "/healthz")[0] == 200
+        assert http_get(base + "/readyz") == (200, "[+]source ok\nok\n")
+        assert http_get(base + "/nothing")[0] == 404
 
         emu.cut_watches()
         emu.go_down()
-        wait_until(lambda: get(base + "/readyz")[0] == 503, 5)
-        assert get(base + "/healthz")[0] == 200  # alive: no restart for an absent API
-        code, text = get(base + "/metrics")
+        wait_until(lambda: http_get(base + "/readyz")[0] == 503, 5)
+        assert http_get(base + "/healthz")[0] == 200  # alive: no restart for an absent API
+        code, text = http_get(base + "/metrics")
         values = check_exposition(text)
         assert values["cn2mirror_kube_ready"] == 0
         assert values['cn2mirror_kube_watch_restarts_total{resource="pods",reason="error"}'] >= 1
         emu.come_up()
-        wait_until(lambda: get(base + "/readyz")[0] == 200, 10)
+        wait_until(lambda: http_get(base + "/readyz")[0] == 200, 10)
     finally:
         server.stop()
 

@@ -19,6 +19,7 @@ import textwrap
 
 import pytest
 
+from .builders import write_kubeconfig
 from .kube_emulator import KubeEmulator
 
 PLUGIN = os.path.join(os.path.dirname(sys.executable), "kubectl-cn2mirror")
@@ -73,12 +74,7 @@ def cluster(tmp_path):
     for o in (agent("cn2mirror-a", "node1"), agent("cn2mirror-b", "node2", ready=False),
               workload("web", "demo", "node2"), workload("db", "demo", "node3")):
         emu.apply(o)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
-        f"clusters: [{{name: emu, cluster: {{server: '{emu.url}'}}}}]\n"
-        "users: [{name: emu, user: {token: x}}]\n"
-        "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "kubectl.log"

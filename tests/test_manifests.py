@@ -21,13 +21,16 @@ import pytest
 import yaml
 from kubernetes import client
 
-from cn2mirror.agent.kube import KubeSource, kube_options
+from cn2mirror.agent.kube import KubeSource
 from cn2mirror.agent.model import CN2_GROUP, GROUP, MIRROR_KINDS
 from cn2mirror.agent.status import EventRecorder, LeaderElector, StatusWriter
+from cn2mirror.cli.kube_options import kube_options
 
-from .kube_emulator import KubeEmulator, crd_files, wait_until
+from .builders import md, namespace, wait_until
+from .builders import mirror_policy as csp
+from .kube_emulator import KubeEmulator, crd_files
 from .test_crds import api_server_errors, example_documents
-from .test_kube import ADMIN_TOOLS, ANALYZER, csp, md, namespace, pod
+from .test_kube import ADMIN_TOOLS, ANALYZER, pod
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "manifests" / "deploy"
@@ -358,7 +361,7 @@ def test_rbac_covers_every_request_the_agent_makes():
     try:
         for o in (namespace("demo", **ADMIN_TOOLS), pod("a", "demo", "n", "198.18.1.2", ANALYZER),
                   md("analyzer1", "analyzer1"), md("nowhere", "nowhere"),
-                  md("cn2", "analyzer1", api_version=f"{CN2_GROUP}/v4"),
+                  md("cn2", "analyzer1", api=f"{CN2_GROUP}/v4"),
                   csp("p", "demo", "web", "missing")):
             emu.apply(o)
         src.start(lambda s: None)

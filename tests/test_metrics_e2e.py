@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import urllib.request
 
 import pytest
 
+from tests.builders import http_get
 from tests.test_agent_e2e import agent_args, md_objects, policy, rule, start_agent, write_yaml
 from tests.test_kube_status import check_exposition
 from tests.test_monitoring import metric_names_used
@@ -24,12 +24,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_file_mode_agent_serves_the_metrics_the_dashboards_read(lab, pin_root, state_dir,
@@ -51,9 +45,9 @@ def test_file_mode_agent_serves_the_metrics_the_dashboards_read(lab, pin_root, s
         subprocess.run(["ip", "netns", "exec", lab.pods["client"].netns, "ping", "-c", "3",
                         "-i", "0.2", lab.pods["web"].ip], check=True, capture_output=True)
         base = f"http://127.0.0.1:{port}"
-        assert get(base + "/healthz")[0] == 200
-        assert get(base + "/readyz")[0] == 200
-        code, text = get(base + "/metrics")
+        assert http_get(base + "/healthz")[0] == 200
+        assert http_get(base + "/readyz")[0] == 200
+        code, text = http_get(base + "/metrics")
         assert code == 200
         values = check_exposition(text)
     finally:

@@ -19,6 +19,8 @@ from cn2mirror.agent.programmer import Plan
 from cn2mirror.agent.runtime import Agent, Problem, Source
 from cn2mirror.agent.snapshot import LoadError, snapshot_from_objects
 
+from .builders import wait_until
+
 
 class FakeSource:
     def __init__(self):
@@ -207,15 +209,6 @@ def test_a_failed_apply_keeps_the_loop_and_the_last_state(make_agent):
     assert wait_until(lambda: agent.last_report.ok, 5)
     assert rule_ports(agent.last_state) == [82]
     assert not [p for p in agent.errors if p.origin == "agent"]
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_failed_reconcile_is_retried_with_backoff(make_agent, caplog):

@@ -23,13 +23,11 @@ from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.snapshot import snapshot_from_objects
 
-from .test_agent_e2e import Analyzer, flow_of, tc_filters, wait_until
+from .builders import ANALYZER_POD, md, mirror_policy, wait_until
+from .test_agent_e2e import Analyzer, flow_of, tc_filters
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
-GROUP = "mirror.cn2mirror.io/v1alpha1"
-ANALYZER_POD = "core.juniper.net/analyzer-pod"
-SELECTOR = "core.juniper.net/analyzer-pod-selector"
 TRUSTED = "cn2mirror.io/trusted-network-annotations"
 PACKETS = 200
 PORT = 5000
@@ -39,23 +37,16 @@ PORT = 5000
 
 
 def destination(name: str, selector: str) -> dict:
-    return {"apiVersion": GROUP, "kind": "MirrorDestination",
-            "metadata": {"name": name, "labels": {SELECTOR: selector}},
-            "spec": {"juniperHeader": True}}
+    return md(name, selector, juniperHeader=True)
 
 
 def external(lab: Lab) -> dict:
-    return {"apiVersion": GROUP, "kind": "MirrorDestination", "metadata": {"name": "external"},
-            "spec": {"externalAnalyzer": True, "analyzerIP": lab.external_ip}}
+    return md("external", externalAnalyzer=True, analyzerIP=lab.external_ip)
 
 
 def csp(name: str, ns: str, mirror_to: str, app: str | None = None) -> dict:
     """Every flow of the namespace's pods (those labelled app=<app>) mirrored."""
-    spec: dict = {"secondaryActions": {"mirrorTo": mirror_to}}
-    if app:
-        spec["selectors"] = [{"podSelector": {"matchLabels": {"app": app}}}]
-    return {"apiVersion": GROUP, "kind": "ContrailSecurityPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    return mirror_policy(name, ns, app, mirror_to)
 
 
 def pods(lab: Lab, annotations: dict[str, dict] | None = None,

@@ -103,3 +103,27 @@ def test_uninstall_empties_directories_it_was_given_as_mounts(tmp_path):
         for d in mounted:
             subprocess.run(["umount", str(d)], check=False)
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_remove_pins_empties_a_mounted_pin_root_with_subdirectories(tmp_path):
+    """The agent's --cleanup-on-exit (Datapath.remove_pins) on a pin root that is a mount
+    point (a hostPath, or a bpffs of its own) with subdirectories: emptied, as uninstall
+    does, instead of failing on the subdirectory or the mount point."""
+    from cn2mirror.agent.datapath import Datapath
+
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(pins)], check=True)
+    try:
+        (pins / "links").mkdir()
+        (pins / "links" / "vweb-ingress").write_text("x")
+        (pins / "flows").write_text("x")
+        Datapath(str(pins)).remove_pins()
+        assert os.path.ismount(pins) and os.listdir(pins) == []
+    finally:
+        subprocess.run(["umount", str(pins)], check=False)
+    # Not a mount point: the whole tree goes.
+    (tmp_path / "plain" / "sub").mkdir(parents=True)
+    (tmp_path / "plain" / "sub" / "x").write_text("x")
+    Datapath(str(tmp_path / "plain")).remove_pins()
+    assert not (tmp_path / "plain").exists()

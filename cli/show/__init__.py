@@ -6,7 +6,7 @@ destination and interface slots) are turned into names with the names file the a
 writes, ``<state dir>/names.json`` (agent/node.py describe()); without it, numbers only.
 
 ``explain`` loads objects from files, compiles one node's state and says which policies
-and rules a flow matches and where its copies go (agent/compiler.py explain()); with
+and rules a flow matches and where its copies go (agent/explain.py); with
 ``--pin-root`` it also shows what the datapath's flow table holds for that flow.
 
 ``ids`` maps mirror and session identifiers (what an analyzer sees in jmirror headers)

@@ -10,8 +10,7 @@ import click
 
 from cn2mirror.agent import capabilities, protocols
 from cn2mirror.agent.bpfsys import BpfError
-from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
-from cn2mirror.agent.node import DEFAULT_STATE_DIR
+from cn2mirror.agent.defaults import DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR
 from cn2mirror.agent.pinned import NotPinned, PinnedMaps
 from cn2mirror.agent.statefiles import NAMES_FILE, Names
 from cn2mirror.cli.output import JSON_VERSION, note, output_option

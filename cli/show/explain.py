@@ -74,7 +74,7 @@ def _pod_ip(pod, option: str, version: int | None) -> str:
 
 
 def _explanation_json(state, exp, established: bool) -> dict:
-    from cn2mirror.agent.compiler import REVERSE
+    from cn2mirror.agent.explain import REVERSE
 
     by_key = {i.key: i for i in state.interfaces}
     interfaces = []
@@ -290,7 +290,7 @@ def explain(sources, node, pod, src, dst, protocol_text, dport, sport, direction
             pin_root, state_dir, fmt):
     """Which policies and rules a flow matches, in order, and where its copies go."""
     from cn2mirror.agent.compiler import compile_node
-    from cn2mirror.agent.compiler import explain as compiler_explain
+    from cn2mirror.agent.explain import explain as explain_flow
     from cn2mirror.agent.snapshot import load_paths
 
     if bool(pod) == bool(src):
@@ -331,7 +331,7 @@ def explain(sources, node, pod, src, dst, protocol_text, dport, sport, direction
         src, dst = dst, src
 
     state = compile_node(snapshot, node)
-    exp = compiler_explain(state, src, dst, proto, dport, src_port=sport,
+    exp = explain_flow(state, src, dst, proto, dport, src_port=sport,
                            tcp_syn=False if established else None)
     data = {"version": JSON_VERSION, "node": node,
             "flow": {"src_ip": exp.src_ip, "dst_ip": exp.dst_ip,
