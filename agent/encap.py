@@ -111,3 +111,28 @@ def template(enc: Encapsulation, src: str, dst: str, udp_port: int) -> L.EncapEn
 def overhead(entry: L.EncapEntry) -> int:
     """Bytes a copy grows by in front of its IP packet: template and inner Ethernet."""
     return entry.hdr_len + INNER_ETH
+
+
+def decode_contrail(datagram: bytes) -> tuple[int, int, bytes]:
+    """A Contrail-header datagram (UDP payload) as (0, capture host as a number, the
+    Ethernet frame), for `cn2mirror capture --encapsulation contrail`: the copies of one
+    node are one session. Raises jmirror.NotJMirror (too_short, not_ip) otherwise."""
+    from . import jmirror
+
+    off, host = 0, 0
+    while True:
+        if off + 2 > len(datagram):
+            raise jmirror.NotJMirror(jmirror.TOO_SHORT, "the TLV list has no end")
+        kind, length = datagram[off], datagram[off + 1]
+        value = datagram[off + 2:off + 2 + length]
+        if len(value) < length:
+            raise jmirror.NotJMirror(jmirror.TOO_SHORT, f"TLV {kind} cut short")
+        if kind == TLV_CAPTURE_HOST and length == 4:
+            host = int.from_bytes(value, "big")
+        off += 2 + length
+        if kind == TLV_END:
+            break
+    frame = datagram[off:]
+    if len(frame) < 14 or frame[12:14] not in (b"\x08\x00", b"\x86\xdd"):
+        raise jmirror.NotJMirror(jmirror.NOT_IP, "no Ethernet frame of IP after the TLVs")
+    return 0, host, frame

@@ -14,17 +14,19 @@ crossed the pod's interface, captured there at the same time:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 
 import pytest
-from scapy.utils import wrpcap
 from scapy.layers.l2 import Ether
+from scapy.utils import wrpcap
 
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import Lab
@@ -49,6 +51,8 @@ from tests.test_copy_path import (
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+CN2MIRROR = os.path.join(os.path.dirname(sys.executable), "cn2mirror")
 
 MIRROR_ID = 0x2ABCDE5  # wider than ERSPAN's 10-bit session id and VXLAN's 24-bit VNI
 SESSION_ID = 501  # web's interface (tests/test_copy_path.web_iface)
@@ -260,6 +264,7 @@ def check_headers(lab, node, fmt: str, copies, raw) -> None:
         if "udp_len" in f:
             assert f["udp_len"] == f["ip_len"] - 20
     if fmt == "contrail":
+        check_capture_decodes_contrail(raw)
         return
     fields = {"erspan2": ["erspan.spanid", "erspan.index"],
               "erspan3": ["erspan.spanid", "erspan.direction"],
@@ -277,6 +282,30 @@ def check_headers(lab, node, fmt: str, copies, raw) -> None:
             assert [int(v, 0) for v in r[1:]] == [int(v) for v in want], r
         else:
             assert int(r[1], 0) == MIRROR_ID & 0x3FF and r[2] in ("0", "1", "True", "False")
+
+
+def check_capture_decodes_contrail(raw: list[bytes]) -> None:
+    """tshark has no dissector for Contrail's header: `cn2mirror capture` takes it off
+    and writes the frames, which tshark then decodes untold."""
+    src = tempfile.mktemp(prefix="cn2m-", suffix=".pcap")
+    out = tempfile.mktemp(prefix="cn2m-", suffix=".pcapng")
+    try:
+        wrpcap(src, [Ether(d) for d in raw])
+        r = subprocess.run([CN2MIRROR, "capture", "--read", src, "--port", str(CONTRAIL_PORT),
+                            "--encapsulation", "contrail", "--write", out, "-o", "json"],
+                           capture_output=True, text=True, check=True)
+        summary = json.loads(r.stdout)
+        assert summary["packets"] == len(raw)
+        assert [s["session_id"] for s in summary["sessions"]] == [
+            int.from_bytes(socket.inet_aton(decap(raw[0], "contrail")[0]["src"]), "big")]
+        rows = subprocess.run(["tshark", "-r", out, "-T", "fields", "-e", "frame.protocols"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    finally:
+        for p in (src, out):
+            if os.path.exists(p):
+                os.unlink(p)
+    assert len(rows) == len(raw)
+    assert set(rows) <= {"eth:ethertype:ip:tcp", "eth:ethertype:ip:tcp:data"}, set(rows)
 
 
 def stream_of(copies, dst: str, size: int) -> bytes:

@@ -14,6 +14,16 @@
  * type III's timestamp, GRE's sequence number, which stays 0).
  */
 
+#ifndef CN2M_LIB_ENCAP_FORMATS_H
+#define CN2M_LIB_ENCAP_FORMATS_H
+
+#include "lib/common.h"
+#include "lib/counters.h"
+#include "lib/csum.h"
+#include "lib/gso.h"
+#include "lib/mtu.h"
+#include "lib/route.h"
+
 #ifndef BPF_F_ADJ_ROOM_ENCAP_L2_ETH
 #define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)
 #endif
@@ -185,3 +195,5 @@ static __always_inline int wrap_format_gso(struct __sk_buff *skb, struct dest_en
         return PASS_BY_SEGMENT;
     return rc < 0 ? -DROP_WRAP_FAILED : PASS_SEGMENTS;
 }
+
+#endif /* CN2M_LIB_ENCAP_FORMATS_H */
