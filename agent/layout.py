@@ -412,6 +412,13 @@ class CsumBuf(C.Structure):
     _fields_ = [("b", u8 * (CSUM_CHUNK + 8))]  # slack the verifier can see past the padding
 
 
+class EncapBuf(C.Structure):
+    """Per-CPU buffer a format's header template is completed in (lib/encap_formats.h),
+    with room for the copied Ethernet header after it."""
+
+    _fields_ = [("b", u8 * (ENCAP_TMPL_MAX + 14 + 2))]
+
+
 def _with_flow_dests(cls: type[C.Structure], max_flow_dests: int) -> type[C.Structure]:
     """``cls`` with its ``rules`` array holding ``max_flow_dests`` entries."""
     if max_flow_dests == DEFAULT_MAX_FLOW_DESTS:
@@ -486,6 +493,7 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
                 pin=PIN_BY_LAYOUT),
         # The IPv6 UDP checksum's buffer (the wrapper's own: nothing else reads it).
         MapSpec("csum_scratch", "percpu_array", u32, CsumBuf, 1, pin=NOT_PINNED),
+        MapSpec("encap_scratch", "percpu_array", u32, EncapBuf, 1, pin=NOT_PINNED),
     )
 
 
@@ -577,6 +585,7 @@ _STRUCT_NAMES = {
     Parsed: "parsed",
     EvalScratch: "eval_scratch",
     CsumBuf: "csum_buf",
+    EncapBuf: "encap_buf",
 }
 _FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
 

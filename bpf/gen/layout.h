@@ -279,6 +279,11 @@ struct csum_buf {
 };
 _Static_assert(sizeof(struct csum_buf) == 520, "csum_buf layout");
 
+struct encap_buf {
+    __u8 b[144];
+};
+_Static_assert(sizeof(struct encap_buf) == 144, "encap_buf layout");
+
 /* Maps: every one of layout.map_specs(); pinned ones under CN2M_PIN_ROOT. */
 BPF_TABLE_PINNED("array", __u32, struct config, config, 1, CN2M_PIN_ROOT "/config");
 BPF_TABLE_PINNED("hash", __u32, struct iface_entry, interfaces, 4096, CN2M_PIN_ROOT "/interfaces");
@@ -304,5 +309,6 @@ BPF_TABLE_PINNED("prog", __u32, __u32, peer_progs, 1, CN2M_PIN_ROOT "/peer_progs
 BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, 1, CN2M_PIN_ROOT "/peer_config");
 BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, 1, CN2M_PIN_ROOT "/eval_scratch_map_" CN2M_SCRATCH_DIGEST);
 BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, 1, 0);
+BPF_F_TABLE("percpu_array", __u32, struct encap_buf, encap_scratch, 1, 0);
 
 #endif /* CN2M_GEN_LAYOUT_H */

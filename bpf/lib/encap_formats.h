@@ -28,11 +28,8 @@
 #define BPF_F_ADJ_ROOM_ENCAP_L2_ETH (1ULL << 6)
 #endif
 
-/* The template being completed, and room for the copied Ethernet header after it. */
-struct encap_buf {
-    __u8 b[ENCAP_TMPL_MAX + ETH_HLEN + 2];
-};
-BPF_PERCPU_ARRAY(encap_scratch, struct encap_buf, 1);
+/* The template is completed in encap_scratch (struct encap_buf, agent/layout.py), with
+ * room for the copied Ethernet header after it. */
 
 /* Whether a copy was going into the pod (ERSPAN type III's direction bit). On the mirror
  * port's sending end, from where the clone was made: a copy made at the ingress hook of
