@@ -501,3 +501,28 @@ def test_cidr_pattern_accepts_every_block(block):
 def test_cidr_pattern_implies_python_accepts(text):
     if CIDR_RE.match(text):
         ipaddress.ip_network(text, strict=False)
+
+
+@pytest.mark.parametrize("spec, api_error", [
+    ({"encapsulation": {"format": "erspan3"}}, None),
+    ({"encapsulation": {"format": "vxlan", "vni": 9}}, None),
+    ({"encapsulation": {"format": "gre", "vni": 9}}, "vni: only with format vxlan or geneve"),
+    ({"encapsulation": {"format": "geneve", "greKey": 1}}, "greKey: only with format gre"),
+    ({"encapsulation": {"format": "gre", "network": "x"}}, "network: only with format contrail"),
+    ({"encapsulation": {"format": "gre"}, "juniperHeader": False},
+     "an encapsulation format wraps copies routed"),
+    ({"encapsulation": {"format": "ipip"}}, "ipip"),
+])
+def test_encapsulation_admission_agrees_with_the_model(spec, api_error):
+    """The CRD (schema and CEL twins) and the model accept and refuse the same formats."""
+    errors = api_server_errors(md(**spec))
+    try:
+        model.parse_mirror_destination(md(**spec))
+        model_ok = True
+    except model.ModelError:
+        model_ok = False
+    if api_error is None:
+        assert errors == [] and model_ok
+    else:
+        assert any(api_error in e for e in errors), errors
+        assert not model_ok
