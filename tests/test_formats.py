@@ -212,11 +212,6 @@ def run_format(lab, node, fmt: str, mtu: int, size: int):
         d[23] == 47 or (d[23] == 17 and struct.unpack_from("!H", d, 36)[0] in (
             CONTRAIL_PORT, L.GENEVE_PORT, L.VXLAN_PORT)))]
     copies = [decap(d, fmt) for d in raw]
-    if os.environ.get("CN2M_DEBUG"):
-        c = dest_counters(node, "fmt")
-        print("DEBUG received", len(received), "raw", len(raw), "counters", c.packets,
-              c.gso_wrapped, c.gso_by_segment, dict(c.drops) if hasattr(c.drops, "items")
-              else c.drops, [d[:60].hex() for d in received[:3]])
     return copies, crossed, raw, data
 
 
@@ -272,8 +267,10 @@ def check_headers(lab, node, fmt: str, copies, raw) -> None:
               "geneve": ["geneve.vni", "geneve.option.class"]}[fmt]
     rows = tshark_rows(raw, fields)
     assert len(rows) == len(raw)
+    # Through the inner TCP header; tshark may guess at the random payload after it.
     layers = TSHARK_LAYERS[fmt]
-    assert {r[0] for r in rows} <= {layers, layers + ":data"}, {r[0] for r in rows}
+    assert all(r[0] == layers or r[0].startswith(layers + ":") for r in rows), \
+        {r[0] for r in rows}
     want = {"erspan2": [str(MIRROR_ID & 0x3FF), str(SESSION_ID)],
             "gre": [str(enc.key)], "vxlan": [str(enc.vni)],
             "geneve": [str(enc.vni), str(L.GENEVE_OPT_CLASS)]}.get(fmt)
@@ -305,7 +302,8 @@ def check_capture_decodes_contrail(raw: list[bytes]) -> None:
             if os.path.exists(p):
                 os.unlink(p)
     assert len(rows) == len(raw)
-    assert set(rows) <= {"eth:ethertype:ip:tcp", "eth:ethertype:ip:tcp:data"}, set(rows)
+    assert all(r == "eth:ethertype:ip:tcp" or r.startswith("eth:ethertype:ip:tcp:")
+               for r in rows), set(rows)
 
 
 def stream_of(copies, dst: str, size: int) -> bytes:
