@@ -68,6 +68,21 @@ CEL_TWINS: dict[str, Callable[[Any], bool]] = {
     "(!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring))":
         lambda s: not s.get("externalAnalyzer")
         or (s.get("nextHopMode") != "static" and not s.get("nicAssistedMirroring")),
+    # Output formats (issue 15): routed destinations only; sub-fields of their format.
+    "!has(self.encapsulation) || !has(self.encapsulation.format) || "
+    "self.encapsulation.format == 'jmirror' || "
+    "((!has(self.juniperHeader) || self.juniperHeader) && "
+    "(!has(self.nextHopMode) || self.nextHopMode == 'dynamic') && "
+    "(!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring))":
+        lambda s: s.get("encapsulation", {}).get("format", "jmirror") == "jmirror"
+        or (s.get("juniperHeader", True) and s.get("nextHopMode", "dynamic") == "dynamic"
+            and not s.get("nicAssistedMirroring")),
+    "!has(self.vni) || (has(self.format) && self.format in ['vxlan', 'geneve'])":
+        lambda s: "vni" not in s or s.get("format") in ("vxlan", "geneve"),
+    "!has(self.greKey) || (has(self.format) && self.format == 'gre')":
+        lambda s: "greKey" not in s or s.get("format") == "gre",
+    "!has(self.network) || (has(self.format) && self.format == 'contrail')":
+        lambda s: "network" not in s or s.get("format") == "contrail",
     "isIP(self)": _is_ip,
     "isCIDR(self)": _is_cidr,
     "!has(self.except) || !isCIDR(self.cidr) || "

@@ -405,7 +405,7 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
                     f"known for external analyzer {md.analyzer_ip}")
         return Destination(name=md.name, mode=mode, analyzer_ip=md.analyzer_ip,
                            udp_port=md.udp_port, segments=md.copy_segments,
-                           oversize=md.copy_too_large)
+                           oversize=md.copy_too_large, encapsulation=md.encapsulation)
     if md.analyzer_selector is None:
         return (f"no analyzer: label the MirrorDestination {LABEL_ANALYZER_SELECTOR}=<value> "
                 f"(or set externalAnalyzer and analyzerIP)")
@@ -433,7 +433,7 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
                               analyzer_pod=chosen.key)
     if mode is DeliveryMode.JMIRROR:
         return replace(destination, udp_port=md.udp_port, segments=md.copy_segments,
-                       oversize=md.copy_too_large)
+                       oversize=md.copy_too_large, encapsulation=md.encapsulation)
     # L2: analyzer_ip is for display; the host side of a local analyzer, when annotated
     # (and believed), spares the datapath a search by MAC.
     return replace(destination, analyzer_mac=iface.mac,

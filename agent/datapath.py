@@ -390,12 +390,13 @@ class Datapath:
         finally:
             ipr.close()
         # The kernel segments and checksums clones on the sending end: plain super-packets
-        # and, above all, the ones wrapped once as UDP-tunnel GSO packets (tunnel
+        # and, above all, the ones wrapped once as UDP-tunnel or GRE GSO packets (tunnel
         # segmentation off: wire-size wrapped segments leave the port whatever the next
         # hop is; a veth there would pass the 64 KB skb on whole).
         r = run(self.netns, "ethtool", "-K", MIRROR_TX, "tso", "off", "gso", "off",
                 "tx", "off", "sg", "off", "gro", "off", "tx-udp_tnl-segmentation", "off",
-                "tx-udp_tnl-csum-segmentation", "off", check=False)
+                "tx-udp_tnl-csum-segmentation", "off", "tx-gre-segmentation", "off",
+                "tx-gre-csum-segmentation", "off", check=False)
         if r.returncode:
             raise DatapathError(f"ethtool -K {MIRROR_TX} failed: {r.stderr.strip()}")
         run(self.netns, "ethtool", "-K", MIRROR_RX, "gro", "off", "tso", "off",

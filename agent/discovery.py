@@ -16,6 +16,7 @@ import json
 import socket
 from dataclasses import dataclass, replace
 
+from . import encap
 from . import layout as L
 from .netns import NETNS_DIR, iproute, run
 from .programmer import ResolvedDestination, destination_mode
@@ -348,6 +349,22 @@ class NodeTables:
         self.ipr.link("set", index=idx, state="up")
         return idx
 
+    @staticmethod
+    def _resolve_format(d: Destination, src: str | None, mtu: int,
+                        oif: int) -> ResolvedDestination:
+        """A routed destination in another output format than jmirror (IPv4 outer)."""
+        enc = d.encapsulation
+        port = encap.udp_port_of(enc, d.udp_port)
+        mode = L.Mode.ENCAP4
+        if ":" in (d.analyzer_ip or "") or not src or ":" in src:
+            return ResolvedDestination(
+                mode, d.analyzer_ip, src, port,
+                problem=f"format {enc.format} is sent over IPv4 only; analyzer "
+                        f"{d.analyzer_ip} is reached over IPv6")
+        entry = encap.template(enc, src, d.analyzer_ip, d.udp_port)
+        return ResolvedDestination(mode, d.analyzer_ip, src, port, mtu=mtu, out_ifindex=oif,
+                                   encap=bytes(entry))
+
     def resolve_destination(self, d: Destination,
                             uplink: str | None = None) -> ResolvedDestination:
         mode = destination_mode(d)
@@ -359,7 +376,10 @@ class NodeTables:
             mtu = self.mtu(route.oif)
             if mode == L.Mode.JMIRROR6:
                 mtu = min(mtu, JMIRROR6_MAX_MTU)
-            return ResolvedDestination(mode, d.analyzer_ip, self.source_for(route),
+            src = self.source_for(route)
+            if mode == L.Mode.ENCAP4:
+                return self._resolve_format(d, src, mtu, route.oif)
+            return ResolvedDestination(mode, d.analyzer_ip, src,
                                        d.udp_port, mtu=mtu, out_ifindex=route.oif)
         if d.mode == DeliveryMode.L2:
             idx = self.ifindex(d.analyzer_ifname) if d.analyzer_ifname else None

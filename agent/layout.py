@@ -33,6 +33,10 @@ CLONE_TAG_MASK = 0xF0000000
 CLONE_IFSLOT_SHIFT = 16
 CLONE_IFSLOT_MASK = 0x0FFF
 CLONE_RULE_MASK = 0xFFFF
+# Set below the rule slot (rule slots stay under MAX_RULES, 14 bits) by the mirror port's
+# sending end on a copy that goes on through the port, when the copy was going into the
+# pod: the far end no longer sees where the copy was made (ERSPAN type III's direction).
+CLONE_INTO_POD = 0x8000
 # A copy wrapped inline on the mirror port's sending end whose next hop's MAC is not yet
 # known goes on through the port with this tag instead (same slots below it): the far
 # end only routes it (bpf_redirect_neigh), from a clean softirq context. Truncated: the
@@ -68,6 +72,37 @@ class Mode(enum.IntEnum):
     L2 = 3
     VXLAN = 4
     VLAN = 5
+    ENCAP4 = 6  # routed over IPv4 in another output format: its header in `encaps`
+
+
+# ---------------------------------------------------------------------------- formats
+class EncapFormat(enum.IntEnum):
+    """Output formats of ENCAP4 destinations (agent/encap.py builds their headers)."""
+
+    ERSPAN2 = 1
+    ERSPAN3 = 2
+    GRE = 3
+    GENEVE = 4
+    VXLAN = 5
+    CONTRAIL = 6
+
+
+ENCAP_TMPL_MAX = 128  # outer IPv4 header up to the inner Ethernet header, at most
+ENCAP_VNI_FROM_MID = 1  # EncapEntry.flags: VXLAN's VNI is the rule's mirror id (24 bits)
+ENCAP_GRE = 2  # EncapEntry.flags: over GRE (GSO type GRE), else over UDP (UDP tunnel)
+ETH_P_TEB = 0x6558  # transparent Ethernet bridging: the inner Ethernet frame
+ETH_P_ERSPAN2 = 0x88BE
+ETH_P_ERSPAN3 = 0x22EB
+GENEVE_PORT = 6081
+# The GENEVE option copies carry: class from the experimental range (0xFF00-0xFFFF),
+# 8 bytes of data: the jmirror mirror id and session id, big-endian.
+GENEVE_OPT_CLASS = 0xFF4A
+GENEVE_OPT_TYPE = 0x01
+# Byte offsets, from the outer IPv4 header, of the fields the wrapper fills in per copy.
+ERSPAN_HDR_OFF = 20 + 8  # after the GRE header with its sequence number
+GENEVE_OPT_DATA_OFF = 20 + 8 + 8 + 4
+VXLAN_VNI_OFF = 20 + 8 + 4
+CONTRAIL_TLV_MAX = ENCAP_TMPL_MAX - 20 - 8
 
 
 class Dir(enum.IntEnum):
@@ -249,6 +284,19 @@ class DestEntry(C.Structure):
     ]
 
 
+class EncapEntry(C.Structure):
+    """Per destination slot, for ENCAP4 destinations: the headers copies get, as a
+    template the wrapper copies and completes (lengths, checksum, per-copy ids)."""
+
+    _fields_ = [
+        ("format", u8),  # EncapFormat
+        ("flags", u8),  # ENCAP_*
+        ("hdr_len", u16),  # template bytes: outer IPv4 up to the inner Ethernet header
+        ("pad", u32),
+        ("tmpl", u8 * ENCAP_TMPL_MAX),
+    ]
+
+
 class Counters(C.Structure):
     """Per-CPU counters, kept per rule, per interface, per destination and node-wide."""
 
@@ -364,6 +412,13 @@ class CsumBuf(C.Structure):
     _fields_ = [("b", u8 * (CSUM_CHUNK + 8))]  # slack the verifier can see past the padding
 
 
+class EncapBuf(C.Structure):
+    """Per-CPU buffer a format's header template is completed in (lib/encap_formats.h),
+    with room for the copied Ethernet header after it."""
+
+    _fields_ = [("b", u8 * (ENCAP_TMPL_MAX + 14 + 2))]
+
+
 def _with_flow_dests(cls: type[C.Structure], max_flow_dests: int) -> type[C.Structure]:
     """``cls`` with its ``rules`` array holding ``max_flow_dests`` entries."""
     if max_flow_dests == DEFAULT_MAX_FLOW_DESTS:
@@ -412,6 +467,7 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         MapSpec("sessions", "array", u32, u32, MAX_INTERFACES),  # ifslot -> session id
         MapSpec("rules", "array", u32, RuleEntry, MAX_RULES),
         MapSpec("destinations", "array", u32, DestEntry, MAX_DESTINATIONS),
+        MapSpec("encaps", "array", u32, EncapEntry, MAX_DESTINATIONS),  # by destination slot
         MapSpec("flows", "lru_hash", FlowKey, flow_entry_type(max_flow_dests),
                 flow_table_size or FLOW_TABLE_SIZE),
         MapSpec("flow_cache", "percpu_array", u32, FlowCacheEntry, FLOW_CACHE_SLOTS),
@@ -439,6 +495,7 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
                 pin=PIN_BY_LAYOUT),
         # The IPv6 UDP checksum's buffer (the wrapper's own: nothing else reads it).
         MapSpec("csum_scratch", "percpu_array", u32, CsumBuf, 1, pin=NOT_PINNED),
+        MapSpec("encap_scratch", "percpu_array", u32, EncapBuf, 1, pin=NOT_PINNED),
     )
 
 
@@ -525,6 +582,7 @@ _STRUCT_NAMES = {
     MatchBits: "match_bits",
     RuleEntry: "rule_entry",
     DestEntry: "dest_entry",
+    EncapEntry: "encap_entry",
     Counters: "counters",
     Config: "config",
     AnalyzerKey: "analyzer_key",
@@ -535,6 +593,7 @@ _STRUCT_NAMES = {
     Parsed: "parsed",
     EvalScratch: "eval_scratch",
     CsumBuf: "csum_buf",
+    EncapBuf: "encap_buf",
 }
 _FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
 
@@ -587,9 +646,17 @@ def c_constants() -> dict[str, object]:
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,
         "POD_SIDE_CB": POD_SIDE_CB,
+        "CLONE_INTO_POD": f"{CLONE_INTO_POD:#x}",
+        "ENCAP_TMPL_MAX": ENCAP_TMPL_MAX,
+        "ENCAP_VNI_FROM_MID": ENCAP_VNI_FROM_MID,
+        "ENCAP_GRE": ENCAP_GRE,
+        "ERSPAN_HDR_OFF": ERSPAN_HDR_OFF,
+        "GENEVE_OPT_DATA_OFF": GENEVE_OPT_DATA_OFF,
+        "VXLAN_VNI_OFF": VXLAN_VNI_OFF,
         "CSUM_CHUNK": CSUM_CHUNK,
     }
-    for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):
+    for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_"),
+                             (EncapFormat, "FORMAT_")):
         consts.update({prefix + m.name: int(m) for m in enum_cls})
     return consts
 

@@ -22,13 +22,22 @@ from typing import Any
 
 from .protocols import API_NUMBERS
 from .state import (
+    CN2_DEFAULT_UDP_PORT,
+    CONTRAIL_DEFAULT_NETWORK,
     DEFAULT_JMIRROR_PORT,
+    FORMAT_CONTRAIL,
+    FORMAT_GENEVE,
+    FORMAT_GRE,
+    FORMAT_JMIRROR,
+    FORMAT_VXLAN,
+    FORMATS,
     OVERSIZE_CHOICES,
     OVERSIZE_FRAGMENT,
     SEGMENTS_AUTO,
     SEGMENTS_CHOICES,
     DeliveryMode,
     Direction,
+    Encapsulation,
 )
 
 # --- API groups and kinds -------------------------------------------------------------
@@ -71,6 +80,10 @@ ANN_HOST_INTERFACE = "cn2mirror.io/host-interface"  # host side of the default i
 # stay CN2's, these annotations on the MirrorDestination.
 ANN_COPY_SEGMENTS = "cn2mirror.io/copy-segments"
 ANN_COPY_TOO_LARGE = "cn2mirror.io/copy-too-large"
+# The output format of routed copies: spec.encapsulation in this project's group; in
+# CN2's, this annotation: a format name ("erspan3") or the same object as JSON
+# ('{"format": "geneve", "vni": 7}').
+ANN_ENCAPSULATION = "cn2mirror.io/encapsulation"
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
 # Who decides where copies go (issue 11). Namespaces and MirrorDestinations are
 # cluster-scoped, so only cluster admins write these; a pod's owner writes its pods'
@@ -101,7 +114,13 @@ DIRECTIONS = tuple(d.value for d in Direction)
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 DEFAULT_JUNIPER_HEADER = True
-DEFAULT_UDP_PORT = DEFAULT_JMIRROR_PORT  # CN2's own default is 8099; see reference/jmirror.md
+DEFAULT_UDP_PORT = DEFAULT_JMIRROR_PORT  # this project's group: Wireshark's jmirror port
+CN2_UDP_PORT = CN2_DEFAULT_UDP_PORT  # CN2's group (and the contrail format): CN2's 8099
+ENCAP_FORMATS = FORMATS
+GRE_KEY_MIN, GRE_KEY_MAX = 0, (1 << 32) - 1
+# The Contrail header's network names: printable ASCII, short enough for one TLV each
+# within the header the datapath writes (agent/layout.py CONTRAIL_TLV_MAX).
+CONTRAIL_NETWORK_PATTERN = r"^[!-~]{1,40}$"
 DEFAULT_DIRECTION = Direction.BOTH
 DEFAULT_NEXT_HOP_MODE = NEXT_HOP_DYNAMIC
 
@@ -153,6 +172,8 @@ class MirrorDestination:
     analyzer_namespaces: tuple[str, ...] = ()
     copy_segments: str = SEGMENTS_AUTO  # GSO copies: auto, exact or fit (agent/state.py)
     copy_too_large: str = OVERSIZE_FRAGMENT  # a copy too large for the path: fragment, truncate
+    # The output format of routed copies (spec.encapsulation or ANN_ENCAPSULATION).
+    encapsulation: Encapsulation = field(default_factory=Encapsulation)
 
     @property
     def mode(self) -> DeliveryMode:
@@ -439,7 +460,14 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
     p = "spec"
 
     juniper_header = _typed(spec, "juniperHeader", p, bool, DEFAULT_JUNIPER_HEADER)
-    udp_port = _typed(spec, "udpPort", p, int, DEFAULT_UDP_PORT)
+    own_group = api_version.startswith(GROUP + "/")
+    if own_group:
+        encap = _encapsulation(spec.get("encapsulation"), "spec.encapsulation")
+    else:
+        encap = _annotated_encapsulation(annotations.get(ANN_ENCAPSULATION))
+    # CN2's group without udpPort reaches the analyzer as CN2 would (8099); this
+    # project's group keeps 30030 (both are the CRDs' defaults).
+    udp_port = _typed(spec, "udpPort", p, int, DEFAULT_UDP_PORT if own_group else CN2_UDP_PORT)
     _in_range(udp_port, PORT_MIN, PORT_MAX, "spec.udpPort")
     direction = _typed(spec, "trafficDirection", p, str, DEFAULT_DIRECTION.value)
     _enum(direction, DIRECTIONS, "spec.trafficDirection")
@@ -496,6 +524,13 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
     if external and (nic or mode == NEXT_HOP_STATIC):
         raise _fail(p, "externalAnalyzer cannot be combined with nextHopMode static "
                     "or nicAssistedMirroring")
+    if encap.format != FORMAT_JMIRROR and (not juniper_header or mode == NEXT_HOP_STATIC
+                                           or nic):
+        where = "spec.encapsulation" if own_group else \
+            f"metadata.annotations[{ANN_ENCAPSULATION}]"
+        raise _fail(where, f"format {encap.format} wraps copies routed to the analyzer's IP: "
+                    "it needs juniperHeader true, nextHopMode dynamic and no "
+                    "nicAssistedMirroring")
 
     return MirrorDestination(
         name=name,
@@ -513,7 +548,53 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         analyzer_namespaces=tuple(sorted(set(namespaces))),
         copy_segments=segments,
         copy_too_large=too_large,
+        encapsulation=encap,
     )
+
+
+def _encapsulation(value: Any, path: str) -> Encapsulation:
+    """spec.encapsulation (or the annotation's JSON object): format and its sub-fields."""
+    if value is None:
+        return Encapsulation()
+    m = _mapping(value, path)
+    unknown = sorted(set(m) - {"format", "vni", "greKey", "network"})
+    if unknown:
+        raise _fail(_join(path, unknown[0]), "unknown field")
+    fmt = _typed(m, "format", path, str, FORMAT_JMIRROR)
+    _enum(fmt, ENCAP_FORMATS, _join(path, "format"))
+    vni = _in_range(_typed(m, "vni", path, int), VXLAN_ID_MIN, VXLAN_ID_MAX, _join(path, "vni"))
+    key = _in_range(_typed(m, "greKey", path, int), GRE_KEY_MIN, GRE_KEY_MAX,
+                    _join(path, "greKey"))
+    network = _typed(m, "network", path, str)
+    if network is not None and not re.match(CONTRAIL_NETWORK_PATTERN, network):
+        raise _fail(_join(path, "network"), f"{network!r}: 1 to 40 printable ASCII characters")
+    # Sub-fields only where the format has them (the CRD's CEL rules say the same).
+    if vni is not None and fmt not in (FORMAT_VXLAN, FORMAT_GENEVE):
+        raise _fail(_join(path, "vni"), "only with format vxlan or geneve")
+    if key is not None and fmt != FORMAT_GRE:
+        raise _fail(_join(path, "greKey"), "only with format gre")
+    if network is not None and fmt != FORMAT_CONTRAIL:
+        raise _fail(_join(path, "network"), "only with format contrail")
+    if fmt == FORMAT_CONTRAIL and network is None:
+        network = CONTRAIL_DEFAULT_NETWORK
+    return Encapsulation(format=fmt, vni=vni, key=key, network=network)
+
+
+def _annotated_encapsulation(value: Any) -> Encapsulation:
+    """CN2's group: the annotation, a format name or a JSON object like spec.encapsulation."""
+    where = f"metadata.annotations[{ANN_ENCAPSULATION}]"
+    if value is None:
+        return Encapsulation()
+    if not isinstance(value, str):
+        raise _fail(where, "must be a format name or a JSON object")
+    text = value.strip()
+    if not text.startswith("{"):
+        return _encapsulation({"format": text}, where)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise _fail(where, f"invalid JSON: {e}") from None
+    return _encapsulation(data, where)
 
 
 def _namespace_name(value: Any, path: str) -> str:

@@ -58,8 +58,9 @@ class PcapngWriter:
     """pcapng, little-endian: a section header, one raw-IP interface per add_interface
     (nanosecond timestamps), then enhanced packet blocks."""
 
-    def __init__(self, f: BinaryIO, flush_each: bool = False):
+    def __init__(self, f: BinaryIO, flush_each: bool = False, linktype: int = LINKTYPE_RAW):
         self.f, self.flush_each, self.interfaces = f, flush_each, 0
+        self.linktype = linktype  # RAW for jmirror; ETHERNET for the Contrail header
         # byte-order magic, version 1.0, section length unknown (-1), shb_userappl
         self._block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
                     + _options((4, b"cn2mirror capture")))
@@ -72,7 +73,7 @@ class PcapngWriter:
     def add_interface(self, name: str, description: str) -> int:
         # if_name (2), if_description (3), if_tsresol (9) = 10^-9
         options = _options((2, name.encode()), (3, description.encode()), (9, b"\x09"))
-        self._block(1, struct.pack("<HHI", LINKTYPE_RAW, 0, 0) + options)
+        self._block(1, struct.pack("<HHI", self.linktype, 0, 0) + options)
         self.interfaces += 1
         return self.interfaces - 1
 
@@ -89,9 +90,9 @@ class PcapngWriter:
 class PcapWriter:
     """Classic pcap with nanosecond timestamps: one link type, so no per-pair interfaces."""
 
-    def __init__(self, f: BinaryIO, flush_each: bool = False):
+    def __init__(self, f: BinaryIO, flush_each: bool = False, linktype: int = LINKTYPE_RAW):
         self.f, self.flush_each = f, flush_each
-        f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, LINKTYPE_RAW))
+        f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, linktype))
 
     def add_interface(self, name: str, description: str) -> int:
         return 0
@@ -158,7 +159,8 @@ class Capture:
 
     def __init__(self, writer=None, names: Names | None = None, mirror_ids=(), session_ids=(),
                  count: int | None = None,
-                 on_packet: Callable[[Session, bytes], None] | None = None):
+                 on_packet: Callable[[Session, bytes], None] | None = None,
+                 decode: Callable[[bytes], tuple[int, int, bytes]] | None = None):
         """``on_packet(session, inner)`` is called for every packet kept, with the
         mirrored packet (its IP header on), after it was counted and written."""
         self.writer = writer
@@ -170,6 +172,9 @@ class Capture:
         self.packets = self.bytes = self.filtered = 0
         self.dropped = 0  # listening: datagrams the kernel dropped, the socket buffer full
         self.not_jmirror = dict.fromkeys(jmirror.REASONS, 0)
+        # datagram -> (mirror id, session id, inner); raises jmirror.NotJMirror. Default:
+        # jmirror; encap.decode_contrail for Contrail's header (the frame, Ethernet on).
+        self.decode = decode or (lambda d: jmirror.decode(d)[1:])
 
     @property
     def done(self) -> bool:
@@ -181,7 +186,7 @@ class Capture:
         Returns the session it went to, or None if it was not jmirror or filtered out.
         """
         try:
-            _, mid, sid, inner = jmirror.decode(datagram)
+            mid, sid, inner = self.decode(datagram)
         except jmirror.NotJMirror as e:
             self.not_jmirror[e.reason] += 1
             return None
@@ -191,7 +196,7 @@ class Capture:
             self.filtered += 1
             return None
         session = self.sessions.get((mid, sid)) or self._new_session(mid, sid, ts_ns)
-        size = max(len(inner), (length or 0) - jmirror.HEADER_LEN)
+        size = max(len(inner), (length or 0) - (len(datagram) - len(inner)))
         session.packets += 1
         session.bytes += size
         session.last_seen_ns = ts_ns

@@ -22,8 +22,8 @@ from .state import Destination, Direction, EndpointSet, NodeState, PortRange
 log = logging.getLogger(__name__)
 
 MANAGED_MAPS = ("interfaces", "sessions", "rules", "destinations", "src_v4", "dst_v4",
-                "src_v6", "dst_v6", "ports", "analyzers")
-ARRAY_MAPS = ("sessions", "rules", "destinations")  # entries are zeroed, not deleted
+                "src_v6", "dst_v6", "ports", "analyzers", "encaps")
+ARRAY_MAPS = ("sessions", "rules", "destinations", "encaps")  # entries are zeroed, not deleted
 # A slot whose entry changes or goes away starts its counters again at zero, so that the
 # numbers under a slot always belong to what the slot holds now.
 STATS_OF = {"rules": "stats_rule", "destinations": "stats_dest", "sessions": "stats_iface"}
@@ -48,6 +48,7 @@ class ResolvedDestination:
     vlan_id: int = 0
     problem: str | None = None  # why copies to it cannot be delivered now, if so
     fit_flags: int = 0  # DEST_SEGMENTS_*, DEST_FRAGMENT: see copy_fit_flags()
+    encap: bytes = b""  # ENCAP4: the EncapEntry of its output format (agent/encap.py)
 
 
 def copy_fit_flags(d: Destination) -> int:
@@ -291,8 +292,12 @@ class Planner:
                 e.flags = L.DEST_VTEP_IPV6
             e.flags |= d.fit_flags
             maps["destinations"][_u32(slot)] = bytes(e)
-            # Traffic to the analyzer is a stream of copies: never mirror it.
-            if d.dst_addr and d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN):
+            if d.mode == L.Mode.ENCAP4 and d.encap:
+                maps["encaps"][_u32(slot)] = d.encap
+            # Traffic to the analyzer is a stream of copies: never mirror it. (GRE formats
+            # have no port: their copies carry COPY_MARK on this node, like every copy.)
+            if d.dst_addr and (d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN) or
+                               (d.mode == L.Mode.ENCAP4 and d.udp_port)):
                 ak = L.AnalyzerKey()
                 C.memmove(C.addressof(ak), _addr_words(d.dst_addr), 16)
                 port = d.udp_port if d.mode != L.Mode.VXLAN else L.VXLAN_PORT
@@ -440,7 +445,7 @@ class MapWriteError(RuntimeError):
 
 # The order new and changed entries are written in, so that nothing referenced is
 # missing (interfaces last: they make the rest reachable); removals go the other way.
-WRITE_ORDER = ("destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
+WRITE_ORDER = ("encaps", "destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
                "analyzers", "sessions", "interfaces")
 
 
@@ -660,6 +665,8 @@ def destination_mode(d: Destination) -> L.Mode:
     from .state import DeliveryMode
 
     if d.mode == DeliveryMode.JMIRROR:
+        if d.encapsulation.format != "jmirror":
+            return L.Mode.ENCAP4  # other formats: IPv4 outer only (resolve_destination)
         ip = ipaddress.ip_address(d.analyzer_ip) if d.analyzer_ip else None
         return L.Mode.JMIRROR6 if ip and ip.version == 6 else L.Mode.JMIRROR4
     return {DeliveryMode.L2: L.Mode.L2, DeliveryMode.VXLAN: L.Mode.VXLAN,

@@ -16,6 +16,8 @@ from enum import StrEnum
 
 # The UDP port Wireshark decodes as jmirror without being told (reference/jmirror.md).
 DEFAULT_JMIRROR_PORT = 30030
+# CN2's analyzer port: a MirrorDestination in CN2's API group without udpPort uses it.
+CN2_DEFAULT_UDP_PORT = 8099
 # Mirror identifiers are 30 bits on the wire; session identifiers 32 bits.
 MIRROR_ID_MAX = (1 << 30) - 1
 SESSION_ID_MAX = (1 << 32) - 1
@@ -64,6 +66,35 @@ class Destination:
     # happens to a copy too large for it (OVERSIZE_*).
     segments: str = "auto"
     oversize: str = "fragment"
+    # jmirror (the default) or another output format for routed copies (issue 15).
+    encapsulation: Encapsulation = field(default_factory=lambda: Encapsulation())
+
+
+# Output formats of routed copies (docs/formats.md): the wrapper writes the headers.
+FORMAT_JMIRROR = "jmirror"  # IP/UDP + 8-byte jmirror header + the IP packet
+FORMAT_ERSPAN2 = "erspan2"  # IP/GRE (seq) + ERSPAN type II + the Ethernet frame
+FORMAT_ERSPAN3 = "erspan3"  # IP/GRE (seq) + ERSPAN type III (direction, timestamp) + frame
+FORMAT_GRE = "gre"  # IP/GRE (0x6558, optional key) + the Ethernet frame
+FORMAT_GENEVE = "geneve"  # IP/UDP 6081 + GENEVE (option: mirror and session id) + frame
+FORMAT_VXLAN = "vxlan"  # IP/UDP 4789 + VXLAN + the Ethernet frame
+FORMAT_CONTRAIL = "contrail"  # IP/UDP + vRouter's TLV list ("Juniper header") + frame
+FORMATS = (FORMAT_JMIRROR, FORMAT_ERSPAN2, FORMAT_ERSPAN3, FORMAT_GRE, FORMAT_GENEVE,
+           FORMAT_VXLAN, FORMAT_CONTRAIL)
+GENEVE_PORT = 6081
+VXLAN_STANDARD_PORT = 4789
+CONTRAIL_DEFAULT_NETWORK = "default-podnetwork"
+
+
+@dataclass(frozen=True, order=True)
+class Encapsulation:
+    """How routed copies are wrapped. ``vni``: VXLAN/GENEVE (None: VXLAN carries the
+    rule's mirror id, GENEVE 0); ``key``: GRE key (None: no key); ``network``: the network
+    name the Contrail header carries as source and destination network."""
+
+    format: str = FORMAT_JMIRROR
+    vni: int | None = None
+    key: int | None = None
+    network: str | None = None
 
 
 SEGMENTS_AUTO = "auto"  # exact when the path MTU takes the wire's segments wrapped, else fit

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import encap
 from .compiler import DestinationView, cluster_view
 from .model import (
     KIND_CSP,
@@ -409,6 +410,11 @@ def _destination_fields(d: Destination, view: DestinationView) -> tuple[dict, st
     fields["analyzerIP"] = d.analyzer_ip
     where = f"{d.analyzer_ip}:{d.udp_port}" if d.mode is DeliveryMode.JMIRROR \
         else f"{d.analyzer_ip} (MAC {d.analyzer_mac})"
+    if d.mode is DeliveryMode.JMIRROR and d.encapsulation.format != "jmirror":
+        # Another output format (docs/formats.md): its own port, or none over GRE.
+        port = encap.udp_port_of(d.encapsulation, d.udp_port)
+        where = f"{d.analyzer_ip}" + (f":{port}" if port else "") + \
+            f" in {d.encapsulation.format}"
     if d.analyzer_pod is None:
         return fields, f"external analyzer {where}"
     fields["analyzerPod"] = d.analyzer_pod

@@ -16,7 +16,8 @@
  *    whose sending end (tunnel segmentation off) cuts them into wrapped wire-size
  *    segments that the far end only routes (route_wrapped).
  * The wrapper reads the (interface, rule) the classifier put in skb->mark, wraps the
- * copy for its destination (jmirror over IPv4/IPv6, raw L2, VXLAN or VLAN), fits it to
+ * copy for its destination (jmirror over IPv4/IPv6, another output format over IPv4:
+ * lib/encap_formats.h, raw L2, VXLAN or VLAN), fits it to
  * the path MTU (cut, or sent whole to be fragmented by the IP stack on the far end), and
  * redirects it on. Nothing on this path touches production packets.
  *
@@ -32,6 +33,7 @@
 #include "lib/route.h"
 #include "lib/encap_jmirror.h"
 #include "lib/encap_l2.h"
+#include "lib/encap_formats.h"
 
 /* One copy (a clone from a pod interface, finished): wrapped for its destination and
  * sent on, or counted under a drop reason. `in_line`: on mirror-tx's egress, where a
@@ -61,6 +63,10 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     case MODE_JMIRROR4:
     case MODE_JMIRROR6:
         rc = wrap_jmirror(skb, d, r->mirror_id, sid ? *sid : 0, &fitted, in_line);
+        break;
+    case MODE_ENCAP4:
+        rc = wrap_format(skb, d, c.dest_slot, r->mirror_id, sid ? *sid : 0,
+                         copy_into_pod(skb, mark, c.ifslot, in_line), &fitted, in_line);
         break;
     case MODE_L2:
         rc = wrap_l2(skb, d, &fitted);
@@ -97,10 +103,14 @@ static __always_inline int wrap_super_packet(struct __sk_buff *skb)
         return TC_ACT_OK;  /* the far end counts and drops it */
     struct copy_ref c;
     copy_ref_of(mark, &c);
-    if (!c.r || !c.d || (c.d->mode != MODE_JMIRROR4 && c.d->mode != MODE_JMIRROR6))
+    if (!c.r || !c.d || (c.d->mode != MODE_JMIRROR4 && c.d->mode != MODE_JMIRROR6 &&
+                         c.d->mode != MODE_ENCAP4))
         return TC_ACT_OK;
     __u32 *sid = sessions.lookup(&c.ifslot);
-    int rc = wrap_jmirror_gso(skb, c.d, c.r->mirror_id, sid ? *sid : 0);
+    int rc = c.d->mode == MODE_ENCAP4 ?
+        wrap_format_gso(skb, c.d, c.dest_slot, c.r->mirror_id, sid ? *sid : 0,
+                        copy_into_pod(skb, mark, c.ifslot, 1)) :
+        wrap_jmirror_gso(skb, c.d, c.r->mirror_id, sid ? *sid : 0);
     if (rc == PASS_SEGMENTS && (c.d->flags & DEST_GSO_HANDOFF) &&
         c.d->mode == MODE_JMIRROR4) {
         /* Straight to the device, which segments it: its segments are counted here. */
@@ -173,9 +183,9 @@ int mirror_wrap(struct __sk_buff *skb)
 int mirror_wrap_inline(struct __sk_buff *skb)
 {
     if (skb->gso_size)
-        return wrap_super_packet(skb);
+        return mark_direction(skb, wrap_super_packet(skb));
     if (needs_kernel_finish(skb))
-        return TC_ACT_OK;
+        return mark_direction(skb, TC_ACT_OK);
     int rc = wrap_copy(skb, 1);
     /* A copy dropped here is counted by the wrapper; TC_ACT_SHOT would also fail the
      * classifier's bpf_clone_redirect (NET_XMIT_DROP) and count it twice. */

@@ -58,7 +58,10 @@ from datetime import datetime
 import click
 import yaml
 
+from cn2mirror.agent.encap import decode_contrail
 from cn2mirror.agent.pcap import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_RAW,
     Capture,
     CaptureError,
     FileSource,
@@ -150,10 +153,15 @@ def summary(capture: Capture, source: dict, output: dict | None, stopped_by: str
 @click.option("--interval", type=click.FloatRange(min=0), default=5.0, show_default=True,
               metavar="SECONDS",
               help="Print the live table to stderr this often (0: never; listening only).")
+@click.option("--encapsulation", type=click.Choice(["jmirror", "contrail"]), default="jmirror",
+              show_default=True,
+              help="What the datagrams carry: jmirror, or Contrail's header (TLVs, then the "
+                   "Ethernet frame: written as Ethernet, one session per capture host, shown "
+                   "as mid=0 sid=<its address as a number>; vRouter's port is 8099).")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Format of the final summary.")
 def capture(port, bind, ipv6, read_path, write_path, file_format, names_path, mirror_ids,
-            session_ids, count, timeout, interval, output):
+            session_ids, count, timeout, interval, encapsulation, output):
     """Receive jmirror copies and write the mirrored packets to a pcapng file."""
     if read_path and (bind or ipv6):
         raise click.UsageError("--bind/--ipv6 are for listening; --read takes no address")
@@ -186,8 +194,11 @@ def capture(port, bind, ipv6, read_path, write_path, file_format, names_path, mi
                 source = {"kind": "udp", "address": address, "port": port}
                 where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
                 click.echo(f"listening for jmirror on UDP {where}", err=True)
-            writer = _open_writer(stack, write_path, file_format) if write_path else None
-            cap = Capture(writer, names, mirror_ids, session_ids, count)
+            contrail = encapsulation == "contrail"
+            writer = _open_writer(stack, write_path, file_format, contrail) \
+                if write_path else None
+            cap = Capture(writer, names, mirror_ids, session_ids, count,
+                          decode=decode_contrail if contrail else None)
 
             def tick():
                 click.echo(format_table(cap) + "\n", err=True)
@@ -229,14 +240,17 @@ def _open_file(stack: contextlib.ExitStack, path: str, port: int, stopper: Stopp
         raise CaptureError(f"cannot read {path}: {e}") from None
 
 
-def _open_writer(stack: contextlib.ExitStack, path: str, file_format: str):
+def _open_writer(stack: contextlib.ExitStack, path: str, file_format: str,
+                 ethernet: bool = False):
     try:
         out = sys.stdout.buffer if path == "-" else stack.enter_context(open(path, "wb"))
     except OSError as e:
         raise CaptureError(f"cannot write {path}: {e.strerror}") from None
     stack.callback(out.flush)  # before the close registered above
     writer_class = PcapngWriter if file_format == "pcapng" else PcapWriter
-    return writer_class(out, flush_each=path == "-")  # a pipe's reader wants every packet
+    linktype = LINKTYPE_ETHERNET if ethernet else LINKTYPE_RAW
+    # A pipe's reader wants every packet.
+    return writer_class(out, flush_each=path == "-", linktype=linktype)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from cn2mirror.agent.compiler import (
     stable_id,
 )
 from cn2mirror.agent.explain import REVERSE, explain, rule_matches
-from cn2mirror.agent.model import CN2_GROUP, GROUP
+from cn2mirror.agent.model import CN2_GROUP, GROUP, ModelError, parse_mirror_destination
 from cn2mirror.agent.snapshot import FIELDS, Snapshot, load_paths, snapshot_from_objects
 from cn2mirror.agent.state import (
     ANY,
@@ -32,6 +33,7 @@ from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
     Direction,
+    Encapsulation,
     Interface,
     NodeState,
     ObjectError,
@@ -464,6 +466,14 @@ def test_default_udp_port_is_30030():
     assert state_with_md(md("d", "analyzer1")).destination("d").udp_port == 30030
 
 
+@pytest.mark.parametrize("api", [f"{CN2_GROUP}/v1alpha1", f"{CN2_GROUP}/v4"])
+def test_cn2_group_default_udp_port_is_cn2s_8099(api):
+    """A CN2 MirrorDestination without udpPort reaches the analyzer as CN2 would."""
+    assert state_with_md(md("d", "analyzer1", api=api)).destination("d").udp_port == 8099
+    assert state_with_md(md("d", "analyzer1", api=api, udpPort=30030)).destination(
+        "d").udp_port == 30030
+
+
 @pytest.mark.parametrize("ips, expected", [
     (("fd00::9", "198.18.9.8"), "198.18.9.8"),  # IPv4 first: jmirror's outer header is IPv4
     (("fd00::9",), "fd00::9"),
@@ -648,7 +658,8 @@ def test_an_object_given_in_both_groups_is_used_once():
 
 
 def test_cn2_group_objects_compile_like_ours():
-    ours = build(*world(md("d", "analyzer1"), csp("p", selectors=SELECT_WEB,
+    # Alike but for the default port: CN2's group defaults to CN2's 8099 (issue 15).
+    ours = build(*world(md("d", "analyzer1", udpPort=8099), csp("p", selectors=SELECT_WEB,
                                                    secondaryActions=mirror("d"))))
     cn2 = build(*world(md("d", "analyzer1", api=f"{CN2_GROUP}/v1alpha1"),
                        csp("p", api=f"{CN2_GROUP}/v4", selectors=SELECT_WEB,
@@ -1190,3 +1201,61 @@ def test_secondary_interface_claiming_a_victims_address_is_not_attached():
     assert state.interfaces == ()
     assert any(e.name == "evil/thief" and "mirror-destination on net1: not mirrored" in e.reason
                for e in state.errors)
+
+
+# --- Output formats (issue 15) ------------------------------------------------------------
+
+
+def md_annotated(name: str, annotation: str, **spec: Any) -> dict:
+    obj = md(name, "analyzer1", api=f"{CN2_GROUP}/v4", **spec)
+    obj["metadata"]["annotations"] = {"cn2mirror.io/encapsulation": annotation}
+    return obj
+
+
+@pytest.mark.parametrize("encap, port, expected", [
+    ({"format": "erspan3"}, 30030, Encapsulation("erspan3")),
+    ({"format": "gre", "greKey": 77}, 30030, Encapsulation("gre", key=77)),
+    ({"format": "vxlan", "vni": 4242}, 30030, Encapsulation("vxlan", vni=4242)),
+    ({"format": "geneve"}, 30030, Encapsulation("geneve")),
+    ({"format": "contrail"}, 30030, Encapsulation("contrail", network="default-podnetwork")),
+])
+def test_encapsulation_field_in_this_projects_group(encap, port, expected):
+    d = state_with_md(md("d", "analyzer1", encapsulation=encap)).destination("d")
+    assert d.encapsulation == expected and d.udp_port == port
+
+
+@pytest.mark.parametrize("annotation, expected", [
+    ("erspan2", Encapsulation("erspan2")),
+    ('{"format": "geneve", "vni": 9}', Encapsulation("geneve", vni=9)),
+    ('{"format": "contrail", "network": "red"}', Encapsulation("contrail", network="red")),
+])
+def test_encapsulation_annotation_in_cn2s_group(annotation, expected):
+    d = state_with_md(md_annotated("d", annotation)).destination("d")
+    assert d.encapsulation == expected and d.udp_port == 8099
+
+
+@pytest.mark.parametrize("encap, message", [
+    ({"format": "ipip"}, "spec.encapsulation.format: must be one of"),
+    ({"format": "gre", "vni": 3}, "spec.encapsulation.vni: only with format vxlan or geneve"),
+    ({"format": "vxlan", "greKey": 3}, "spec.encapsulation.greKey: only with format gre"),
+    ({"format": "vxlan", "vni": 1 << 24}, "spec.encapsulation.vni: must be between"),
+    ({"format": "contrail", "network": "a b"}, "spec.encapsulation.network"),
+    ({"format": "gre", "key": 1}, "spec.encapsulation.key: unknown field"),
+])
+def test_encapsulation_rejected(encap, message):
+    with pytest.raises(ModelError, match=re.escape(message)):
+        parse_mirror_destination(md("d", "analyzer1", encapsulation=encap))
+
+
+def test_encapsulation_needs_a_routed_destination():
+    with pytest.raises(ModelError, match="needs juniperHeader true"):
+        parse_mirror_destination(md("d", "analyzer1", juniperHeader=False,
+                                    encapsulation={"format": "gre"}))
+    with pytest.raises(ModelError, match=re.escape("annotations[cn2mirror.io/encapsulation]")):
+        parse_mirror_destination(md_annotated("d", "bogus"))
+
+
+def test_encapsulation_field_is_not_read_from_cn2_objects():
+    """CN2's group keeps CN2's fields: a spec.encapsulation there is not ours to read."""
+    obj = md("d", "analyzer1", api=f"{CN2_GROUP}/v4", encapsulation={"format": "gre"})
+    assert parse_mirror_destination(obj).encapsulation == Encapsulation()

@@ -156,6 +156,16 @@ def test_both_groups_define_the_same_schema(kind):
             model.NAMESPACE_NAME_PATTERN
         assert spec.pop("copySegments")["enum"] == ["auto", "exact", "fit"]
         assert spec.pop("copyTooLarge")["enum"] == ["truncate", "fragment"]
+        # ... the output format (CN2's group: the annotation), with its CEL rule, and
+        # udpPort's default (30030 here, CN2's 8099 there).
+        assert spec.pop("encapsulation")["properties"]["format"]["enum"] == list(
+            model.ENCAP_FORMATS)
+        ours_spec = schemas[0]["openAPIV3Schema"]["properties"]["spec"]
+        ours_spec["x-kubernetes-validations"].remove(generate.ENCAP_IS_ROUTED)
+        assert spec["udpPort"].pop("default") == 30030
+        for s in schemas[1:]:
+            assert s["openAPIV3Schema"]["properties"]["spec"]["properties"]["udpPort"].pop(
+                "default") == 8099
         assert all("analyzerNamespaces" not in s["openAPIV3Schema"]["properties"]["spec"][
             "properties"] for s in schemas[1:])
     assert all(s == schemas[0] for s in schemas)
@@ -217,7 +227,7 @@ def test_names_scope_status_and_columns(kind, short, scope):
     ("spec.externalAnalyzer", False),
 ])
 def test_md_defaults_match_the_model(path, default):
-    node = schema_of(f"{model.CN2_GROUP}/v4", model.KIND_MD)
+    node = schema_of(f"{model.GROUP}/v1alpha1", model.KIND_MD)
     for part in path.split("."):
         node = node["properties"][part]
     assert node["default"] == default
@@ -229,6 +239,19 @@ def test_md_defaults_match_the_model(path, default):
              "nicAssistedMirroring": "nic_assisted_mirroring",
              "externalAnalyzer": "external_analyzer"}[path.split(".")[1]]
     assert getattr(parsed, field) == default
+
+
+def test_cn2_group_udp_port_default_is_cn2s_8099():
+    """CN2's group defaults udpPort to CN2's 8099, in the CRD and in the model (issue 15)."""
+    for version in model.GROUP_VERSIONS[model.CN2_GROUP]:
+        node = schema_of(f"{model.CN2_GROUP}/{version}", model.KIND_MD)
+        assert node["properties"]["spec"]["properties"]["udpPort"]["default"] == 8099
+        parsed = model.parse_mirror_destination(
+            {"apiVersion": f"{model.CN2_GROUP}/{version}", "kind": "MirrorDestination",
+             "metadata": {"name": "d"}})
+        assert parsed.udp_port == 8099
+    ours = schema_of(f"{model.GROUP}/v1alpha1", model.KIND_MD)
+    assert ours["properties"]["spec"]["properties"]["udpPort"]["default"] == 30030
 
 
 def test_policy_defaults_match_the_model():
@@ -478,3 +501,28 @@ def test_cidr_pattern_accepts_every_block(block):
 def test_cidr_pattern_implies_python_accepts(text):
     if CIDR_RE.match(text):
         ipaddress.ip_network(text, strict=False)
+
+
+@pytest.mark.parametrize("spec, api_error", [
+    ({"encapsulation": {"format": "erspan3"}}, None),
+    ({"encapsulation": {"format": "vxlan", "vni": 9}}, None),
+    ({"encapsulation": {"format": "gre", "vni": 9}}, "vni: only with format vxlan or geneve"),
+    ({"encapsulation": {"format": "geneve", "greKey": 1}}, "greKey: only with format gre"),
+    ({"encapsulation": {"format": "gre", "network": "x"}}, "network: only with format contrail"),
+    ({"encapsulation": {"format": "gre"}, "juniperHeader": False},
+     "an encapsulation format wraps copies routed"),
+    ({"encapsulation": {"format": "ipip"}}, "ipip"),
+])
+def test_encapsulation_admission_agrees_with_the_model(spec, api_error):
+    """The CRD (schema and CEL twins) and the model accept and refuse the same formats."""
+    errors = api_server_errors(md(**spec))
+    try:
+        model.parse_mirror_destination(md(**spec))
+        model_ok = True
+    except model.ModelError:
+        model_ok = False
+    if api_error is None:
+        assert errors == [] and model_ok
+    else:
+        assert any(api_error in e for e in errors), errors
+        assert not model_ok

@@ -30,6 +30,9 @@
 #ifndef MAP_ENTRIES_DESTINATIONS
 #define MAP_ENTRIES_DESTINATIONS 256
 #endif
+#ifndef MAP_ENTRIES_ENCAPS
+#define MAP_ENTRIES_ENCAPS 256
+#endif
 #ifndef MAP_ENTRIES_FLOWS
 #define MAP_ENTRIES_FLOWS 131072
 #endif
@@ -84,6 +87,9 @@
 #ifndef MAP_ENTRIES_CSUM_SCRATCH
 #define MAP_ENTRIES_CSUM_SCRATCH 1
 #endif
+#ifndef MAP_ENTRIES_ENCAP_SCRATCH
+#define MAP_ENTRIES_ENCAP_SCRATCH 1
+#endif
 
 #define MAX_RULES 16384
 #define MAX_INTERFACES 4096
@@ -121,6 +127,13 @@
 #define FAMILY_V6 6
 #define N_DROPS 9
 #define POD_SIDE_CB 3
+#define CLONE_INTO_POD 0x8000
+#define ENCAP_TMPL_MAX 128
+#define ENCAP_VNI_FROM_MID 1
+#define ENCAP_GRE 2
+#define ERSPAN_HDR_OFF 28
+#define GENEVE_OPT_DATA_OFF 40
+#define VXLAN_VNI_OFF 32
 #define CSUM_CHUNK 512
 #define MODE_NONE 0
 #define MODE_JMIRROR4 1
@@ -128,6 +141,7 @@
 #define MODE_L2 3
 #define MODE_VXLAN 4
 #define MODE_VLAN 5
+#define MODE_ENCAP4 6
 #define DIR_EGRESS 0
 #define DIR_INGRESS 1
 #define DROP_CLONE_FAILED 0
@@ -139,6 +153,12 @@
 #define DROP_REDIRECT_FAILED 6
 #define DROP_FOREIGN 7
 #define DROP_RX_BLOCKED 8
+#define FORMAT_ERSPAN2 1
+#define FORMAT_ERSPAN3 2
+#define FORMAT_GRE 3
+#define FORMAT_GENEVE 4
+#define FORMAT_VXLAN 5
+#define FORMAT_CONTRAIL 6
 
 struct flow_key {
     __u32 addr_lo[4];
@@ -227,6 +247,15 @@ struct dest_entry {
     __u8 pad2[2];
 };
 _Static_assert(sizeof(struct dest_entry) == 60, "dest_entry layout");
+
+struct encap_entry {
+    __u8 format;
+    __u8 flags;
+    __u16 hdr_len;
+    __u32 pad;
+    __u8 tmpl[128];
+};
+_Static_assert(sizeof(struct encap_entry) == 136, "encap_entry layout");
 
 struct counters {
     __u64 cloned;
@@ -322,12 +351,18 @@ struct csum_buf {
 };
 _Static_assert(sizeof(struct csum_buf) == 520, "csum_buf layout");
 
+struct encap_buf {
+    __u8 b[144];
+};
+_Static_assert(sizeof(struct encap_buf) == 144, "encap_buf layout");
+
 /* Maps: every one of layout.map_specs(); pinned ones under CN2M_PIN_ROOT. */
 BPF_TABLE_PINNED("array", __u32, struct config, config, MAP_ENTRIES_CONFIG, CN2M_PIN_ROOT "/config");
 BPF_TABLE_PINNED("hash", __u32, struct iface_entry, interfaces, MAP_ENTRIES_INTERFACES, CN2M_PIN_ROOT "/interfaces");
 BPF_TABLE_PINNED("array", __u32, __u32, sessions, MAP_ENTRIES_SESSIONS, CN2M_PIN_ROOT "/sessions");
 BPF_TABLE_PINNED("array", __u32, struct rule_entry, rules, MAP_ENTRIES_RULES, CN2M_PIN_ROOT "/rules");
 BPF_TABLE_PINNED("array", __u32, struct dest_entry, destinations, MAP_ENTRIES_DESTINATIONS, CN2M_PIN_ROOT "/destinations");
+BPF_TABLE_PINNED("array", __u32, struct encap_entry, encaps, MAP_ENTRIES_ENCAPS, CN2M_PIN_ROOT "/encaps");
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, flows, MAP_ENTRIES_FLOWS, CN2M_PIN_ROOT "/flows");
 BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_entry, flow_cache, MAP_ENTRIES_FLOW_CACHE, CN2M_PIN_ROOT "/flow_cache");
 BPF_TABLE_PINNED("percpu_array", __u32, struct flow_cache_tags, flow_cache_tags, MAP_ENTRIES_FLOW_CACHE_TAGS, CN2M_PIN_ROOT "/flow_cache_tags");
@@ -346,5 +381,6 @@ BPF_TABLE_PINNED("prog", __u32, __u32, peer_progs, MAP_ENTRIES_PEER_PROGS, CN2M_
 BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, MAP_ENTRIES_PEER_CONFIG, CN2M_PIN_ROOT "/peer_config");
 BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, MAP_ENTRIES_EVAL_SCRATCH_MAP, CN2M_PIN_ROOT "/eval_scratch_map_" CN2M_SCRATCH_DIGEST);
 BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, MAP_ENTRIES_CSUM_SCRATCH, 0);
+BPF_F_TABLE("percpu_array", __u32, struct encap_buf, encap_scratch, MAP_ENTRIES_ENCAP_SCRATCH, 0);
 
 #endif /* CN2M_GEN_LAYOUT_H */

@@ -16,7 +16,7 @@ struct copy_ref {
 
 static __always_inline void copy_ref_of(__u32 mark, struct copy_ref *c)
 {
-    c->rule_slot = mark & CLONE_RULE_MASK;
+    c->rule_slot = mark & CLONE_RULE_MASK & ~CLONE_INTO_POD;
     c->ifslot = (mark >> CLONE_IFSLOT_SHIFT) & CLONE_IFSLOT_MASK;
     c->r = rules.lookup(&c->rule_slot);
     c->dest_slot = c->r ? c->r->dest : 0;

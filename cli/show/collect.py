@@ -99,11 +99,12 @@ def collect_destinations(pm: PinnedMaps, names: Names) -> list[dict]:
         mode = L.Mode(d.mode) if d.mode in set(L.Mode) else None
         vtep6 = mode is L.Mode.VXLAN and d.flags & L.DEST_VTEP_IPV6
         family = (L.FAMILY_V6 if mode is L.Mode.JMIRROR6 or vtep6
-                  else L.FAMILY_V4 if mode in (L.Mode.JMIRROR4, L.Mode.VXLAN) else None)
+                  else L.FAMILY_V4 if mode in (L.Mode.JMIRROR4, L.Mode.VXLAN, L.Mode.ENCAP4)
+                  else None)
         n = names.destinations.get(slot) or {}
         if names.available and not n:
             names.mismatch(f"destination slot {slot} has no name")
-        jm = mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6)
+        jm = mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.ENCAP4)
         out.append({
             "slot": slot, "name": n.get("name"), "mode": mode_name(d.mode),
             "delivery": n.get("mode"), "analyzer_pod": n.get("analyzer_pod"),

@@ -95,6 +95,8 @@ def table_destinations(data: dict) -> str:
     for d in data["destinations"]:
         if d["mode"] in ("jmirror4", "jmirror6"):
             where = f"{d['address']} udp {d['udp_port']}"
+        elif d["mode"] == "encap4":  # another output format: its name is in "delivery"
+            where = f"{d['address']}" + (f" udp {d['udp_port']}" if d["udp_port"] else " gre")
         elif d["mode"] == "vxlan":
             where = f"vtep {d['address']} vni {d['vni']}" + (f" mac {d['mac']}" if d["mac"]
                                                             else "")

@@ -25,7 +25,10 @@ from cn2mirror.agent.model import (
     ACTIONS,
     ANALYZER_NAMESPACES_MAX,
     ANN_ANALYZER_NAMESPACES,
+    ANN_ENCAPSULATION,
     CN2_GROUP,
+    CN2_UDP_PORT,
+    CONTRAIL_NETWORK_PATTERN,
     DEFAULT_ACTION,
     DEFAULT_DIRECTION,
     DEFAULT_JUNIPER_HEADER,
@@ -33,6 +36,9 @@ from cn2mirror.agent.model import (
     DEFAULT_PROTOCOL,
     DEFAULT_UDP_PORT,
     DIRECTIONS,
+    ENCAP_FORMATS,
+    GRE_KEY_MAX,
+    GRE_KEY_MIN,
     GROUP,
     GROUP_VERSIONS,
     KIND_CSP,
@@ -57,6 +63,7 @@ from cn2mirror.agent.model import (
     VXLAN_ID_MIN,
 )
 from cn2mirror.agent.state import (
+    FORMAT_JMIRROR,
     OVERSIZE_CHOICES,
     OVERSIZE_FRAGMENT,
     SEGMENTS_AUTO,
@@ -331,9 +338,11 @@ def md_spec(group: str = GROUP) -> dict[str, Any]:
                                "analyzer IP:udpPort; false: the frame as-is to the analyzer's "
                                "MAC."},
             "udpPort": {"type": "integer", "minimum": PORT_MIN, "maximum": PORT_MAX,
-                        "default": DEFAULT_UDP_PORT,
-                        "description": "Destination UDP port of wrapped copies (CN2 uses 8099; "
-                                       "30030 is the port Wireshark decodes as jmirror)."},
+                        "default": DEFAULT_UDP_PORT if group == GROUP else CN2_UDP_PORT,
+                        "description": "Destination UDP port of jmirror and Contrail-header "
+                                       "copies (default: 30030, the port Wireshark decodes "
+                                       "as jmirror, in mirror.cn2mirror.io; CN2's 8099 in "
+                                       "core.contrail.juniper.net)."},
             "trafficDirection": string("Port mirroring: which direction, seen from the pod.",
                                        enum=list(DIRECTIONS), default=DEFAULT_DIRECTION.value),
             "nextHopMode": string("dynamic: look the analyzer up; static: a fixed VXLAN VTEP.",
@@ -381,6 +390,49 @@ def copy_fit_fields() -> dict[str, Any]:
             "outer IPv4 fragments; over IPv6 it is cut) or truncate (cut to fit). Counted "
             "either way.", enum=list(OVERSIZE_CHOICES), default=OVERSIZE_FRAGMENT),
     }
+
+
+ENCAP_IS_ROUTED = {
+    "rule": "!has(self.encapsulation) || !has(self.encapsulation.format) || "
+            "self.encapsulation.format == 'jmirror' || "
+            "((!has(self.juniperHeader) || self.juniperHeader) && "
+            "(!has(self.nextHopMode) || self.nextHopMode == 'dynamic') && "
+            "(!has(self.nicAssistedMirroring) || !self.nicAssistedMirroring))",
+    "message": "an encapsulation format wraps copies routed to the analyzer's IP: it needs "
+               "juniperHeader true, nextHopMode dynamic and no nicAssistedMirroring"}
+
+
+def encapsulation_field() -> dict[str, Any]:
+    """This project's MirrorDestination field for the output format of routed copies (CN2's
+    group takes the same object, or a format name, from the annotation
+    cn2mirror.io/encapsulation: agent/model.py)."""
+    return {"encapsulation": obj(
+        {
+            "format": string(
+                "jmirror (IP/UDP udpPort, jmirror header, the IP packet); erspan2 / erspan3 "
+                "(IP/GRE, ERSPAN type II / III, the Ethernet frame; session id = the rule's "
+                "mirror id); gre (IP/GRE, transparent Ethernet bridging); geneve (UDP 6081) "
+                "and vxlan (UDP 4789) with the Ethernet frame; contrail (IP/UDP udpPort, "
+                "vRouter's TLV header, the Ethernet frame).",
+                enum=list(ENCAP_FORMATS), default=FORMAT_JMIRROR),
+            "vni": {"type": "integer", "minimum": VXLAN_ID_MIN, "maximum": VXLAN_ID_MAX,
+                    "description": "vxlan, geneve: the VNI (default: vxlan carries the "
+                                   "rule's mirror id in it, geneve 0)."},
+            "greKey": {"type": "integer", "minimum": GRE_KEY_MIN, "maximum": GRE_KEY_MAX,
+                       "description": "gre: the GRE key (default: none)."},
+            "network": string("contrail: the network name carried as source and "
+                              "destination network (default default-podnetwork).",
+                              pattern=CONTRAIL_NETWORK_PATTERN),
+        },
+        f"How routed copies are wrapped (docs/formats.md). In core.contrail.juniper.net: "
+        f"the annotation {ANN_ENCAPSULATION}.",
+        **rules(("!has(self.vni) || (has(self.format) && self.format in ['vxlan', 'geneve'])",
+                 "vni: only with format vxlan or geneve"),
+                ("!has(self.greKey) || (has(self.format) && self.format == 'gre')",
+                 "greKey: only with format gre"),
+                ("!has(self.network) || (has(self.format) && self.format == 'contrail')",
+                 "network: only with format contrail")),
+    )}
 
 
 def conditions() -> dict[str, Any]:
@@ -464,6 +516,8 @@ def crd(group: str, kind: str) -> dict[str, Any]:
     )
     if group == GROUP and kind == KIND_MD:
         schema["properties"]["spec"]["properties"].update(copy_fit_fields())
+        schema["properties"]["spec"]["properties"].update(encapsulation_field())
+        schema["properties"]["spec"]["x-kubernetes-validations"].append(ENCAP_IS_ROUTED)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
