@@ -238,6 +238,7 @@ def render(results: dict, plots: list[str]) -> str:
     L += _percpu(b.get("percpu", {}))
     L += _throughput(b.get("throughput", {}))
     L += _tcp(b.get("tcp", {}))
+    L += _copy_cost(b.get("copy_cost", {}))
     cp = b.get("control_plane")
     if cp and "skipped" not in cp and "error" not in cp:
         L += ["## Control plane (benchmarks/control_plane.py)", ""]
@@ -432,6 +433,49 @@ def _perf_lines(title: str, prof: dict | None, n: int = 14) -> list[str]:
     top = ", ".join(f"{sym} {pct:.1f}%" for pct, sym in prof["top"][:n])
     return [f"- {title}: BPF programs {prof['bpf_programs_pct']:.1f}%, BPF maps "
             f"{prof['bpf_maps_pct']:.1f}% of samples; top: {top}.", ""]
+
+
+def _copy_cost(cc: dict) -> list[str]:
+    """Where a mirrored bulk transfer's copy cost lands, and the alternatives (issue 12)."""
+    s = cc.get("summary")
+    if not s:
+        return []
+    meth = cc.get("method", {})
+    L = ["## Where a copy's cost lands (TCP bulk, every segment mirrored)", "",
+         f"`python -m benchmarks.run --only copy_cost` (benchmarks/copy_cost.py). Bulk: "
+         f"{meth.get('bulk')}; kept = Gb/s over \"off\" of the same round, median "
+         "[min..max]. Variants that break the issue's contract are measured only to show "
+         "what the per-segment delivery costs.", "",
+         "| variant | copies the analyzer gets | bulk Gb/s | kept vs off |", "|---|---|---|---|"]
+    what = {"off": "none",
+            "cn2m": "wire-size datagrams, inner checksums finished (shipped)",
+            "cn2m_csum_unfinished": "wire-size datagrams, inner checksums left unfinished",
+            "cn2m_whole": "one 64 KB wrapped super-packet per super-packet",
+            "tc_mirred": "one 64 KB unwrapped super-packet, checksum unfinished"}
+    for name, e in s.items():
+        L.append(f"| {name} | {what.get(name, '')} | {_num(_med(e['gbps']), 2)} | "
+                 f"{_num(_med(e['kept']), 3)}{_spread(e['kept'], 2)} |")
+    profs = cc.get("profiles") or {}
+    if profs:
+        L += ["", f"Profile: {meth.get('profile')}. Shares of the busy samples (idle and "
+              "other users' processes left out):", ""]
+        names = [n for n in ("cn2m", "tc_mirred", "off") if n in profs]
+        cats = []
+        for n in names:
+            for k in (profs[n].get("shares") or {}):
+                if k not in cats:
+                    cats.append(k)
+        L += ["| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for k in cats:
+            L.append(f"| {k} | " + " | ".join(
+                f"{(profs[n].get('shares') or {}).get(k, 0) * 100:.1f}%" for n in names) + " |")
+        L.append("| (idle share of this benchmark's samples) | " + " | ".join(
+            f"{profs[n].get('idle', 0) / max(1, profs[n].get('ours', 1)) * 100:.1f}%"
+            for n in names) + " |")
+        L.append("| (other users' share of all samples) | " + " | ".join(
+            f"{profs[n].get('foreign_share', 0) * 100:.1f}%" for n in names) + " |")
+    L.append("")
+    return L
 
 
 def _tcp(tcp: dict) -> list[str]:
