@@ -76,9 +76,11 @@ def categorize(stack: list[str]) -> str:
     if any("mirror_wrap" in f for f in stack):
         return "copy: mirror port's far end (copies through the port)"
     if "nft_do_chain_netdev" in stack:
-        return "copy: the analyzer's receive (up to its sink)"
+        return "copy: the analyzer's receive (up to its sink; udp64: the web pod's too)"
     if any(f.startswith("bpf_prog_") and "classify" in f for f in stack):
         return "classifier (not the clone)"
+    if "packet_sendmsg" in stack or "tpacket_snd" in stack:
+        return "production: trafgen's sending and the path to the pod"
     if "_copy_from_iter" in stack:
         return "production: sender's data copy"
     if "_copy_to_iter" in stack:
@@ -90,9 +92,10 @@ def categorize(stack: list[str]) -> str:
     return "other"
 
 
-def profile(seconds: float, tmpdir: str) -> dict:
+def profile(seconds: float, tmpdir: str, cpu: int | None = None) -> dict:
     data = os.path.join(tmpdir, "perf.data")
-    r = subprocess.run(["perf", "record", "-q", "-a", "-g", "-o", data, "--", "sleep",
+    where = ["-C", str(cpu)] if cpu is not None else ["-a"]
+    r = subprocess.run(["perf", "record", "-q", *where, "-g", "-o", data, "--", "sleep",
                         str(seconds)], capture_output=True, text=True, timeout=seconds + 60)
     if r.returncode:
         return {"error": (r.stderr or r.stdout).strip()[-300:]}
@@ -133,6 +136,40 @@ def _profile_bulk(b: T.TcpBench, procs: cm.Procs, name: str, seconds: float) -> 
         procs.stop(p, signal.SIGINT, wait=10)
 
 
+def _profile_udp64(log) -> dict:
+    """The 64-byte UDP mirror-all traffic of benchmarks/throughput.py, profiled with call
+    chains on the CPU that sends it (trafgen and the softirqs that carry its packets):
+    where each copy's cost lands on the production packet's CPU."""
+    from . import throughput as TP
+
+    out = {}
+    procs = cm.Procs()
+    with tempfile.TemporaryDirectory(prefix="cn2mbench") as tmp, cm.bench_lab() as lab, \
+            cm.bench_node(lab) as node:
+        b = TP.Bench(lab, node, procs, tmp)
+        try:
+            for name in ("cn2m_flow_all", "tc_mirred", "none"):
+                b.enter(name)
+                tg = procs.start(b.client.netns, "trafgen", "--dev", "eth0", "--conf",
+                                 b.trafgen_cfg, "--cpus", "1", "--no-sock-mem",
+                                 "--notouch-irq", "--no-cpu-stats")
+                try:
+                    time.sleep(0.3)
+                    sender = TP._tree(tg.pid)[-1]
+                    with open(f"/proc/{sender}/stat") as f:
+                        cpu = int(f.read().rsplit(")", 1)[1].split()[36])
+                    out[name] = profile(2.0, tmp, cpu)
+                finally:
+                    procs.stop(tg, signal.SIGINT)
+                    b.leave(name)
+                log(f"  udp64 profile {name}: " + ", ".join(
+                    f"{k} {v * 100:.1f}%" for k, v in list(out[name]["shares"].items())[:4]))
+        finally:
+            b.cleanup()
+            procs.stop_all()
+    return out
+
+
 def run(quick: bool = False, log=print) -> dict:
     rounds = 1 if quick else 5
     bulk_s = 1 if quick else 2
@@ -160,6 +197,8 @@ def run(quick: bool = False, log=print) -> dict:
         finally:
             b.stop()
             procs.stop_all()
+    if not quick:
+        out["profiles_udp64"] = _profile_udp64(log)
     out["summary"] = {n: {"gbps": cm.summary([r[n] for r in out["rounds"]]),
                           "kept": cm.summary([r[n] / r["off"] for r in out["rounds"]
                                               if r["off"]])}

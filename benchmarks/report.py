@@ -471,20 +471,24 @@ def _copy_cost(cc: dict) -> list[str]:
     for name, e in s.items():
         L.append(f"| {name} | {what.get(name, '')} | {_num(_med(e['gbps']), 2)} | "
                  f"{_num(_med(e['kept']), 3)}{_spread(e['kept'], 2)} |")
-    profs = cc.get("profiles") or {}
-    if profs:
-        L += ["", f"Profile: {meth.get('profile')}. Shares of the busy samples (idle and "
-              "other users' processes left out):", ""]
-        names = [n for n in ("cn2m", "tc_mirred", "off") if n in profs]
+    for key, title in (("profiles", "TCP bulk, all CPUs"),
+                       ("profiles_udp64", "64-byte UDP mirror-all (benchmarks/throughput.py's "
+                        "traffic), the sending CPU only")):
+        profs = cc.get(key) or {}
+        if not profs:
+            continue
+        L += ["", f"Profile, {title}: {meth.get('profile')}. Shares of the busy samples "
+              "(idle and other users' processes left out):", ""]
+        names = [n for n in profs if profs[n].get("shares")]
         cats = []
         for n in names:
-            for k in (profs[n].get("shares") or {}):
+            for k in profs[n]["shares"]:
                 if k not in cats:
                     cats.append(k)
         L += ["| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for k in cats:
             L.append(f"| {k} | " + " | ".join(
-                f"{(profs[n].get('shares') or {}).get(k, 0) * 100:.1f}%" for n in names) + " |")
+                f"{profs[n]['shares'].get(k, 0) * 100:.1f}%" for n in names) + " |")
         L.append("| (idle share of this benchmark's samples) | " + " | ".join(
             f"{profs[n].get('idle', 0) / max(1, profs[n].get('ours', 1)) * 100:.1f}%"
             for n in names) + " |")
