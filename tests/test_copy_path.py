@@ -424,9 +424,11 @@ def test_ipv6_inner_over_ipv6_outer_fit_checksummed_and_decoded_by_tshark(lab, n
     pcap = tempfile.mktemp(prefix="cn2m-", suffix=".pcap")
     dump = subprocess.Popen(["ip", "netns", "exec", an.netns, "tcpdump", "-i", "eth0", "-s0",
                              "-w", pcap, "-U", "-B", "65536", "udp port 30030"],
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
+        # Capturing once it says so (a fixed wait missed the first copies on a busy
+        # machine).
+        assert "listening on" in dump.stderr.readline()
         send_tcp(lab, web.ip6, path, size)
         time.sleep(0.3)
         got = reader.stop()
