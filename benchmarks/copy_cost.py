@@ -39,10 +39,15 @@ FOREIGN = ("python", "python3", "bash", "sh", "perf", "cat", "kdamond.0", "sleep
 
 
 def _variant(b: T.TcpBench, name: str) -> None:
-    if name in ("off", "tc_mirred", "cn2m"):
+    if name in ("off", "tc_mirred"):
         b.scenario(name)
         return
+    # Through "off": the agent then sets the analyzer veth's hand-off offloads afresh
+    # (it leaves them alone while the destination stays in use).
+    b.scenario("off")
     b.scenario("cn2m")
+    if name == "cn2m":
+        return
     ns, dev = b.node_ns, b.an.host_ifname
     if name == "cn2m_csum_unfinished":
         cm.ns_sh(ns, "ethtool", "-K", dev, "tx", "on")
@@ -63,11 +68,15 @@ def categorize(stack: list[str]) -> str:
         if "pskb_expand_head" in inner and not any("mirror_wrap" in f for f in inner):
             return "copy: production skb's head made private (bpf_clone_redirect)"
         if any("mirror_wrap" in f for f in inner):
-            if "bpf_skb_adjust_room" in inner:
-                return "copy: wrap (adjust_room)"
-            if "bpf_fib_lookup" in inner:
+            if any("adjust_room" in f for f in inner):
+                return "copy: wrap (adjust_room, with its head copy)"
+            if any("fib" in f for f in inner):
                 return "copy: FIB lookup"
-            return "copy: wrapper program, other"
+            if any("store_bytes" in f for f in inner):
+                return "copy: writing the headers (bpf_skb_store_bytes)"
+            if any(f.startswith(("htab_", "array_map", "percpu_array", "__htab")) for f in inner):
+                return "copy: wrapper's map lookups"
+            return "copy: wrapper program, other (its own code, counters)"
         if "skb_clone" in inner:
             return "copy: skb_clone"
         return "copy: clone hand-off, other (mirror port transmit)"
@@ -159,6 +168,7 @@ def _profile_udp64(log) -> dict:
                     with open(f"/proc/{sender}/stat") as f:
                         cpu = int(f.read().rsplit(")", 1)[1].split()[36])
                     out[name] = profile(2.0, tmp, cpu)
+                    out[name]["method"] = "perf record -C <trafgen's CPU> -g, 2 s of trafgen"
                 finally:
                     procs.stop(tg, signal.SIGINT)
                     b.leave(name)

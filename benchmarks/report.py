@@ -477,7 +477,9 @@ def _copy_cost(cc: dict) -> list[str]:
         profs = cc.get(key) or {}
         if not profs:
             continue
-        L += ["", f"Profile, {title}: {meth.get('profile')}. Shares of the busy samples "
+        how = next((p.get("method") for p in profs.values() if p.get("method")),
+                   meth.get("profile"))
+        L += ["", f"Profile, {title}: {how}. Shares of the busy samples "
               "(idle and other users' processes left out):", ""]
         names = [n for n in profs if profs[n].get("shares")]
         cats = []
@@ -834,6 +836,9 @@ def make_plots(results: dict, out: Path) -> list[str]:
 
 def write(results: dict, out: Path, plots: bool = True) -> Path:
     out = Path(out)
+    alts = out / "alternatives.json"  # kept by hand: alternatives tried in separate runs
+    if "alternatives" not in results and alts.exists():
+        results = {**results, "alternatives": json.loads(alts.read_text())}
     names = make_plots(results, out) if plots else []
     md = out / "results.md"
     md.write_text(render(results, names))
