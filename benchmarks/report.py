@@ -744,11 +744,11 @@ def _copy_cost_why(cc: dict) -> list[str]:
         f"inner checksums unfinished keeps {_num(kept.get('cn2m_csum_unfinished'), 3)} "
         f"(shipped: {_num(kept.get('cn2m'), 3)}). Both break the issue's contract "
         "(wire-size datagrams, finished checksums), so neither is the production path. "
-        "Deferring the segmentation to the other CPU cannot help here: with the transfer "
-        "running both CPUs of this VM are busy with production (idle share in the profile "
-        "table), so the per-segment work is paid by production wherever it runs. The "
-        "targets need the per-segment delivery to cost ~5% of the production side; on "
-        "this 2-core VM it costs about as much as production's own sending."]
+        "The per-segment work runs inside the production packet's softirq on the sender's "
+        "CPU; the idle share in the profile table bounds what moving it to the other CPU "
+        "could gain on this 2-core VM (both CPUs carry production: the sender and the "
+        "receiver). The targets need the per-segment delivery to cost ~5% of the "
+        "production side; here it costs about as much as production's own sending."]
 
 
 # ------------------------------------------------------------------ plots
