@@ -27,15 +27,16 @@ from pathlib import Path
 
 from . import common as cm
 
-BENCHMARKS = ("percpu", "throughput", "tcp", "control_plane")
+BENCHMARKS = ("percpu", "throughput", "tcp", "copy_cost", "control_plane")
 TOOLS = {"percpu": ("bpftool",), "throughput": ("trafgen", "nft", "iptables", "tc"),
-         "tcp": ("iperf3",), "control_plane": ()}
+         "tcp": ("iperf3",), "copy_cost": ("iperf3", "perf", "tc"), "control_plane": ()}
 
 
 def _module(name: str):
     return importlib.import_module({"percpu": "benchmarks.percpu_cost",
                                     "throughput": "benchmarks.throughput",
                                     "tcp": "benchmarks.tcp_latency",
+                                    "copy_cost": "benchmarks.copy_cost",
                                     "control_plane": "benchmarks.control_plane"}[name])
 
 

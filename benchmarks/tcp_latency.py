@@ -58,11 +58,34 @@ while True:
         if os.path.exists(stop):
             break
 drops = struct.unpack("II", s.getsockopt(263, 6, 8))[1]
-segs, largest, cut = [], 0, 0
+# Outer IPv4 fragments (a copy too large for the path, sent whole: copyTooLarge fragment)
+# are reassembled, as the analyzer's IP stack would.
+packets, frags = [], {}
 for f in frames:
     if f[12:14] != b"\x08\x00":
         continue
     ip = f[14:]
+    fo = struct.unpack("!H", ip[6:8])[0]
+    if not fo & 0x3FFF:
+        packets.append(ip)
+        continue
+    ihl = (ip[0] & 15) * 4
+    end = struct.unpack("!H", ip[2:4])[0]
+    frags.setdefault((ip[12:20], ip[4:6], ip[9]), []).append(
+        ((fo & 0x1FFF) * 8, bool(fo & 0x2000), ip[:ihl], ip[ihl:end]))
+for parts in frags.values():
+    parts.sort(key=lambda p: p[0])
+    body, whole = b"", parts[0][0] == 0 and not parts[-1][1]
+    for off, _, _, data in parts:
+        whole = whole and off == len(body)
+        body += data
+    if whole:
+        hdr = bytearray(parts[0][2])
+        hdr[2:4] = struct.pack("!H", len(hdr) + len(body))
+        hdr[6:8] = b"\x00\x00"
+        packets.append(bytes(hdr) + body)
+segs, largest, cut = [], 0, 0
+for ip in packets:
     size_read = len(ip)
     if ip[9] == 17 and len(ip) >= 36 and ip[22:24] == struct.pack("!H", 30030):
         ip = ip[36:]

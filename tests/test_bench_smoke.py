@@ -132,3 +132,18 @@ def test_nothing_left_behind(quick_run):
     for p in prefixes:
         assert p not in netns, f"namespace of {p} left behind"
         assert not any(n.startswith(p) for n in os.listdir("/sys/fs/bpf")), f"pins of {p}"
+
+
+def test_copy_cost_categories():
+    """The copy-cost profile puts a sample where its call chain says (leaf first)."""
+    from benchmarks.copy_cost import categorize
+
+    assert categorize(["csum_partial", "skb_segment", "tcp_gso_segment", "validate_xmit_skb",
+                       "bpf_clone_redirect", "bpf_prog_x_classify_to_pod",
+                       "tcp_sendmsg"]).startswith("copy: segmenting")
+    assert categorize(["veth_xmit", "dev_hard_start_xmit", "bpf_clone_redirect"]) == \
+        "copy: veth transmit of the copies"
+    assert categorize(["nft_do_chain", "nft_do_chain_netdev", "__netif_receive_skb_core",
+                       "process_backlog", "tcp_sendmsg"]).startswith("copy: the analyzer")
+    assert categorize(["_copy_from_iter", "tcp_sendmsg"]) == "production: sender's data copy"
+    assert categorize(["tcf_mirred_act", "tcp_sendmsg"]).startswith("copy: tc mirred")
