@@ -3,10 +3,8 @@
  * Clones enter its sending end (mirror-tx). Two paths, one wrapper (wrap_copy):
  *  - inline: mirror_wrap_inline runs on mirror-tx's TC egress, before the device, and
  *    wraps and redirects a copy right there when the copy is already finished: not a GSO
- *    super-packet, and no checksum left for the hardware (CHECKSUM_PARTIAL); or when it
- *    goes to a local analyzer pod's veth that finishes its checksum (lib/handoff.h).
- *    This skips the veth crossing and a second softirq pass, most of what a small copy
- *    costs.
+ *    super-packet, and no checksum left for the hardware (CHECKSUM_PARTIAL). This skips
+ *    the veth crossing and a second softirq pass, most of what a small copy costs.
  *  - through the port: anything else goes on into the veth. Mirror-tx has TSO, GSO and
  *    tx checksumming off, so the kernel cuts super-packets into wire-size segments and
  *    finishes their checksums before they cross to the receiving end (mirror-rx), where
@@ -31,7 +29,6 @@
 #include "lib/counters.h"
 #include "lib/copy_ref.h"
 #include "lib/gso.h"
-#include "lib/handoff.h"
 #include "lib/mtu.h"
 #include "lib/route.h"
 #include "lib/encap_jmirror.h"
@@ -181,15 +178,13 @@ int mirror_wrap(struct __sk_buff *skb)
     return wrap_copy(skb, 0);
 }
 
-/* Copies on mirror-tx's TC egress: finished ones are wrapped here, inline, and so are
- * unfinished ones to a local analyzer pod's veth that finishes them (finished_by_handoff);
- * the rest go on into the veth (TC_ACT_OK) to be finished by the kernel and wrapped on
- * the far end. */
+/* Copies on mirror-tx's TC egress: finished ones are wrapped here, inline; the rest go
+ * on into the veth (TC_ACT_OK) to be finished by the kernel and wrapped on the far end. */
 int mirror_wrap_inline(struct __sk_buff *skb)
 {
     if (skb->gso_size)
         return mark_direction(skb, wrap_super_packet(skb));
-    if (needs_kernel_finish(skb) && !finished_by_handoff(skb))
+    if (needs_kernel_finish(skb))
         return mark_direction(skb, TC_ACT_OK);
     int rc = wrap_copy(skb, 1);
     /* A copy dropped here is counted by the wrapper; TC_ACT_SHOT would also fail the

@@ -11,7 +11,6 @@ each copy is compared with the wire segment the pod's TSO would have made.
 from __future__ import annotations
 
 import array
-import json
 import os
 import socket
 import struct
@@ -552,60 +551,3 @@ def test_copy_too_large_for_the_path_is_cut_or_fragmented_as_the_destination_say
         assert sorted(d[8 + 28:] for d in got) == sorted(
             [bytes([i]) * 1472 for i in range(3)] + [bytes([i]) * 1000 for i in range(2)])
         assert (c.truncated, c.fragmented) == (0, 3)
-
-
-def port_rx_packets(lab) -> int:
-    """Packets that crossed the mirror port (received by its far end)."""
-    out = ns_sh(lab.nodes["node1"].netns, "ip", "-j", "-s", "link", "show", "dev",
-                "cn2m-rx").stdout
-    return json.loads(out)[0]["stats64"]["rx"]["packets"]
-
-
-def test_unfinished_copies_to_a_local_analyzer_pod_skip_the_port(lab, node):
-    """Small TCP messages (no GSO, checksum left to the kernel: CHECKSUM_PARTIAL) mirrored
-    to the analyzer pod on this node are wrapped inline and handed straight to its veth,
-    which finishes their inner checksums: none crosses the mirror port, each arrives
-    checksummed and counted. To an analyzer elsewhere they still cross the port."""
-    an, web = lab.pods["analyzer"], lab.pods["web"]
-    n = 200
-    client = ("import socket,time;s=socket.create_connection(('{ip}',5201))\n"
-              "s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n"
-              f"for i in range({n}):\n s.sendall(bytes([i%256])*64);time.sleep(0.001)\n"
-              "s.close()")
-    server = ("import socket;s=socket.socket();s.setsockopt(1,2,1);s.bind(('{ip}',5201))\n"
-              "s.listen();c,_=s.accept();n=0\nwhile True:\n d=c.recv(1<<16)\n if not d: break\n"
-              " n+=len(d)\nprint(n)")
-    for dest, addr, via_port in (("local", an.ip, False), ("remote", REMOTE_AN, True)):
-        kw = {"analyzer_pod": "tools/analyzer"} if dest == "local" else {}
-        node.apply(NodeState("node1", interfaces=(web_iface(lab),),
-                             policies=(mirror("demo/p", dest, 81),),
-                             destinations=(jm(addr, dest, **kw),)))
-        entry = L.DestEntry.from_buffer_copy(node.datapath.maps["destinations"].lookup(
-            node.last.plan.dest_slots[dest].to_bytes(4, "little")))
-        assert bool(entry.flags & L.DEST_GSO_HANDOFF) == (not via_port)
-        # The next hop resolved beforehand: an unresolved one sends a copy through the
-        # port to be resolved there (a documented path, not the one under test).
-        ns_sh(lab.nodes["node1"].netns, "ping", "-c1", "-W1", addr, check=False)
-        reader = Reader(an.netns if dest == "local" else lab.pods["analyzer2"].netns)
-        before = port_rx_packets(lab)
-        srv = subprocess.Popen(["ip", "netns", "exec", web.netns, "python3", "-c",
-                                server.format(ip=web.ip)], stdout=subprocess.PIPE, text=True)
-        try:
-            time.sleep(0.3)
-            ns_sh(lab.pods["client"].netns, "python3", "-c", client.format(ip=web.ip))
-            assert int(srv.communicate(timeout=30)[0]) == 64 * n
-            got = reader.stop()
-        finally:
-            srv.kill()
-            reader.close()
-        crossed = port_rx_packets(lab) - before
-        inner = [d[8:] for d in got]
-        sent = sum(len(t[4]) for i in inner if (t := tcp_of(i)) and t[1] == web.ip)
-        assert sent == 64 * n, dest  # every message's bytes in the copies
-        assert all(tcp_checksum_ok(i) for i in inner if tcp_of(i)), dest
-        c = dest_counters(node, dest)
-        assert c.packets == len(got) and sum(c.drops.values()) == 0, dest
-        if via_port:
-            assert crossed >= len(got), dest
-        else:
-            assert crossed == 0, dest
