@@ -224,7 +224,8 @@ def test_existing_flows_follow_apply_edit_delete(lab, pin_root, state_dir, tmp_p
     policy_file = objects / "policy.yaml"
 
     a1 = Analyzer(lab.pods["analyzer"].netns)
-    ext = Analyzer(lab.external)
+    # "external" is in CN2's group without udpPort: CN2's default port, 8099.
+    ext = Analyzer(lab.external, port=8099)
     s5000 = UdpStream(client.netns, web.netns, web.ip, 5000)
     s7000 = UdpStream(client.netns, web.netns, web.ip, 7000)
     ping = start_ping(client.netns, web.ip)

@@ -395,6 +395,9 @@ def test_rule_and_port_keys():
     assert port_key("demo/web/net1", "md") == "port/demo/web/net1/md"
 
 
+# Generating text is slow only when the machine is busy (the suite's namespace tests): the
+# property is what is checked, not the generator's speed.
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=30), st.integers(1, 2**32 - 1), st.integers(0, 5))
 def test_stable_id_range(key, maximum, attempt):
     assert 1 <= stable_id(key, maximum, attempt) <= maximum
