@@ -414,6 +414,16 @@ def test_ipv6_inner_over_ipv6_outer_fit_checksummed_and_decoded_by_tshark(lab, n
         send_tcp(lab, web.ip6, path, size)
         time.sleep(0.3)
         got = reader.stop()
+        # tcpdump writes each packet as it reads it (-U); on a busy machine it can lag
+        # behind the kernel's buffer, and what it has not read when terminated is lost:
+        # stop it once the capture has stopped growing.
+        deadline, last = time.monotonic() + 15, -1
+        while time.monotonic() < deadline:
+            size_now = os.path.getsize(pcap) if os.path.exists(pcap) else 0
+            if size_now == last:
+                break
+            last = size_now
+            time.sleep(0.5)
         dump.terminate()
         dump.wait(timeout=10)
         out = subprocess.run(["tshark", "-r", pcap, "-d", f"udp.port=={PORT},jmirror", "-T",
