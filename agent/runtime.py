@@ -82,6 +82,11 @@ RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
 # within seconds, not at the next full resync.
 UNRESOLVED_RETRY_MAX = 5.0
 
+def _backoff(attempt: int, cap: float) -> float:
+    """RETRY_FIRST, doubling with each attempt (1, 2, ...), at most ``cap``."""
+    return min(RETRY_FIRST * 2 ** (attempt - 1), cap)
+
+
 # Where a problem comes from.
 ORIGIN_SOURCE = "source"  # an input could not be read (a file, a watch)
 ORIGIN_COMPILER = "compiler"  # an object is invalid or refers to something unusable
@@ -533,13 +538,12 @@ class Agent:
             self.consecutive_unresolved = 0
             return self.resync_interval
         self.consecutive_unresolved += 1
-        n = self.consecutive_unresolved
-        return min(RETRY_FIRST * 2 ** (n - 1), UNRESOLVED_RETRY_MAX, self.resync_interval)
+        return _backoff(self.consecutive_unresolved,
+                        min(UNRESOLVED_RETRY_MAX, self.resync_interval))
 
     def retry_delay(self) -> float:
         """How long after a failed reconcile the state is applied again."""
-        n = max(self.consecutive_failures, 1)
-        return min(RETRY_FIRST * 2 ** (n - 1), self.resync_interval)
+        return _backoff(max(self.consecutive_failures, 1), self.resync_interval)
 
     @staticmethod
     def _log_problem_changes(before: tuple[Problem, ...], now: tuple[Problem, ...]) -> None:
