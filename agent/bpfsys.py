@@ -207,6 +207,36 @@ class BpfMap:
             yield key
             prev = C.create_string_buffer(key, self.key_size)
 
+    def count(self, batch: int = 1024) -> int:
+        """The entries of a hash map, read in batches (BPF_MAP_LOOKUP_BATCH). Unlike a
+        get_next_key walk, which starts again from the first bucket when the key it
+        stands on is deleted (an LRU table evicting as it is read), a batch read goes
+        bucket by bucket: while entries come and go it is off by those, never more."""
+        fn = lib().bpf_map_lookup_batch
+        fn.restype = C.c_int
+        fn.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_void_p, C.c_void_p,
+                       C.POINTER(C.c_uint32), C.c_void_p]
+        token = max(self.key_size, 8)  # the batch cursor (a bucket number for hashes)
+        cursor_in, cursor_out = C.create_string_buffer(token), C.create_string_buffer(token)
+        total, first = 0, True
+        while True:
+            keys = C.create_string_buffer(self.key_size * batch)
+            values = C.create_string_buffer(len(self._vbuf()) * batch)
+            n = C.c_uint32(batch)
+            rc = fn(self.fd, None if first else cursor_in, cursor_out, keys, values,
+                    C.byref(n), None)
+            err = C.get_errno() if rc < 0 else 0
+            if rc < 0 and err == errno.ENOSPC and n.value == 0:
+                batch *= 2  # one bucket holds more entries than a batch
+                continue
+            total += n.value
+            if rc < 0:
+                if err == errno.ENOENT:
+                    return total
+                _check(rc, "map batch lookup")
+            first = False
+            C.memmove(cursor_in, cursor_out, token)
+
     def items(self) -> Iterator[tuple[bytes, bytes | list[bytes]]]:
         for k in list(self.keys()):
             v = self.lookup(k)

@@ -313,6 +313,16 @@ class Counters(C.Structure):
     ]
 
 
+class FlowTableStats(C.Structure):
+    """Per CPU: flow entries the classifier created (eval_continue; a stale entry rewritten
+    in place is not created again). The flow table is an LRU hash and the only thing that
+    ever removes an entry is its eviction (the agent never deletes flows: a policy change
+    bumps the generation instead), which makes no sound: readers count the evictions as
+    created - present (agent/pinned.py, PinnedMaps.flow_table())."""
+
+    _fields_ = [("created", u64)]
+
+
 class Config(C.Structure):
     _fields_ = [
         ("generation", u32),  # bumped on every policy change: cached verdicts re-evaluate
@@ -482,6 +492,8 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         MapSpec("stats_iface", "percpu_array", u32, Counters, MAX_INTERFACES),
         MapSpec("stats_dest", "percpu_array", u32, Counters, MAX_DESTINATIONS),
         MapSpec("stats_node", "percpu_array", u32, Counters, 1),
+        # Flow entries created, to count the flow table's evictions (FlowTableStats).
+        MapSpec("flow_table_stats", "percpu_array", u32, FlowTableStats, 1),
         # The rule walk's continuation program (pinned: an unpinned program array is
         # emptied when its last user reference closes, which would stop evaluation when
         # the agent exits).
@@ -594,6 +606,7 @@ _STRUCT_NAMES = {
     EvalScratch: "eval_scratch",
     CsumBuf: "csum_buf",
     EncapBuf: "encap_buf",
+    FlowTableStats: "flow_table_stats",
 }
 _FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
 

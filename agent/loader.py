@@ -18,7 +18,10 @@ under the pin root:
 - the rule walk's scratch map, pinned (layout.eval_scratch_pin) and adopted like the
   other maps, so that classifiers still attached from the previous run and the new
   eval_continue they now tail-call share it; pins of other layouts are removed;
-- peer_progs[0] = the new classify_to_pod_peer (what pod-side stubs tail-call).
+- peer_progs[0] = the new classify_to_pod_peer (what pod-side stubs tail-call);
+- flow_table_stats, when this run creates it next to a flow table a previous version
+  left (an upgrade), starts at the entries that table holds, so that created - present
+  counts the evictions from then on (layout.FlowTableStats).
 
 Exit status 0 and one JSON line on stdout ({"programs": [names]}) on success; otherwise
 status 1 and one JSON line on stdout {"error": message}, message saying what failed and
@@ -35,10 +38,12 @@ import os
 import re
 import sys
 
-from .bpfsys import obj_pin
+from .bpfsys import BpfMap, map_info, obj_get, obj_pin, possible_cpus
 from .datapath import PROGRAMS, prog_pin
-from .layout import EVAL_SCRATCH_MAP
+from .layout import EVAL_SCRATCH_MAP, FlowTableStats
 from .netns import entered
+
+FLOW_TABLE_STATS = "flow_table_stats"  # its pin, under the pin root
 
 
 class LoadError(RuntimeError):
@@ -63,6 +68,9 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
         raise LoadError(
             f"no kernel headers at /lib/modules/{os.uname().release}/build: run "
             "scripts/setup.sh (it installs or links them)")
+    # An upgrade from a version without the flow table's counter: see _seed_flows_created.
+    seed_created = os.path.exists(os.path.join(pin_root, "flows")) and \
+        not os.path.exists(os.path.join(pin_root, FLOW_TABLE_STATS))
     with entered(netns):
         try:
             bpf = BPF(text=source, cflags=CFLAGS_WARNINGS)
@@ -79,7 +87,29 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
     for name, fn in progs.items():
         obj_pin(fn.fd, prog_pin(pin_root, name))
     _unpin_old_scratch(pin_root, source)
+    if seed_created:
+        _seed_flows_created(pin_root)
     return list(progs)
+
+
+def _seed_flows_created(pin_root: str) -> None:
+    """The flow table was adopted, its counter of created entries just made: count what
+    the table holds as created (those entries were), so that created - present stays
+    the evictions."""
+    fd = obj_get(os.path.join(pin_root, "flows"))
+    try:
+        info = map_info(fd)  # its entries' size is the adopted table's own
+        present = BpfMap(fd, info.key_size, info.value_size).count()
+    finally:
+        os.close(fd)
+    stats = BpfMap.pinned(os.path.join(pin_root, FLOW_TABLE_STATS),
+                          C.sizeof(FlowTableStats), C.sizeof(FlowTableStats), percpu=True)
+    try:
+        per_cpu = [bytes(FlowTableStats(created=present if cpu == 0 else 0))
+                   for cpu in range(possible_cpus())]
+        stats.update_percpu(bytes(4), per_cpu)
+    finally:
+        os.close(stats.fd)
 
 
 def _unpin_old_scratch(pin_root: str, source: str) -> None:

@@ -376,6 +376,22 @@ class DatapathCollector:
                         "Copies or packets the node's mirror port dropped, by reason.")
             for r in reasons:
                 nd.add((node.drops or {}).get(r, 0), {"reason": r})
+            try:
+                ft = maps.flow_table()
+            except NotPinned:  # pinned by a version without the flow table's counter
+                ft = None
+            if ft is not None:
+                for name, help, value in (
+                        ("cn2mirror_flow_table_entries", "Flows in the flow table.",
+                         ft.entries),
+                        ("cn2mirror_flow_table_capacity", "Flows the flow table can hold.",
+                         ft.capacity)):
+                    families[name] = Family(name, "gauge", help).add(value)
+                family("cn2mirror_flow_table_created_total",
+                       "Flow entries the classifier created.").add(ft.created)
+                family("cn2mirror_flow_table_evicted_total",
+                       "Flow entries the flow table (an LRU hash) evicted to make room: "
+                       "created minus present.").add(ft.evicted)
         except OSError as e:
             log.debug("datapath metrics: %s", e)
             yield up.add(0)

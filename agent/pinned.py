@@ -41,6 +41,18 @@ class CounterTotals:
                 "drops": dict(self.drops or {})}
 
 
+@dataclass
+class FlowTableTotals:
+    capacity: int  # entries the flow table can hold
+    entries: int  # flows in it now
+    created: int  # flow entries the classifier created
+    evicted: int  # entries the table (an LRU hash) evicted to make room: created - entries
+
+    def as_dict(self) -> dict:
+        return {"capacity": self.capacity, "entries": self.entries, "created": self.created,
+                "evicted": self.evicted}
+
+
 def sum_counters(per_cpu: list[bytes]) -> CounterTotals:
     """Add up one slot's per-CPU Counters."""
     t = CounterTotals(drops={d.name.lower(): 0 for d in L.Drop})
@@ -128,6 +140,17 @@ class PinnedMaps:
         entry = self.specs["flows"].value
         for k, v in self.map("flows").items():
             yield L.FlowKey.from_buffer_copy(k), entry.from_buffer_copy(v)
+
+    def flow_table(self) -> FlowTableTotals:
+        """The flow table's size, its entries, and the entries it evicted. Only the LRU
+        removes entries (see layout.FlowTableStats), so evicted = created - present:
+        exact when no flow starts while the table is read, otherwise off by those."""
+        flows = self.map("flows")
+        per_cpu = self.map("flow_table_stats").lookup(bytes(4)) or []
+        created = sum(L.FlowTableStats.from_buffer_copy(raw).created for raw in per_cpu)
+        present = flows.count()
+        return FlowTableTotals(capacity=map_info(flows.fd).max_entries, entries=present,
+                               created=created, evicted=max(0, created - present))
 
     def close(self) -> None:
         for m in self._maps.values():

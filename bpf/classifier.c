@@ -158,8 +158,12 @@ int eval_continue(struct __sk_buff *skb)
     /* A new flow is inserted (BPF_NOEXIST: no lookup first); a flow re-evaluated after a
      * policy change is rewritten in place and keeps its history. */
     struct flow_entry *old = NULL;
-    if (s->had_old || flows.insert(&key, &fresh) != 0)
-        old = flows.lookup(&key);  /* or another CPU inserted it meanwhile */
+    if (s->had_old)
+        old = flows.lookup(&key);
+    else if (flows.insert(&key, &fresh) == 0)
+        count_flow_created();  /* every entry created is counted: see count_flow_created */
+    else
+        old = flows.lookup(&key);  /* another CPU inserted it meanwhile */
     if (old) {
         old->n_rules = fresh.n_rules;
 #pragma unroll
@@ -175,7 +179,10 @@ int eval_continue(struct __sk_buff *skb)
         asm volatile("" ::: "memory");
         old->generation = fresh.generation;
     } else if (s->had_old) {
-        flows.update(&key, &fresh);  /* evicted meanwhile */
+        /* Evicted meanwhile: created again. (When another CPU has just created it,
+         * its entry stays: no write here ever creates an entry uncounted.) */
+        if (flows.insert(&key, &fresh) == 0)
+            count_flow_created();
     }
     if (overflow) {
         __u32 slot = key.ifslot;

@@ -38,7 +38,8 @@ def ip(*args: str) -> None:
 class PacketNode:
     """A Node in its own namespace with one fake pod interface, for BPF_PROG_TEST_RUN."""
 
-    def __init__(self, max_flow_dests: int = L.DEFAULT_MAX_FLOW_DESTS):
+    def __init__(self, max_flow_dests: int = L.DEFAULT_MAX_FLOW_DESTS,
+                 flow_table_size: int | None = None):
         self.tag = uuid.uuid4().hex[:6]
         self.netns = f"cn2m-pkt-{self.tag}"
         self.pin_root = f"/sys/fs/bpf/cn2m-test-{self.tag}"
@@ -54,6 +55,7 @@ class PacketNode:
                 ip("-n", self.netns, "link", "set", dev, "multicast", "off", "up")
             ip("-n", self.netns, "addr", "add", "198.18.200.1/24", "dev", "an0")
             self.node = Node(self.pin_root, netns=self.netns, max_flow_dests=max_flow_dests)
+            self.node.datapath.flow_table_size = flow_table_size  # None: the default
             self.node.start()
             self.ifindex = self.node.datapath.ifindex(POD_IF)
         except BaseException:
@@ -95,6 +97,9 @@ class PacketNode:
         m = self.node.datapath.maps["flows"]
         for k in list(m.keys()):
             m.delete(k)
+        # Nothing created since it was emptied: created - present stays the evictions.
+        stats = self.node.datapath.maps["flow_table_stats"]
+        stats.update(bytes(4), bytes(stats.value_size))
         # A zero tag matches no probe: every slot is then as good as empty.
         tags = self.node.datapath.maps["flow_cache_tags"]
         tags.update(bytes(4), bytes(tags.value_size))

@@ -72,6 +72,9 @@
 #ifndef MAP_ENTRIES_STATS_NODE
 #define MAP_ENTRIES_STATS_NODE 1
 #endif
+#ifndef MAP_ENTRIES_FLOW_TABLE_STATS
+#define MAP_ENTRIES_FLOW_TABLE_STATS 1
+#endif
 #ifndef MAP_ENTRIES_EVAL_PROGS
 #define MAP_ENTRIES_EVAL_PROGS 1
 #endif
@@ -356,6 +359,11 @@ struct encap_buf {
 };
 _Static_assert(sizeof(struct encap_buf) == 144, "encap_buf layout");
 
+struct flow_table_stats {
+    __u64 created;
+};
+_Static_assert(sizeof(struct flow_table_stats) == 8, "flow_table_stats layout");
+
 /* Maps: every one of layout.map_specs(); pinned ones under CN2M_PIN_ROOT. */
 BPF_TABLE_PINNED("array", __u32, struct config, config, MAP_ENTRIES_CONFIG, CN2M_PIN_ROOT "/config");
 BPF_TABLE_PINNED("hash", __u32, struct iface_entry, interfaces, MAP_ENTRIES_INTERFACES, CN2M_PIN_ROOT "/interfaces");
@@ -376,6 +384,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_rule, MAP_ENTRIES
 BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_iface, MAP_ENTRIES_STATS_IFACE, CN2M_PIN_ROOT "/stats_iface");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_dest, MAP_ENTRIES_STATS_DEST, CN2M_PIN_ROOT "/stats_dest");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counters, stats_node, MAP_ENTRIES_STATS_NODE, CN2M_PIN_ROOT "/stats_node");
+BPF_TABLE_PINNED("percpu_array", __u32, struct flow_table_stats, flow_table_stats, MAP_ENTRIES_FLOW_TABLE_STATS, CN2M_PIN_ROOT "/flow_table_stats");
 BPF_TABLE_PINNED("prog", __u32, __u32, eval_progs, MAP_ENTRIES_EVAL_PROGS, CN2M_PIN_ROOT "/eval_progs");
 BPF_TABLE_PINNED("prog", __u32, __u32, peer_progs, MAP_ENTRIES_PEER_PROGS, CN2M_PIN_ROOT "/peer_progs");
 BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, MAP_ENTRIES_PEER_CONFIG, CN2M_PIN_ROOT "/peer_config");

@@ -10,7 +10,13 @@ import time
 
 from cn2mirror.agent import layout as L
 from cn2mirror.agent import protocols
-from cn2mirror.agent.pinned import COUNTER_FIELDS, CounterTotals, PinnedMaps, sum_counters
+from cn2mirror.agent.pinned import (
+    COUNTER_FIELDS,
+    CounterTotals,
+    NotPinned,
+    PinnedMaps,
+    sum_counters,
+)
 from cn2mirror.agent.statefiles import Names
 
 from .decode import address, bit_slots, counters_json, mac, mode_name, nonzero
@@ -226,5 +232,10 @@ def collect_stats(pm: PinnedMaps, names: Names) -> dict:
                               "name": names.dest_name(slot), "counters": counters_json(t)})
     node_wide = pm.counters("node", 0)
     add(node_wide)
+    try:
+        flow_table = pm.flow_table().as_dict()
+    except NotPinned:  # pinned by a version without the flow table's counter
+        flow_table = None
     return {"rules": rule_rows, "interfaces": iface_rows, "destinations": dest_rows,
-            "node": {"counters": counters_json(total), "node_wide": counters_json(node_wide)}}
+            "node": {"counters": counters_json(total), "node_wide": counters_json(node_wide)},
+            "flow_table": flow_table}

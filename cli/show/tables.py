@@ -190,4 +190,9 @@ def table_stats(data: dict) -> str:
                            [[k, v, node["node_wide"]["drops"][k]]
                             for k, v in node["counters"]["drops"].items()], indent="  ")
     parts.append(section("Drops by reason (node):", reasons))
+    ft = s.get("flow_table")
+    if ft:
+        parts.append(section("Flow table:", render_table(
+            ["ENTRIES", "CAPACITY", "CREATED", "EVICTED"],
+            [[ft["entries"], ft["capacity"], ft["created"], ft["evicted"]]], indent="  ")))
     return "\n\n".join(parts)
