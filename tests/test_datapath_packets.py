@@ -7,6 +7,9 @@ program cached, and the counters.
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
 import time
 
 import pytest
@@ -23,11 +26,14 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
+from cn2mirror.agent import jmirror
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.explain import explain
-from cn2mirror.agent.state import Interface
+from cn2mirror.agent.netns import entered
+from cn2mirror.agent.state import DeliveryMode, Destination, Interface
 
 from .dp_helpers import (
+    ANALYZER,
     TC_ACT_UNSPEC,
     Cidr,
     Direction,
@@ -36,6 +42,7 @@ from .dp_helpers import (
     PortRange,
     analyzer,
     blocks,
+    ip,
     pod_iface,
     policy,
     rule,
@@ -264,6 +271,86 @@ def test_port_mirroring_copies_non_ip_frames_too(fresh):
     while pn.counters("rule", slot).drops["not_ip"] == not_ip and time.monotonic() < deadline:
         time.sleep(0.02)
     assert pn.counters("rule", slot).drops["not_ip"] == not_ip + 1
+
+
+def _analyzer_capture(pn) -> tuple[socket.socket, str]:
+    """A raw socket on the analyzer's end of an0 and its MAC, resolved for the analyzer's
+    address (a permanent neighbour), so that copies are routed straight there."""
+    link = json.loads(subprocess.run(["ip", "-n", pn.netns, "-j", "link", "show", "an1"],
+                                     check=True, capture_output=True, text=True).stdout)
+    mac = link[0]["address"]
+    with entered(pn.netns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        sock.bind(("an1", 0))
+    sock.settimeout(0.2)
+    ip("-n", pn.netns, "neigh", "replace", ANALYZER, "lladdr", mac, "dev", "an0", "nud",
+       "permanent")
+    # Copies of earlier tests that waited for the neighbour leave now: not ours.
+    try:
+        while True:
+            sock.recv(2048)
+    except TimeoutError:
+        pass
+    return sock, mac
+
+
+@pytest.mark.parametrize("mode", ["jmirror", "l2"])
+def test_vlan_frames_cut_short_after_the_tag_are_copied_whole(fresh, mode):
+    """An 802.1Q (or 802.1ad) frame with fewer than two bytes after its tag: a Linux
+    receiver's VLAN untagging (skb_vlan_untag wants the tag and two bytes more) frees it
+    before anything sees it. Such clones went on through the mirror port's veth, whose
+    far end freed them: cloned, then lost, counted nowhere (issue 14). Each must now
+    reach the analyzer: jmirror wraps it on the port's sending end; a raw L2 copy is
+    padded to the Ethernet minimum, as a wire would carry it, so a Linux analyzer
+    interface keeps it too."""
+    pn = fresh
+    sock, an_mac = _analyzer_capture(pn)
+    dest = analyzer() if mode == "jmirror" else Destination(
+        "an", DeliveryMode.L2, analyzer_mac=an_mac, analyzer_ifname="an0")
+    iface = pod_iface(port_mirrors=[PortMirror("an", Direction.BOTH, 4242)])
+    pn.apply(state(dests=(dest,), iface=iface))
+    slot = next(s for s, (o, _) in pn.node.last.plan.rule_slots.items() if o.startswith("port:"))
+    before = pn.counters("rule", slot)
+    pod_mac = bytes.fromhex("020000000001")
+    try:
+        sent = []
+        for tpid in (0x8100, 0x88A8):
+            for tail in (b"", b"\x45"):
+                frame = bytes.fromhex("020000000002") + pod_mac + tpid.to_bytes(2, "big") + \
+                    bytes.fromhex("00050800") + tail
+                for direction in ("from", "to"):
+                    for _ in range(5):
+                        run_unchanged(pn, frame, direction)
+                        sent.append((tpid, tail))
+        got = []
+        deadline = time.monotonic() + 3
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            try:
+                f = sock.recv(2048)
+            except TimeoutError:
+                continue
+            if mode == "jmirror" and f[12:14] == b"\x08\x00" and f[23] == 17 and \
+                    f[36:38] == (30030).to_bytes(2, "big"):
+                # Ethernet, IPv4, UDP to the analyzer's port: jmirror, which carries the
+                # frame from its IP header on (the byte after the tag, or none).
+                mid, _ = jmirror.HEADER.unpack_from(f, 42)
+                got.append((mid & jmirror.MIRROR_ID_MAX, f[42 + jmirror.HEADER_LEN:]))
+            elif mode == "l2" and f[6:12] == pod_mac:
+                # The frame, padded to 60 bytes; an1 took its tag off into metadata.
+                got.append((f[:6], f[12:]))
+    finally:
+        sock.close()
+        ip("-n", pn.netns, "neigh", "del", ANALYZER, "dev", "an0")
+    after = pn.counters("rule", slot)
+    assert after.cloned - before.cloned == len(sent)
+    assert after.packets - before.packets == len(sent)
+    assert {k: v - before.drops[k] for k, v in after.drops.items() if v != before.drops[k]} == {}
+    if mode == "jmirror":
+        want = [(4242, tail) for _, tail in sent]
+    else:
+        want = [(bytes.fromhex(an_mac.replace(":", "")),
+                 (b"\x08\x00" + tail).ljust(60 - 12 - 4, b"\0")) for _, tail in sent]
+    assert sorted(got) == sorted(want)
 
 
 def test_copies_and_streams_to_analyzers_are_never_mirrored(fresh):

@@ -9,6 +9,7 @@
 
 #include "lib/common.h"
 #include "lib/mtu.h"
+#include "lib/vlan.h"
 
 static __always_inline int has_mac(struct dest_entry *d)
 {
@@ -19,6 +20,7 @@ static __always_inline int has_mac(struct dest_entry *d)
 static __always_inline int wrap_l2(struct __sk_buff *skb, struct dest_entry *d, int *fitted)
 {
     if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, fitted) < 0 ||
+        (tagged_too_short(skb) && pad_to_eth_min(skb) < 0) ||
         bpf_skb_store_bytes(skb, 0, d->mac, 6, 0) < 0)
         return -DROP_WRAP_FAILED;
     skb->mark = COPY_MARK;
@@ -31,7 +33,8 @@ static __always_inline int wrap_vxlan(struct __sk_buff *skb, struct dest_entry *
 {
     struct bpf_tunnel_key key = {};
     __u64 tflags = 0;
-    if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, fitted) < 0)
+    if (fit_mtu(skb, ETH_HLEN, 0, d->mtu, 0, fitted) < 0 ||
+        (tagged_too_short(skb) && pad_to_eth_min(skb) < 0))
         return -DROP_WRAP_FAILED;
     key.tunnel_id = d->vni;
     key.tunnel_ttl = 64;

@@ -4,6 +4,7 @@
 
 #include "lib/common.h"
 #include "lib/csum.h"
+#include "lib/vlan.h"
 
 /* Length of the inner IP and TCP/UDP headers of a GSO super-packet (the part the kernel
  * repeats in every segment), or 0 when they cannot be read. */
@@ -98,7 +99,12 @@ static __always_inline int needs_kernel_finish(struct __sk_buff *skb)
         return l4_csum_unfinished(skb, ETH_HLEN + sizeof(ip6), nh, sum,
                                   bpf_ntohs(ip6.payload_len));
     }
-    /* ARP never needs finishing; VLAN-tagged and other frames take the long way. */
+    /* A VLAN-tagged frame with less than two bytes after its tag: the port's far end
+     * would free it unseen (tagged_too_short). It holds no transport header, so nothing
+     * in it needs finishing: wrapped here. */
+    if (tagged_too_short(skb))
+        return 0;
+    /* ARP never needs finishing; other VLAN-tagged and other frames take the long way. */
     return proto != bpf_htons(ETH_P_ARP);
 }
 
