@@ -25,6 +25,7 @@ import time
 import pytest
 
 from cn2mirror.agent.netns import entered
+from cn2mirror.agent.pinned import PinnedMaps
 from tests.test_agent_e2e import (
     GRACE,
     Analyzer,
@@ -47,6 +48,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 # `make test` (each chaos test under a minute); the issue's 60 s with
 # CN2MIRROR_CHAOS_OUTAGE=60.
 OUTAGE = float(os.environ.get("CN2MIRROR_CHAOS_OUTAGE", "20"))
+FLOOD = 600_000  # packets of the flow flood, each (almost always) a new flow
 
 
 class NewFlows:
@@ -131,9 +133,10 @@ def test_kill9_and_restart_with_old_and_new_flows(lab, pin_root, state_dir, tmp_
 
 
 def test_flow_flood_keeps_the_live_flow(lab, pin_root, state_dir, tmp_path):
-    """trafgen floods web with UDP from random source ports (each packet a new flow, far
-    more than the 131,072 entries of the flow table) while a live stream runs: every
-    stream packet that reached web was mirrored."""
+    """trafgen floods web with UDP from random source ports to 100 destination ports in
+    turn (each packet a new flow, far more than the 131,072 entries of the flow table; a
+    random source port alone makes at most 65,536) while a live stream runs: every
+    stream packet that reached web was mirrored, and the evictions were counted."""
     client, web = lab.pods["client"], lab.pods["web"]
     node1 = lab.nodes["node1"].netns
     objects = tmp_path / "objects"
@@ -149,16 +152,22 @@ def test_flow_flood_keeps_the_live_flow(lab, pin_root, state_dir, tmp_path):
                                      text=True).stdout)[0]["address"]
     cfg = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
     cfg.write(f"{{ eth(da={vmac}, sa={client.mac}), ipv4(saddr={client.ip}, "
-              f"daddr={web.ip}, ttl=64), udp(sp=drnd(), dp=7001), fill(0x41, 18) }}\n")
+              f"daddr={web.ip}, ttl=64), udp(sp=drnd(), dp=dinc(7001, 7100, 1)), "
+              "fill(0x41, 18) }\n")
     cfg.close()
     try:
         t0 = time.monotonic()
         flood = subprocess.run(["ip", "netns", "exec", client.netns, "trafgen", "-q", "-o",
-                                "eth0", "-i", cfg.name, "-n", "600000", "-b", "150000pps"],
+                                "eth0", "-i", cfg.name, "-n", str(FLOOD), "-b", "150000pps"],
                                capture_output=True, text=True, timeout=60)
         assert flood.returncode == 0, flood.stderr
         t1 = time.monotonic()
         time.sleep(GRACE)
+        pm = PinnedMaps(pin_root)
+        try:
+            table = pm.flow_table()
+        finally:
+            pm.close()
     finally:
         os.unlink(cfg.name)
         agent.kill()
@@ -172,6 +181,12 @@ def test_flow_flood_keeps_the_live_flow(lab, pin_root, state_dir, tmp_path):
     assert len(reached) > 0.5 * len(sent)
     missing = sorted(set(reached) - got)
     assert not missing, f"{len(missing)} of {len(reached)} live-flow packets not mirrored"
+    # The table overflowed, and said so: at most one entry per packet (the flood, the
+    # stream, and web's ICMP answers, which the kernel limits to 1,000/s), every one
+    # beyond those present evicted.
+    assert table.capacity < table.created <= 1.05 * FLOOD + len(stream.sent)
+    assert table.entries <= table.capacity
+    assert table.evicted == table.created - table.entries >= table.created - table.capacity
 
 
 def test_api_server_away_while_objects_change(lab, pin_root, state_dir):
