@@ -48,7 +48,7 @@ TC_PRIO = 1  # first in the chain
 XDP_FLAGS_SKB_MODE = 2
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
-SOURCES = ("common.h", "classifier.c", "mirror_port.c")
+SOURCES = ("common.h", "copy_limits.h", "classifier.c", "mirror_port.c")
 # Every program: name -> bcc's program type (an attribute of bcc.BPF); each is pinned as
 # <pin root>/prog_<name>.
 PROGRAMS = {

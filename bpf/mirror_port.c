@@ -498,6 +498,14 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     __u32 *sid = sessions.lookup(&c.ifslot);
     int fitted = FIT_WHOLE;
     int rc;
+    /* The destination's snap length (copy_limits.h), before any wrap. */
+    int snapped = snap_copy(skb, c.dest_slot);
+    if (snapped < 0) {
+        count_copy(c.rule_slot, c.ifslot, c.dest_slot, DROP_WRAP_FAILED, 0, 0);
+        return TC_ACT_SHOT;
+    }
+    if (snapped)
+        fitted = FIT_TRUNCATED;
     switch (d->mode) {
     case MODE_JMIRROR4:
     case MODE_JMIRROR6:
@@ -619,6 +627,12 @@ static __always_inline int wrap_super_packet(struct __sk_buff *skb)
     copy_ref_of(mark, &c);
     if (!c.r || !c.d || (c.d->mode != MODE_JMIRROR4 && c.d->mode != MODE_JMIRROR6))
         return TC_ACT_OK;
+    /* A snap length applies per wire segment: segmented first, each segment cut and
+     * wrapped on the far end. */
+    if (snap_length_of(c.dest_slot)) {
+        count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, 0);
+        return TC_ACT_OK;
+    }
     __u32 *sid = sessions.lookup(&c.ifslot);
     int rc = wrap_jmirror_gso(skb, c.d, c.r->mirror_id, sid ? *sid : 0);
     if (rc == PASS_SEGMENTS && (c.d->flags & DEST_GSO_HANDOFF) &&

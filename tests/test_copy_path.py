@@ -29,6 +29,7 @@ from cn2mirror.agent.lab import Lab, ns_sh
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
@@ -64,7 +65,9 @@ def set_analyzer_mtu(lab, mtu: int) -> None:
 @pytest.fixture
 def node(lab):
     pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns)
+    # These tests count every byte of bulk traffic: no node copy budget (its own tests:
+    # tests/test_copy_limits.py).
+    n = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=CopyBudget(0, 0))
     n.start()
     try:
         yield n
