@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench soak clean image
+.PHONY: setup demo test lint gen bench soak clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,10 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Files generated from the Python definitions (tests check that they are fresh).
+gen: setup
+	$(PY) -m cn2mirror.agent.layout --write
 
 bench: setup
 	$(PY) -m benchmarks.run

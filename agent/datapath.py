@@ -48,7 +48,8 @@ TC_PRIO = 1  # first in the chain
 XDP_FLAGS_SKB_MODE = 2
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
-SOURCES = ("common.h", "copy_limits.h", "classifier.c", "mirror_port.c")
+# The entry files (bpf/), compiled as one unit: they share the maps of bpf/gen/layout.h.
+SOURCES = ("classifier.c", "mirror_port.c")
 # Every program: name -> bcc's program type (an attribute of bcc.BPF); each is pinned as
 # <pin root>/prog_<name>.
 PROGRAMS = {
@@ -87,26 +88,77 @@ def _diagnostics(stderr: str, limit: int = 40) -> str:
     return "\n".join(shown[:limit])
 
 
+def bpf_dir() -> str:
+    """The C tree (bpf/: entry files, lib/, gen/layout.h), as installed with the package."""
+    return str(resources.files("cn2mirror.bpf"))
+
+
 def scratch_digest(max_flow_dests: int) -> str:
     """A digest of what the layout of the rule walk's scratch area depends on: the C
-    structs it is made of, in bpf/classifier.c, and the sizes from agent/layout.py."""
-    text = (resources.files("cn2mirror.bpf") / "classifier.c").read_text()
-    structs = re.findall(r"^struct (?:parsed|eval_scratch) \{.*?^\};", text, re.S | re.M)
+    structs it is made of, in bpf/gen/layout.h (from agent/layout.py), and the sizes."""
+    text = (resources.files("cn2mirror.bpf") / layout.GENERATED_HEADER).read_text()
+    structs = re.findall(r"^struct (?:flow_key|parsed|eval_scratch) \{.*?^\};", text,
+                         re.S | re.M)
     basis = "\n".join(structs) + f"{max_flow_dests} {layout.SUMMARY_WORDS}"
     return hashlib.sha256(basis.encode()).hexdigest()[:12]
 
 
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def load_time_defines(pin_root: str, max_flow_dests: int) -> dict[str, str]:
+    """The values bpf/gen/layout.h leaves to load time (layout.LOAD_TIME_DEFINES)."""
+    return {
+        "CN2M_PIN_ROOT": _c_string(pin_root.rstrip("/")),
+        "MAX_FLOW_DESTS": str(max_flow_dests),
+        "CN2M_SCRATCH_DIGEST": _c_string(scratch_digest(max_flow_dests)),
+        "FLOW_TABLE_SIZE": str(layout.FLOW_TABLE_SIZE),
+    }
+
+
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def inline_includes(text: str, root: str, name: str = "unit.c",
+                    seen: set[str] | None = None) -> str:
+    """``text`` with every ``#include "..."`` of the tree under ``root`` replaced by the
+    file's text, recursively, each file once (the headers have include guards too).
+
+    bcc rewrites map calls (``flows.lookup(&k)``) and finds programs only in the main
+    file it is given, not in the files that file includes: the tree is therefore handed
+    to it as one text. ``#line`` directives keep the compiler's messages pointing at the
+    files and lines under bpf/. Includes of <system> headers stay as they are."""
+    seen = set() if seen is None else seen
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        m = _QUOTED_INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        rel = m.group(1)
+        path = os.path.normpath(os.path.join(root, rel))
+        if not os.path.isfile(path):
+            raise DatapathError(f"{name}:{number}: #include \"{rel}\": no such file under "
+                                f"{root}")
+        if rel not in seen:
+            seen.add(rel)
+            with open(path) as f:
+                inner = f.read()
+            out.append(f'#line 1 "{rel}"')
+            out.append(inline_includes(inner, root, rel, seen))
+        out.append(f'#line {number + 1} "{name}"')
+    return "\n".join(out)
+
+
 def bpf_source(pin_root: str, max_flow_dests: int) -> str:
-    parts = [layout.c_declarations(pin_root, max_flow_dests, scratch_digest(max_flow_dests))]
-    pkg = resources.files("cn2mirror.bpf")
-    for name in SOURCES:
-        parts.append(f"/* ---- {name} ---- */\n" + (pkg / name).read_text())
-    # The generated declarations use bcc's macros, so they must come after bcc's
-    # headers: move the include block of common.h to the top.
-    text = "\n".join(parts)
-    includes = [line for line in text.splitlines() if line.startswith("#include")]
-    body = [line for line in text.splitlines() if not line.startswith("#include")]
-    return "\n".join(includes + body)
+    """The text the loader compiles: the load-time defines, then the entry files of bpf/
+    with their includes inlined (see inline_includes)."""
+    defines = load_time_defines(pin_root, max_flow_dests)
+    lines = ["/* Load-time settings (agent/datapath.py); everything else is bpf/. */"]
+    lines += [f"#define {k} {v}" for k, v in defines.items()]
+    lines += [f'#include "{name}"' for name in SOURCES]
+    return inline_includes("\n".join(lines), bpf_dir()) + "\n"
 
 
 def prog_pin(pin_root: str, name: str) -> str:
@@ -279,7 +331,7 @@ class Datapath:
             for name in PROGRAMS:
                 self.progs[name] = obj_get(prog_pin(self.pin_root, name))
             for spec in layout.map_specs(self.max_flow_dests):
-                if spec.kind == "prog":
+                if spec.kind == "prog" or spec.pin != layout.PIN_BY_NAME:
                     continue
                 self.maps[spec.name] = BpfMap.pinned(f"{self.pin_root}/{spec.name}",
                                                      C.sizeof(spec.key), C.sizeof(spec.value),

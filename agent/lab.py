@@ -108,6 +108,14 @@ class Lab:
                 ports=[dict(port) for port in ports or ()])
         p.netns = self.netns(f"pod-{name}")
         p.host_ifname = f"v{name}"[:15]
+        self._wire(p)
+        self.pods[name] = p
+        return p
+
+    def _wire(self, p: Pod) -> None:
+        """The pod's veth pair, addresses and routes, as the CNI sets them up."""
+        n = self.nodes[p.node]
+        ip, ip6 = p.ip, p.ip6
         ns_sh(n.netns, "ip", "link", "add", p.host_ifname, "type", "veth", "peer", "name",
               "eth0", "netns", p.netns)
         ns_sh(p.netns, "ip", "link", "set", "eth0", "up")
@@ -136,8 +144,17 @@ class Lab:
             ns_sh(n.netns, "ip", "-6", "route", "add", f"{ip6}/128", "dev", p.host_ifname)
         p.mac = json.loads(ns_sh(p.netns, "ip", "-j", "link", "show", "eth0").stdout)[0][
             "address"]
-        self.pods[name] = p
-        return p
+
+    def unplug_pod(self, name: str) -> None:
+        """The pod's network goes away as when its sandbox dies: the veth pair, and with
+        it the node's routes to the pod. The pod's namespace (and its sockets) stay."""
+        p = self.pods[name]
+        ns_sh(self.nodes[p.node].netns, "ip", "link", "del", p.host_ifname)
+
+    def replug_pod(self, name: str) -> None:
+        """The pod's network comes back as from a restarted sandbox: a new veth pair (new
+        interface index, new MAC), the same addresses."""
+        self._wire(self.pods[name])
 
     def link_nodes(self, a: str, b: str) -> None:
         """An underlay link between two nodes, with routes to each other's pods."""

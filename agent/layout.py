@@ -1,7 +1,8 @@
 """The one definition of the datapath's map layouts and constants.
 
-The structures are ctypes classes; ``c_declarations()`` turns them (and the constants)
-into the C text the BPF programs are compiled with, so Python and C can never disagree.
+The structures are ctypes classes; ``c_header()`` turns them (and the constants and
+maps) into bpf/gen/layout.h, which the C includes (``make gen`` writes it; a test checks
+that the committed file is fresh), so Python and C can never disagree.
 Readers of pinned maps (the CLI) use the same classes without compiling anything.
 """
 
@@ -377,17 +378,87 @@ class LpmPortKey(C.Structure):
     _fields_ = [("prefixlen", u32), ("data", u8 * 3)]
 
 
+class Parsed(C.Structure):
+    """What the classifier read of a packet (parse() in bpf/lib/parse.h)."""
+
+    _fields_ = [
+        ("key", FlowKey),  # canonical: lower (addr, port) side first
+        ("src", u32 * 4),  # as seen in this packet, network order
+        ("dst", u32 * 4),
+        ("sport", u16),  # network order; 0 when the packet has none
+        ("dport", u16),
+        ("proto", u8),
+        ("family", u8),
+        ("tcp_syn_only", u8),  # SYN without ACK: certainly the flow's first packet
+        ("ok", u8),  # an IP packet we could read the addresses of
+        ("src_is_lo", u8),  # this packet travels from the key's lower side
+        ("quoted_udp", u8),  # an ICMP error quoting a UDP datagram:
+        ("quoted_dport", u16),  # its destination port, network order
+        ("quoted_dst", u32 * 4),  # and address
+    ]
+
+
+class EvalScratch(C.Structure):
+    """The rule walk's state between the runs of eval_continue (bpf/lib/rule_walk.h).
+
+    Kept in a per-CPU map value rather than on the stack: values read back from a map
+    are unknown to the verifier, so after the bounds checks every path reaches the loop
+    head in the same state and the verifier prunes them."""
+
+    _fields_ = [
+        ("p", Parsed),  # the packet being evaluated
+        ("ifindex", u32),
+        ("orientation", u32),  # 0: as the packet travels; 1: reversed
+        ("started", u32),  # the walk of this orientation has begun
+        ("never", u32),  # a stream of copies: never mirrored, not walked
+        ("cand", u64 * SUMMARY_WORDS),  # candidate words per summary word
+        ("cur", u64),  # candidate words left in summary word `sw`
+        ("bits", u64),  # matching bits left in the current word
+        ("sw", u32),
+        ("word", u32),
+        ("skip_below", u32),  # first rule slot not yet decided by its policy
+        ("n", u32),
+        ("overflow", u32),
+        ("generation", u32),  # the policy generation the walk started under
+        ("had_old", u32),  # the flow table held a stale entry for the flow
+        ("rules", u32 * DEFAULT_MAX_FLOW_DESTS),  # replaced by the configured size
+        ("peer_secret", u64),  # the copies go the pod-side way (see send_copy)
+    ]
+
+
+CSUM_CHUNK = 512  # the most bpf_csum_diff takes at once
+
+
+class CsumBuf(C.Structure):
+    """Per-CPU buffer the IPv6 UDP checksum reads a copy into, chunk by chunk."""
+
+    _fields_ = [("b", u8 * (CSUM_CHUNK + 8))]  # slack the verifier can see past the padding
+
+
+def _with_flow_dests(cls: type[C.Structure], max_flow_dests: int) -> type[C.Structure]:
+    """``cls`` with its ``rules`` array holding ``max_flow_dests`` entries."""
+    if max_flow_dests == DEFAULT_MAX_FLOW_DESTS:
+        return cls
+    fields = [(n, u32 * max_flow_dests) if n == "rules" else (n, t) for n, t in cls._fields_]
+    return type(cls.__name__, (C.Structure,), {"_fields_": fields})
+
+
+def eval_scratch_type(max_flow_dests: int) -> type[C.Structure]:
+    """EvalScratch with room for ``max_flow_dests`` rules per flow."""
+    return _with_flow_dests(EvalScratch, max_flow_dests)
+
+
 def flow_entry_type(max_flow_dests: int) -> type[C.Structure]:
     """FlowEntry with room for ``max_flow_dests`` rules per flow."""
-    if max_flow_dests == DEFAULT_MAX_FLOW_DESTS:
-        return FlowEntry
-    fields = [
-        (n, u32 * max_flow_dests) if n == "rules" else (n, t) for n, t in FlowEntry._fields_
-    ]
-    return type("FlowEntry", (C.Structure,), {"_fields_": fields})
+    return _with_flow_dests(FlowEntry, max_flow_dests)
 
 
 # ---------------------------------------------------------------------------- maps
+PIN_BY_NAME = "name"  # <pin root>/<name>
+PIN_BY_LAYOUT = "layout"  # <pin root>/<name>_<digest of its layout> (eval_scratch_pin)
+NOT_PINNED = ""  # private to one loaded program set
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str
@@ -396,13 +467,15 @@ class MapSpec:
     value: type
     entries: int
     flags: int = 0
+    pin: str = PIN_BY_NAME
 
 
 BPF_F_NO_PREALLOC = 1
 
 
 def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ...]:
-    """Every map the programs use, each pinned under the pin root by its name."""
+    """Every map the programs use; all but the scratch areas pinned under the pin root by
+    their name."""
     return (
         MapSpec("config", "array", u32, Config, 1),
         MapSpec("interfaces", "hash", u32, InterfaceEntry, MAX_INTERFACES),  # by ifindex
@@ -430,6 +503,11 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
         # tail-call, and the secret their copies carry back to the host side.
         MapSpec("peer_progs", "prog", u32, u32, 1),
         MapSpec("peer_config", "array", u32, PeerConfig, 1),
+        # The rule walk's scratch area, pinned by its layout (see EVAL_SCRATCH_MAP).
+        MapSpec("eval_scratch_map", "percpu_array", u32, eval_scratch_type(max_flow_dests), 1,
+                pin=PIN_BY_LAYOUT),
+        # The IPv6 UDP checksum's buffer (the wrapper's own: nothing else reads it).
+        MapSpec("csum_scratch", "percpu_array", u32, CsumBuf, 1, pin=NOT_PINNED),
         # Snap length, sampling and budgets per destination slot, the node's in slot 0;
         # and the budgets' clocks, written by the datapath only (issue 15).
         MapSpec("copy_limits", "array", u32, CopyLimits, MAX_DESTINATIONS),
@@ -437,13 +515,12 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS) -> tuple[MapSpec, ..
     )
 
 
-# The rule walk's scratch area (struct eval_scratch, defined with the walk in
-# bpf/classifier.c) is pinned too: while an agent restarts, the old classifiers still
-# attached tail-call the new continuation (eval_progs[0] is repointed when the new
-# programs load), and both must use the same scratch map, or the flows that start in that
-# window are evaluated on an empty scratch area and not mirrored. The pin's name carries
-# a digest of the scratch area's C definition, so programs of different layouts never
-# share one.
+# The rule walk's scratch area (EvalScratch) is pinned too: while an agent restarts, the
+# old classifiers still attached tail-call the new continuation (eval_progs[0] is
+# repointed when the new programs load), and both must use the same scratch map, or the
+# flows that start in that window are evaluated on an empty scratch area and not
+# mirrored. The pin's name carries a digest of the scratch area's C definition
+# (datapath.scratch_digest), so programs of different layouts never share one.
 EVAL_SCRATCH_MAP = "eval_scratch_map"
 
 
@@ -452,23 +529,63 @@ def eval_scratch_pin(pin_root: str, digest: str) -> str:
 
 
 # ---------------------------------------------------------------------------- C text
+# bpf/gen/layout.h is generated from this module (c_header()) and committed, so that a
+# reader (or an editor) of the C finds every map, struct and constant declared; a test
+# checks that it is fresh. Regenerate it with `make gen` or
+# `python -m cn2mirror.agent.layout --write`.
+GENERATED_HEADER = "gen/layout.h"  # under bpf/
+# What varies at load time: defined by agent/datapath.py (bpf_source) before the header
+# is read; the defaults are for editors and for programs that only read the maps.
+LOAD_TIME_DEFINES = {
+    "CN2M_PIN_ROOT": '"/sys/fs/bpf/cn2mirror"',  # where the maps are pinned
+    "MAX_FLOW_DESTS": DEFAULT_MAX_FLOW_DESTS,  # copies per flow
+    "CN2M_SCRATCH_DIGEST": '"0"',  # datapath.scratch_digest(): names the scratch pin
+    "FLOW_TABLE_SIZE": FLOW_TABLE_SIZE,  # flows the flow table holds (an LRU hash)
+}
 _C_TYPES = {C.c_uint8: "__u8", C.c_uint16: "__u16", C.c_uint32: "__u32", C.c_uint64: "__u64"}
+# Arrays whose length is the load-time MAX_FLOW_DESTS (see _with_flow_dests).
+_FLOW_DESTS_FIELD = "rules"
 
 
-def _c_field(name: str, ctype) -> str:
+def _c_elem(ctype) -> str:
+    if ctype in _C_TYPES:
+        return _C_TYPES[ctype]
+    return f"struct {_STRUCT_NAMES[ctype]}"
+
+
+def _c_field(name: str, ctype, flow_dests_sized: bool) -> str:
     if hasattr(ctype, "_length_"):
-        return f"{_C_TYPES[ctype._type_]} {name}[{ctype._length_}];"
-    return f"{_C_TYPES[ctype]} {name};"
+        length = "MAX_FLOW_DESTS" if flow_dests_sized and name == _FLOW_DESTS_FIELD \
+            else ctype._length_
+        return f"{_c_elem(ctype._type_)} {name}[{length}];"
+    return f"{_c_elem(ctype)} {name};"
 
 
 def _c_struct(cname: str, cls) -> str:
-    body = "\n".join(f"    {_c_field(n, t)}" for n, t in cls._fields_)
-    return f"struct {cname} {{\n{body}\n}};\n_Static_assert(sizeof(struct {cname}) == " \
-        f"{C.sizeof(cls)}, \"{cname} layout\");\n"
+    sized = cls in _FLOW_DESTS_SIZED
+    body = "\n".join(f"    {_c_field(n, t, sized)}" for n, t in cls._fields_)
+    out = f"struct {cname} {{\n{body}\n}};\n"
+    if not sized:
+        return out + f"_Static_assert(sizeof(struct {cname}) == {C.sizeof(cls)}, " \
+            f"\"{cname} layout\");\n"
+    # The size follows MAX_FLOW_DESTS: the fields after the array are 8-byte aligned
+    # (test_layout_header checks the formula against ctypes for every allowed size).
+    off = getattr(cls, _FLOW_DESTS_FIELD).offset
+    tail = C.sizeof(cls) - ((off + 4 * DEFAULT_MAX_FLOW_DESTS + 7) // 8) * 8
+    return out + f"_Static_assert(sizeof(struct {cname}) == ({off} + 4 * MAX_FLOW_DESTS + 7)" \
+        f" / 8 * 8 + {tail}, \"{cname} layout\");\n"
+
+
+def flow_dests_sized_size(cls, max_flow_dests: int) -> int:
+    """The size _c_struct's assertion gives a MAX_FLOW_DESTS-sized struct."""
+    off = getattr(cls, _FLOW_DESTS_FIELD).offset
+    tail = C.sizeof(cls) - ((off + 4 * DEFAULT_MAX_FLOW_DESTS + 7) // 8) * 8
+    return (off + 4 * max_flow_dests + 7) // 8 * 8 + tail
 
 
 _STRUCT_NAMES = {
     FlowKey: "flow_key",
+    FlowEntry: "flow_entry",
     FlowCacheEntry: "flow_cache_entry",
     FlowCacheTags: "flow_cache_tags",
     InterfaceEntry: "iface_entry",
@@ -482,29 +599,32 @@ _STRUCT_NAMES = {
     LpmV6Key: "lpm_v6_key",
     LpmPortKey: "lpm_port_key",
     PeerConfig: "peer_config_entry",
+    Parsed: "parsed",
+    EvalScratch: "eval_scratch",
+    CsumBuf: "csum_buf",
     CopyLimits: "copy_limits_entry",
     CopyBudgetClock: "copy_budget_clock",
 }
+_FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
 
 
 def _c_type_name(t) -> str:
     if t in _C_TYPES:
         return _C_TYPES[t]
-    if t.__name__ == "FlowEntry":
-        return "struct flow_entry"
+    for cls in _FLOW_DESTS_SIZED:  # the configured size of a MAX_FLOW_DESTS-sized struct
+        if t.__name__ == cls.__name__:
+            return f"struct {_STRUCT_NAMES[cls]}"
     return f"struct {_STRUCT_NAMES[t]}"
 
 
-def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
-                   scratch_digest: str = "0") -> str:
-    """The C header the programs are compiled with: constants, structs and pinned maps."""
-    consts = {
+def c_constants() -> dict[str, object]:
+    """Every constant the C uses from here, by its C name."""
+    consts: dict[str, object] = {
         "MAX_RULES": MAX_RULES,
         "MAX_INTERFACES": MAX_INTERFACES,
         "MAX_DESTINATIONS": MAX_DESTINATIONS,
         "RULE_WORDS": RULE_WORDS,
         "SUMMARY_WORDS": SUMMARY_WORDS,
-        "MAX_FLOW_DESTS": max_flow_dests,
         "FLOW_CACHE_BITS": FLOW_CACHE_BITS,
         "FLOW_CACHE_SLOTS": FLOW_CACHE_SLOTS,
         "FLOW_CACHE_KEY_BYTES": FLOW_CACHE_KEY_BYTES,
@@ -536,28 +656,82 @@ def c_declarations(pin_root: str, max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         "FAMILY_V6": FAMILY_V6,
         "N_DROPS": N_DROPS,
         "POD_SIDE_CB": POD_SIDE_CB,
+        "CSUM_CHUNK": CSUM_CHUNK,
         "COPY_LIMITS_NODE": COPY_LIMITS_NODE,
         "BUDGET_COST_SHIFT": BUDGET_COST_SHIFT,
     }
     for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_")):
         consts.update({prefix + m.name: int(m) for m in enum_cls})
-    out = ["/* Generated from agent/layout.py: do not edit. */"]
-    out += [f"#define {k} {v}" for k, v in consts.items()]
+    return consts
+
+
+def _c_map(spec: MapSpec) -> str:
+    key, value = _c_type_name(spec.key), _c_type_name(spec.value)
+    entries = "FLOW_TABLE_SIZE" if spec.name == "flows" else spec.entries
+    if spec.pin == NOT_PINNED:
+        return f'BPF_F_TABLE("{spec.kind}", {key}, {value}, {spec.name}, {entries}, ' \
+            f'{spec.flags});'
+    path = f'CN2M_PIN_ROOT "/{spec.name}"'
+    if spec.pin == PIN_BY_LAYOUT:
+        path = f'CN2M_PIN_ROOT "/{spec.name}_" CN2M_SCRATCH_DIGEST'
+    flags = f", {spec.flags}" if spec.flags else ""
+    return f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, {entries}, ' \
+        f'{path}{flags});'
+
+
+def c_header() -> str:
+    """bpf/gen/layout.h: constants, structs and maps (bcc's macros), as C."""
+    out = ["/* Generated from agent/layout.py by `python -m cn2mirror.agent.layout --write`"
+           " (make gen):",
+           " * do not edit. tests/test_layout_header.py checks that it is fresh. */",
+           "#ifndef CN2M_GEN_LAYOUT_H", "#define CN2M_GEN_LAYOUT_H", "",
+           "#include <linux/types.h>", "",
+           "/* Set at load time (agent/datapath.py, bpf_source); these defaults are for"
+           " editors. */"]
+    for name, default in LOAD_TIME_DEFINES.items():
+        out += [f"#ifndef {name}", f"#define {name} {default}", "#endif"]
+    out.append("")
+    out += [f"#define {k} {v}" for k, v in c_constants().items()]
+    out.append("")
     for cls, cname in _STRUCT_NAMES.items():
         out.append(_c_struct(cname, cls))
-    out.append(_c_struct("flow_entry", flow_entry_type(max_flow_dests)))
-    out.append(f'#define EVAL_SCRATCH_PIN "{eval_scratch_pin(pin_root, scratch_digest)}"')
-    for spec in map_specs(max_flow_dests):
-        path = f"{pin_root}/{spec.name}"
-        key, value = _c_type_name(spec.key), _c_type_name(spec.value)
-        if spec.flags:
-            out.append(
-                f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
-                f'{spec.entries}, "{path}", {spec.flags});'
-            )
-        else:
-            out.append(
-                f'BPF_TABLE_PINNED("{spec.kind}", {key}, {value}, {spec.name}, '
-                f'{spec.entries}, "{path}");'
-            )
+    out.append("/* Maps: every one of layout.map_specs(); pinned ones under CN2M_PIN_ROOT. */")
+    for spec in map_specs():
+        out.append(_c_map(spec))
+    out += ["", "#endif /* CN2M_GEN_LAYOUT_H */"]
     return "\n".join(out) + "\n"
+
+
+def _bpf_dir():
+    from importlib import resources
+
+    return resources.files("cn2mirror.bpf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m cn2mirror.agent.layout",
+                                 description="Write or check bpf/gen/layout.h.")
+    ap.add_argument("--write", action="store_true", help="(re)write bpf/gen/layout.h")
+    ap.add_argument("--check", action="store_true", help="exit 1 when it is stale")
+    args = ap.parse_args(argv)
+    target = _bpf_dir() / GENERATED_HEADER
+    text = c_header()
+    if args.write:
+        with open(str(target), "w") as f:
+            f.write(text)
+        print(f"wrote {target}")
+        return 0
+    if args.check:
+        fresh = target.is_file() and target.read_text() == text
+        if not fresh:
+            print(f"{target} is stale: run make gen", file=sys.stderr)
+        return 0 if fresh else 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

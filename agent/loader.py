@@ -4,7 +4,8 @@
 
 bcc (and the LLVM and clang it brings, some 140 MB resident) is needed only to compile.
 The agent runs this as a short-lived subprocess (Datapath.load), with the C text of the
-programs (datapath.bpf_source) on stdin, and then works on what it left pinned, through
+programs (datapath.bpf_source: the load-time defines and the entry files of bpf/, their
+includes inlined) on stdin, and then works on what it left pinned, through
 libbpf alone (agent/bpfsys.py), so the long-lived agent never loads bcc. What is left
 under the pin root:
 
@@ -44,6 +45,11 @@ class LoadError(RuntimeError):
     """What went wrong, said so that the user can fix it."""
 
 
+# Warnings are errors (bcc's own helpers.h, prepended to every program, triggers none
+# with clang 14 and bcc 0.26: no warning needs suppressing).
+CFLAGS_WARNINGS = ["-Wall", "-Werror"]
+
+
 def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
     """Compile ``source``, load and pin (see the module's documentation); returns the
     programs' names."""
@@ -59,7 +65,7 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
             "scripts/setup.sh (it installs or links them)")
     with entered(netns):
         try:
-            bpf = BPF(text=source, cflags=["-w", "-Wno-error"])
+            bpf = BPF(text=source, cflags=CFLAGS_WARNINGS)
         except Exception as e:
             raise LoadError(f"compiling the BPF programs failed: {e}") from e
         try:
@@ -79,10 +85,10 @@ def load(pin_root: str, source: str, netns: str | None = None) -> list[str]:
 def _unpin_old_scratch(pin_root: str, source: str) -> None:
     """Scratch maps of programs with another layout (an upgrade): their programs keep
     them for as long as they run; the pin is not needed any more."""
-    m = re.search(r'#define EVAL_SCRATCH_PIN "([^"]+)"', source)
+    m = re.search(r'#define CN2M_SCRATCH_DIGEST "([^"]+)"', source)
     if not m:
         return
-    current = os.path.basename(m.group(1))
+    current = f"{EVAL_SCRATCH_MAP}_{m.group(1)}"
     for name in os.listdir(pin_root):
         if name.startswith(EVAL_SCRATCH_MAP + "_") and name != current:
             os.unlink(os.path.join(pin_root, name))

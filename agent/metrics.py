@@ -6,7 +6,7 @@ and one histogram do not need a client library. Collectors are anything with a
 are read when they are asked for (the BPF counters straight from the pinned maps).
 
 Datapath metrics come from the maps pinned under the pin root (agent/pinned.py) and the
-names file the runtime writes at <state_dir>/names.json (agent.node.describe): slots
+names file the runtime writes at <state_dir>/names.json (read by agent/statefiles.py): slots
 become policy, rule, destination and interface names. Counters are per slot, and the
 map writer zeroes a slot's counters when the slot changes hands, so a series starts
 again at zero when its rule, interface or destination is (re)written (rate() copes).
@@ -19,7 +19,6 @@ readiness check: the source is in sync with the API server and the datapath appl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -301,26 +300,12 @@ class DatapathCollector:
     """Per-rule, per-interface and per-destination counters from the pinned maps."""
 
     def __init__(self, pin_root: str, state_dir: str):
-        self.pin_root = pin_root
-        self.names_path = os.path.join(state_dir, "names.json")
-        self._maps = None
-        self._names: dict = {}
-        self._names_mtime = 0.0
-        self._lock = threading.Lock()
+        from .statefiles import NamesCache
 
-    def names(self) -> dict:
-        try:
-            mtime = os.stat(self.names_path).st_mtime
-        except OSError:
-            return {}
-        if mtime != self._names_mtime:
-            try:
-                with open(self.names_path) as f:
-                    self._names = json.load(f)
-                self._names_mtime = mtime
-            except (OSError, ValueError) as e:
-                log.debug("cannot read %s: %s", self.names_path, e)
-        return self._names
+        self.pin_root = pin_root
+        self._names = NamesCache(state_dir)
+        self._maps = None
+        self._lock = threading.Lock()
 
     def _open(self):
         """The pinned maps, opened at every scrape (a few syscalls): a datapath removed
@@ -331,7 +316,7 @@ class DatapathCollector:
         self._maps = PinnedMaps(self.pin_root)
         return self._maps
 
-    def _labels(self, scope: str, slot: str, entry: dict) -> Labels:
+    def _labels(self, scope: str, slot: int, entry: dict) -> Labels:
         if scope == "rule":
             return {"policy": entry.get("policy") or "",
                     "rule": "" if entry.get("rule") is None else str(entry["rule"]),
@@ -360,7 +345,7 @@ class DatapathCollector:
             log.debug("datapath metrics: %s", e)
             yield up.add(0)
             return
-        names = self.names()
+        names = self._names.get()
         reasons = [d.name.lower() for d in Drop]
         families: dict[str, Family] = {}
 
@@ -371,10 +356,10 @@ class DatapathCollector:
 
         try:
             for scope in SCOPES:
-                entries = names.get({"rule": "rules", "interface": "interfaces",
-                                     "destination": "destinations"}[scope]) or {}
-                for slot, entry in sorted(entries.items(), key=lambda kv: int(kv[0])):
-                    totals = maps.counters(SCOPE_MAP[scope], int(slot))
+                entries = {"rule": names.rules, "interface": names.interfaces,
+                           "destination": names.destinations}[scope]
+                for slot, entry in sorted(entries.items()):
+                    totals = maps.counters(SCOPE_MAP[scope], slot)
                     labels = self._labels(scope, slot, entry)
                     for attr, (suffix, help) in COUNTER_HELP.items():
                         if attr == "cloned" and scope != "rule":
@@ -400,7 +385,7 @@ class DatapathCollector:
         yield from families.values()
         info = Family("cn2mirror_datapath_problem", "gauge",
                       "Objects this node could not apply, with the reason (value 1).")
-        for obj, why in sorted((names.get("problems") or {}).items()):
+        for obj, why in sorted(names.problems.items()):
             info.add(1, {"object": obj, "reason": why[:200]})
         yield info
 

@@ -28,6 +28,7 @@ from .layout import (
     SNAP_LENGTH_MAX,
     SNAP_LENGTH_MIN,
 )
+from .protocols import API_NUMBERS
 from .state import (
     DEFAULT_JMIRROR_PORT,
     OVERSIZE_CHOICES,
@@ -102,7 +103,7 @@ ANALYZER_NAMESPACES_MAX = 64
 
 # --- Enumerations, defaults and ranges (the CRDs use these) ------------------------------
 
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPv6": 58}
+PROTOCOLS = API_NUMBERS  # "TCP" -> 6 (agent/protocols.py: the one table)
 PORTLESS_PROTOCOLS = frozenset({"ICMP", "ICMPv6"})  # an extension: NetworkPolicy has neither
 DEFAULT_PROTOCOL = "TCP"
 ACTIONS = ("pass", "deny")  # accepted for CN2 compatibility; cn2mirror only mirrors

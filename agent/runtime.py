@@ -50,10 +50,8 @@ thread) and ``explain(...)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -64,14 +62,24 @@ from .compiler import Compiler, explain, id_table, session_table
 from .node import ApplyResult, describe
 from .snapshot import Snapshot
 from .state import NodeState
+from .statefiles import (
+    CAPTURE_NAMES_FILE,
+    NAMES_FILE,
+    STATE_FILE_MODE,
+    STATUS_FILE,
+    private_dir,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESYNC_INTERVAL = 30.0
-NAMES_FILE = "names.json"
-CAPTURE_NAMES_FILE = "capture-names.json"
-STATUS_FILE = "status.json"
 RETRY_FIRST = 0.5  # seconds before a failed reconcile is first retried
+# While a destination cannot be resolved (no route to its analyzer, its MAC not on this
+# node), the node's tables are looked at again soon, backing off from RETRY_FIRST up to
+# this (or the resync interval if shorter): an analyzer that comes back gets its copies
+# within seconds, not at the next full resync.
+UNRESOLVED_RETRY_MAX = 5.0
 
 # Where a problem comes from.
 ORIGIN_SOURCE = "source"  # an input could not be read (a file, a watch)
@@ -160,38 +168,6 @@ class ReconcileReport:
         }
 
 
-STATE_DIR_MODE = 0o700  # the state files name every pod, policy and analyzer: root only
-STATE_FILE_MODE = 0o600
-
-
-def private_dir(path: str) -> None:
-    """Make ``path`` (and missing parents) a directory only its owner can read."""
-    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
-    os.chmod(path, STATE_DIR_MODE)
-
-
-def write_atomic(path: str, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old file or the new one, never half;
-    readable by its owner only (STATE_FILE_MODE), in a directory of STATE_DIR_MODE."""
-    directory = os.path.dirname(path) or "."
-    private_dir(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, STATE_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def source_problems(errors: Iterable[Any]) -> list[Problem]:
     """A source's ``errors`` as Problems (LoadError: file and document; else str())."""
     out = []
@@ -273,6 +249,7 @@ class Agent:
         self.reconcile_count = 0
         self.failed_count = 0
         self.consecutive_failures = 0  # reconciles failed in a row: the retry backs off
+        self.consecutive_unresolved = 0  # applied with a destination unresolved, in a row
         self.errors: tuple[Problem, ...] = ()
         self.errors_before: tuple[Problem, ...] = ()
 
@@ -539,12 +516,24 @@ class Agent:
             self.reconcile_count = report.number
             if report.ok:
                 self.consecutive_failures = 0
-                self._next_resync = time.monotonic() + self.resync_interval
+                self._next_resync = time.monotonic() + self._settle_delay(result)
             else:  # retried soon, backing off: 0.5 s, 1 s, 2 s ... up to the resync interval
                 self.consecutive_failures += 1
                 self._next_resync = time.monotonic() + self.retry_delay()
             self._cond.notify_all()
         return report
+
+    def _settle_delay(self, result: ApplyResult | None) -> float:
+        """After a successful apply: the resync interval, or sooner (backing off) while
+        a destination is unresolved."""
+        unresolved = result is not None and any(
+            obj.startswith("MirrorDestination ") for obj in result.problems)
+        if not unresolved:
+            self.consecutive_unresolved = 0
+            return self.resync_interval
+        self.consecutive_unresolved += 1
+        n = self.consecutive_unresolved
+        return min(RETRY_FIRST * 2 ** (n - 1), UNRESOLVED_RETRY_MAX, self.resync_interval)
 
     def retry_delay(self) -> float:
         """How long after a failed reconcile the state is applied again."""

@@ -53,8 +53,10 @@ import ipaddress
 import struct
 import time
 
+from cn2mirror.agent import datapath as dpmod
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.bpfsys import test_run
+from cn2mirror.agent.loader import CFLAGS_WARNINGS
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.state import Cidr, Policy, PortRange, Rule
 
@@ -134,17 +136,16 @@ int two_flows(struct __sk_buff *skb)
 """
 
 # Building blocks, on the datapath's own pinned maps where it has them (interfaces,
-# analyzers, the tries), on a flow table of the same sizes otherwise. Each block writes
+# analyzers, the tries), on a flow table of the same sizes otherwise, with the
+# classifier's own parse, flow key and flow cache probe (bpf/lib/). Each block writes
 # what it read into cb[] so that nothing is optimised out.
 BLOCKS_PROG = r"""
-#include <uapi/linux/bpf.h>
-#include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/ip.h>
-@DECLS@
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/flow.h"
+#include "lib/flow_cache.h"
 BPF_TABLE("lru_hash", struct flow_key, struct flow_entry, bb_flows, 131072);
 BPF_F_TABLE("lru_hash", struct flow_key, struct flow_entry, bb_flows_nc, 131072, 2);
-BPF_PERCPU_ARRAY(bb_cache, struct flow_cache_entry, FLOW_CACHE_SLOTS);
 BPF_PERCPU_ARRAY(bb_seq, __u32, 1);
 
 static __always_inline struct iphdr *ip_of(struct __sk_buff *skb)
@@ -155,18 +156,15 @@ static __always_inline struct iphdr *ip_of(struct __sk_buff *skb)
         return NULL;
     return ip;
 }
+/* The classifier's flow key of the packet (interface slot 0). */
 static __always_inline int key_of(struct __sk_buff *skb, struct flow_key *k)
 {
-    struct iphdr *ip = ip_of(skb);
-    if (!ip)
+    struct parsed p = {};
+    parse(skb, &p);
+    if (!p.ok)
         return 0;
-    __u16 *ports = (void *)(ip + 1);
-    k->addr_lo[0] = ip->saddr;
-    k->addr_hi[0] = ip->daddr;
-    k->port_lo = ports[0];
-    k->port_hi = ports[1];
-    k->proto = ip->protocol;
-    k->family = 4;
+    make_key(&p, 0);
+    *k = p.key;
     return 1;
 }
 int bb_parse(struct __sk_buff *skb)
@@ -188,11 +186,11 @@ int bb_jiffies(struct __sk_buff *skb)
 }
 int bb_cache_slot(struct __sk_buff *skb)
 {
-    struct iphdr *ip = ip_of(skb);
-    if (!ip)
+    union cache_probe probe = {};
+    if (!cache_probe(skb, &probe, (__u64)skb->ifindex << 32, (__u64)FAMILY_V4 << 8))
         return TC_ACT_UNSPEC;
-    __u32 slot = (ip->saddr * 0x9E3779B1U) >> (32 - FLOW_CACHE_BITS);
-    struct flow_cache_entry *c = bb_cache.lookup(&slot);
+    __u32 slot = CACHE_SLOT(flow_cache_hash(&probe));
+    struct flow_cache_entry *c = flow_cache.lookup(&slot);
     if (c)
         skb->cb[0] = c->generation;
     return TC_ACT_UNSPEC;
@@ -293,6 +291,16 @@ int bb_flow_insert(struct __sk_buff *skb)
     return TC_ACT_UNSPEC;
 }
 """
+
+
+def blocks_source(dp) -> str:
+    """BLOCKS_PROG as the loader compiles the datapath: the same load-time defines (so
+    that the maps it declares are the node's pinned ones), bpf/ includes inlined."""
+    defines = "".join(f"#define {k} {v}\n"
+                      for k, v in dpmod.load_time_defines(dp.pin_root, dp.max_flow_dests).items())
+    return dpmod.inline_includes(defines + BLOCKS_PROG, dpmod.bpf_dir(), "blocks.c")
+
+
 BLOCKS = ("bb_parse", "bb_ktime", "bb_jiffies", "bb_iface", "bb_analyzer", "bb_lpm_dst4",
           "bb_lpm_port", "bb_cache_slot", "bb_flow_hit", "bb_seq_parse", "bb_flow_insert",
           "bb_flow_insert_nc")
@@ -614,8 +622,8 @@ def run(quick: bool = False, log=print, rule_counts=None, rounds=None,
             # Building blocks on the datapath's maps as the largest rule set left them.
             if "blocks" in sections:
                 with entered(ns):
-                    decls = L.c_declarations(node.datapath.pin_root)
-                    blocks = BPF(text=BLOCKS_PROG.replace("@DECLS@", decls), cflags=["-w"])
+                    blocks = BPF(text=blocks_source(node.datapath),
+                                 cflags=CFLAGS_WARNINGS)
                     objs.append(blocks)
                 out["blocks"] = _measure_blocks(run_, stream, blocks, floor_fd, prm,
                                                 last_pod(prm["rule_counts"][-1])[0])
@@ -791,8 +799,6 @@ def _stats_breakdown(node, lab, run_: Runner, cls_fd, prm) -> dict:
 
 @contextlib.contextmanager
 def _patched_source(replacements):
-    from cn2mirror.agent import datapath as dpmod
-
     original = dpmod.bpf_source
 
     def patched(pin_root, max_flow_dests):

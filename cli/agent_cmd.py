@@ -144,8 +144,8 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          copy_budget_pps, copy_budget_bps, uplink, resync_interval, attach_mode, pod_side_ingress, max_rules_per_namespace,
-          max_interfaces_per_namespace, once, cleanup_on_exit, log_level,
+          copy_budget_pps, copy_budget_bps, uplink, resync_interval, attach_mode,
+          pod_side_ingress, max_rules_per_namespace, max_interfaces_per_namespace, once, cleanup_on_exit, log_level,
           **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
@@ -182,7 +182,6 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
         raise AgentError(f"cannot lock the pin root {pin_root}: {e}") from None
     try:
         from cn2mirror.agent.capacity import Limits
-
         from cn2mirror.agent.programmer import CopyBudget
 
         if 0 < copy_budget_bps < layout.BUDGET_BPS_MIN:

@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass
 
 import click
 
+from cn2mirror.agent import capabilities
 from cn2mirror.agent.datapath import DEFAULT_PIN_ROOT
 
 from .output import JSON_VERSION, emit, output_option, render_table
 
 OK, WARN, MISSING = "ok", "warn", "missing"
 
-CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 # (option, required, what it is for)
 KERNEL_OPTIONS = (
@@ -110,9 +110,9 @@ class Doctor:
         euid = os.geteuid()
         self.add("root", "privileges", euid == 0, True, f"effective uid {euid}",
                  "run as root: sudo cn2mirror ...")
-        caps = _cap_eff()
-        for name, bit in CAPABILITIES.items():
-            have = caps is not None and bool(caps >> bit & 1)
+        caps = capabilities.effective()
+        for name in capabilities.CAPABILITIES:
+            have = capabilities.has(name, caps)
             # The datapath needs BPF, PERFMON and NET_ADMIN only (tests/
             # test_least_privilege.py); SYS_ADMIN serves labs (--netns: setns) and
             # mounting bpffs, which the DaemonSet's init container does.
@@ -468,17 +468,6 @@ class Doctor:
 
 
 # ============================================================================ helpers
-def _cap_eff() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return None
-
-
 def _version_tuple(release: str) -> tuple[int, int]:
     parts = []
     for p in release.split("-")[0].split(".")[:2]:

@@ -34,6 +34,8 @@ from pathlib import Path
 import click
 import yaml
 
+from cn2mirror.agent import protocols
+
 LABS_DIR = "/run/cn2mirror/labs"
 DEFAULT_LAB = "cn2lab"
 DEFAULT_DEMO_LAB = "cn2demo"
@@ -241,7 +243,6 @@ def _table(rows: list[tuple], right: set[int] = frozenset()) -> list[str]:
 # collector or kube-dns, or define Pods that the lab provides itself.
 DEMO_EXAMPLES = ("internal-analyzer.yaml", "external-analyzer.yaml",
                  "policy-level-mirroring.yaml", "rule-level-mirroring.yaml")
-PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 ICMP_TYPES = {(1, 8): "echo request", (1, 0): "echo reply", (58, 128): "echo request",
               (58, 129): "echo reply"}
 
@@ -294,43 +295,33 @@ def inner_flow(packet: bytes) -> tuple:
     sport = dport = None
     detail = ""
     l4 = packet[at:]
-    if proto in (6, 17, 132) and len(l4) >= 4:
+    if proto in protocols.WITH_PORTS and len(l4) >= 4:
         sport, dport = int.from_bytes(l4[0:2], "big"), int.from_bytes(l4[2:4], "big")
-    elif proto in (1, 58) and l4:
+    elif proto in protocols.ICMPS and l4:
         detail = ICMP_TYPES.get((proto, l4[0]), f"type {l4[0]}")
     return proto, src, sport, dst, dport, detail
 
 
 def flow_text(f: tuple) -> str:
+    """An inner_flow() tuple in one line."""
     proto, src, sport, dst, dport, detail = f
-    name = PROTO_NAMES.get(proto, str(proto))
-    if sport is not None:
-        return f"{name} {src}:{sport} -> {dst}:{dport}"
-    return f"{name} {src} -> {dst}" + (f" {detail}" if detail else "")
+    return protocols.flow_text(src, sport, dst, dport, protocol=proto, detail=detail)
 
 
 class Analyzer:
     """Receives one destination's jmirror copies in the analyzer's namespace (a UDP
     socket, as an analyzer would: no ICMP port unreachable back), decodes them with
-    cli/capture.py's Capture into a pcapng, and records the wire with tcpdump."""
+    agent/pcap.py's Capture into a pcapng, counting the inner flows of each (mirror id,
+    session id), and records the wire with tcpdump."""
 
     def __init__(self, name: str, netns: str, port: int, out_dir: Path, names):
-        from cn2mirror.agent import jmirror
         from cn2mirror.agent.netns import entered
-        from cn2mirror.cli.capture import Capture, PcapngWriter, Stopper, open_socket
+        from cn2mirror.agent.pcap import Capture, PcapngWriter, Stopper, open_socket
 
-        class FlowCapture(Capture):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.flows: Counter = Counter()
+        self.flows: Counter = Counter()  # (mirror id, session id, inner_flow()) -> packets
 
-            def feed(self, datagram, ts_ns, length=None):
-                session = super().feed(datagram, ts_ns, length)
-                if session is not None:
-                    inner = jmirror.decode(datagram).inner
-                    self.flows[(session.mirror_id, session.session_id,
-                                inner_flow(inner))] += 1
-                return session
+        def count_flow(session, inner: bytes) -> None:
+            self.flows[(session.mirror_id, session.session_id, inner_flow(inner))] += 1
 
         self.name, self.netns, self.port = name, netns, port
         self.pcapng = out_dir / f"{name}.pcapng"
@@ -338,13 +329,13 @@ class Analyzer:
         with entered(netns):
             self.sock = open_socket("0.0.0.0", port)
         self.file = open(self.pcapng, "wb")
-        self.capture = FlowCapture(PcapngWriter(self.file), names)
+        self.capture = Capture(PcapngWriter(self.file), names, on_packet=count_flow)
         self.stopper = Stopper()
         self.tcpdump: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from cn2mirror.cli.capture import listen
+        from cn2mirror.agent.pcap import listen
 
         if shutil.which("tcpdump"):
             with contextlib.suppress(FileNotFoundError):
@@ -516,7 +507,7 @@ class Demo:
         return ", ".join(pods + other)
 
     def start_analyzers(self) -> None:
-        from cn2mirror.cli.capture import Names
+        from cn2mirror.agent.pcap import Names
 
         state = self.agent.last_state
         from cn2mirror.agent.runtime import capture_names
@@ -574,7 +565,7 @@ class Demo:
         rows = [("ANALYZER", "MIRROR ID", "POLICY RULE", "SESSION ID", "POD INTERFACE",
                  "INNER FLOW (decoded from jmirror)", "PACKETS")]
         for a in self.analyzers:
-            for (mid, sid, f), n in sorted(a.capture.flows.items(),
+            for (mid, sid, f), n in sorted(a.flows.items(),
                                            key=lambda kv: (kv[0][0], kv[0][1],
                                                            str(kv[0][2]))):
                 rows.append((a.name, mid, rule_names.get(mid, "?"), sid,
@@ -683,7 +674,7 @@ def _ports_text(ports) -> str:
         return "any protocol"
     out = []
     for p in ports:
-        name = PROTO_NAMES.get(p.protocol, str(p.protocol))
+        name = protocols.api_name(p.protocol)
         if p.port_lo is None:
             out.append(name)
         elif p.port_hi in (None, p.port_lo):

@@ -13,10 +13,11 @@ COMMANDS = {
     "capture": ("capture", "capture", "Receive jmirror copies at an analyzer; write pcapng."),
     "demo": ("lab_cmd", "demo", "Lab up, mirror, capture, show, lab down."),
     "doctor": ("doctor", "doctor", "Check kernel, tools and privileges the datapath needs."),
-    "explain": ("show", "explain", "Which policies and rules a flow matches; where copies go."),
-    "ids": ("show", "ids", "Map mirror and session ids back to policies, rules and pods."),
+    "explain": ("show.explain", "explain",
+                "Which policies and rules a flow matches; where copies go."),
+    "ids": ("show.ids", "ids", "Map mirror and session ids back to policies, rules and pods."),
     "lab": ("lab_cmd", "lab", "Build or remove a lab of network namespaces."),
-    "show": ("show", "show", "Read the pinned maps: interfaces, rules, flows, counters."),
+    "show": ("show.commands", "show", "Read the pinned maps: interfaces, rules, flows, counters."),
     "uninstall": ("uninstall", "uninstall", "Remove cn2mirror from this node; verify."),
 }
 

@@ -1,6 +1,6 @@
 """``cn2mirror show stats --watch``: counter rates on a node, refreshed in place.
 
-Each refresh reads the pinned counters (cli/show.py collect_stats) and divides what
+Each refresh reads the pinned counters (cli/show/collect.py collect_stats) and divides what
 changed since the last read by the time between the two reads. A slot whose counters
 went down was given to another object meanwhile (the map writer zeroes a slot's counters
 when it changes hands): its rate restarts from the new counters, never goes negative.

@@ -28,8 +28,9 @@ from scapy.utils import RawPcapNgReader, RawPcapReader, wrpcap, wrpcapng
 
 from cn2mirror.agent import jmirror
 from cn2mirror.agent.jmirror import JMirror, encode
+from cn2mirror.agent.pcap import LINKTYPE_RAW
 from cn2mirror.agent.state import DEFAULT_JMIRROR_PORT, MIRROR_ID_MAX, SESSION_ID_MAX
-from cn2mirror.cli.capture import LINKTYPE_RAW, capture
+from cn2mirror.cli.capture import capture
 
 PY = sys.executable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

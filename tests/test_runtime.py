@@ -234,11 +234,32 @@ def test_a_failed_reconcile_is_retried_with_backoff(make_agent, caplog):
     assert 0.4 <= gaps[0] <= 1.0 and gaps[1] >= 0.9 and gaps[1] > gaps[0]
     assert agent.retry_delay() >= 2
     node.fail = None
-    assert wait_until(lambda: agent.last_report.ok, 6)
-    assert agent.consecutive_failures == 0 and agent.retry_delay() == 0.5
+    # (the failure count is reset last, once the reconcile is complete)
+    assert wait_until(lambda: agent.last_report.ok and agent.consecutive_failures == 0, 6)
+    assert agent.retry_delay() == 0.5
     appeared = [r for r in caplog.records if r.message.startswith("problem: Reconcile")]
     cleared = [r for r in caplog.records if r.message.startswith("cleared: Reconcile")]
     assert len(appeared) == 1 and len(cleared) == 1
+
+
+def test_an_unresolved_destination_is_looked_at_again_soon(make_agent):
+    """No route to an analyzer: the node's tables are read again after 0.5 s, 1 s,
+    2 s ... (at most UNRESOLVED_RETRY_MAX), not at the next resync (60 s here); once it
+    resolves, the resync interval is back."""
+    agent, source, node = make_agent(resync=60.0)
+    node.problems = {"MirrorDestination analyzer1": "no route to analyzer 198.18.1.10"}
+    agent.start()
+    t0 = time.monotonic()
+    source.emit(snap(80))
+    assert agent.wait_for(4, 6)  # the reconcile and three resyncs: 0.5 + 1 + 2 s
+    assert 3.0 <= time.monotonic() - t0 < 5.5
+    assert agent.consecutive_unresolved >= 4
+    assert agent._settle_delay(node.apply(node.applied[-1])) == runtime.UNRESOLVED_RETRY_MAX
+    node.problems = {"ClusterMirrorPolicy p1": "over capacity"}  # not a destination's
+    n = agent.reconcile_count
+    assert agent.wait_for(n + 1, 6)
+    assert agent.consecutive_unresolved == 0
+    assert agent._next_resync - time.monotonic() > 50
 
 
 def test_a_compiler_crash_does_not_stop_the_agent(make_agent, monkeypatch):

@@ -1,4 +1,4 @@
-/* Sampling and copy budgets (issue 15): whether a copy is made at all, decided in the
+/* Snap length, sampling and copy budgets (issue 15). Sampling and budgets: whether a copy is made at all, decided in the
  * classifier before the clone, so that a copy not made costs no clone, no head copy of
  * the production packet, no wrap. The limits come from the copy_limits map
  * (agent/layout.py CopyLimits): one entry per destination slot, the node's in slot
@@ -23,6 +23,11 @@
  * gives back what the earlier ones took. The packet cost of a GSO super-packet is its
  * segment count; the byte cost its length (the mirrored bytes, before the wrap's
  * headers). Copies not made are counted as the drop rate_limited. */
+
+#ifndef CN2M_LIB_COPY_LIMITS_H
+#define CN2M_LIB_COPY_LIMITS_H
+
+#include "lib/common.h"
 
 static __always_inline int budget_take(__u64 *clock, __u64 cost, __u64 burst, __u64 now)
 {
@@ -155,3 +160,5 @@ static __always_inline int snap_copy(struct __sk_buff *skb, __u32 dest_slot)
         return 0;
     return bpf_skb_change_tail(skb, ETH_HLEN + snap, 0) < 0 ? -1 : 1;
 }
+
+#endif /* CN2M_LIB_COPY_LIMITS_H */
