@@ -145,7 +145,8 @@ def _source_options(f):
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
           copy_budget_pps, copy_budget_bps, uplink, resync_interval, attach_mode,
-          pod_side_ingress, max_rules_per_namespace, max_interfaces_per_namespace, once, cleanup_on_exit, log_level,
+          pod_side_ingress, max_rules_per_namespace, max_interfaces_per_namespace, once,
+          cleanup_on_exit, log_level,
           **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
