@@ -10,9 +10,10 @@ interface, every packet, to the analyzer pod on the same node:
   none             nothing attached (the baseline of every ratio)
   cn2m_nomatch     cn2mirror attached, a policy on the interface matching nothing
                    (every packet: interface lookup, parse, flow-table lookup)
-  cn2m_flow_all    cn2mirror, a policy matching every flow: jmirror copies, within the
-                   node's default copy budget (layout.DEFAULT_NODE_COPY_PPS/_BPS)
-  cn2m_flow_all_unlimited  the same without any copy budget (every packet copied)
+  cn2m_flow_all    cn2mirror, a policy matching every flow: jmirror copies (no copy
+                   budget: every packet copied)
+  cn2m_flow_all_budget  the same within the node's default copy budget
+                   (layout.DEFAULT_NODE_COPY_PPS/_BPS): copies over it not made, counted
   cn2m_port_all    cn2mirror, port mirroring (annotation) both ways: jmirror copies
   tc_mirred        tc u32 match-all + mirred egress mirror to the analyzer's veth
   nft_dup          nftables `dup to <analyzer> device <its veth>` in postrouting
@@ -42,11 +43,11 @@ from cn2mirror.agent.state import Direction
 
 from . import common as cm
 
-SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_unlimited",
+SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
              "cn2m_port_all", "tc_mirred", "nft_dup", "iptables_tee", "userspace")
-QUICK_SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_unlimited",
+QUICK_SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
                    "tc_mirred")
-CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_unlimited", "cn2m_port_all")
+CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget", "cn2m_port_all")
 
 USERSPACE_COPIER = r"""
 import socket, sys
@@ -96,10 +97,9 @@ class Bench:
         if name == "cn2m_nomatch":
             self.node.apply(cm.state(self.lab, [cm.match_nothing_policy()]))
         elif name == "cn2m_flow_all":
-            self.node.copy_budget = CopyBudget()  # the node's default budget
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
-        elif name == "cn2m_flow_all_unlimited":
-            self.node.copy_budget = CopyBudget(0, 0)
+        elif name == "cn2m_flow_all_budget":
+            self.node.copy_budget = CopyBudget()  # the node's default budget
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
         elif name == "cn2m_port_all":
             self.node.apply(cm.state(self.lab, port_mirror=Direction.BOTH))
@@ -131,7 +131,7 @@ table ip cn2mbench {{
                 raise cm.BenchError(f"userspace copier did not start: {line!r}")
 
     def leave(self, name: str) -> None:
-        self.node.copy_budget = CopyBudget()  # back to the default for the next scenario
+        self.node.copy_budget = cm.NO_COPY_BUDGET  # the other scenarios copy everything
         if name == "tc_mirred":
             self._del_clsact()
         elif name == "nft_dup":
@@ -369,11 +369,11 @@ def budget_summary(s: dict) -> dict:
         return s[name]["prod_ratio"]["median"] if name in s else None
 
     out = {"default_pps": CopyBudget().pps, "default_bps": CopyBudget().bps,
-           "prod_ratio_default_budget": ratio("cn2m_flow_all"),
-           "prod_ratio_unlimited": ratio("cn2m_flow_all_unlimited"),
+           "prod_ratio_default_budget": ratio("cn2m_flow_all_budget"),
+           "prod_ratio_unlimited": ratio("cn2m_flow_all"),
            "prod_ratio_tc_mirred": ratio("tc_mirred"),
-           "copy_pps_default_budget": s.get("cn2m_flow_all", {}).get("copy_pps", {}).get(
-               "median")}
+           "copy_pps_default_budget": s.get("cn2m_flow_all_budget", {}).get(
+               "copy_pps", {}).get("median")}
     fmt = {k: "-" if v is None else f"{v:.2f}" for k, v in out.items()}
     out["text"] = (f"mirror everything, production vs none: default budget "
                    f"({out['default_pps']:,} copies/s, {out['default_bps'] / 1e9:g} Gbit/s) "
