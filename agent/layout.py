@@ -283,7 +283,7 @@ class Config(C.Structure):
 # destination slot; slot 0 (no destination has it) holds the node's budget.
 COPY_LIMITS_NODE = 0
 BUDGET_COST_SHIFT = 16  # costs are nanoseconds of budget in 16.16 fixed point
-BUDGET_BURST_NS = 20_000_000  # how much unused budget may be saved up: 20 ms of it
+BUDGET_BURST_NS = 100_000_000  # how much unused budget may be saved up: 100 ms of it
 SNAP_LENGTH_MIN = 64  # bytes after the Ethernet header: room for IPv6 + TCP headers
 SNAP_LENGTH_MAX = 65535
 SAMPLING_MAX = 1 << 24
