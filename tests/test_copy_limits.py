@@ -316,7 +316,9 @@ def test_snap_length_cuts_copies_and_their_checksums_do_not_verify(lab, node):
         assert len(p) == SNAP, "a copy not cut to the snap length"
         assert struct.unpack_from("!H", p, 2)[0] > SNAP  # the original length is kept
         assert not l4_checksum_verifies(p)
-    rows = [line.split("\t") for line in tshark.stdout.splitlines()]
+    # Fields of the outer and the inner headers come comma-separated, outer first: the
+    # last value is the mirrored packet's.
+    rows = [[f.split(",")[-1] for f in line.split("\t")] for line in tshark.stdout.splitlines()]
     assert len(rows) >= len(udp) + len(tcp_data)
     # checksum.status: 0 bad, 1 good, 2 unverified; never good for a cut copy.
     statuses = {r[2] or r[3] for r in rows if int(r[1]) > SNAP}
