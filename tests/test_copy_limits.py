@@ -110,7 +110,7 @@ def test_sampling_copies_one_packet_in_n_and_counts_the_rest(lab, node, one_in):
     conf = trafgen_conf(lab, 64)
     try:
         c0, (w0, a0) = dest_counters(node), sinks(lab)
-        run_trafgen(lab, conf, 100_000, 40_000)
+        run_trafgen(lab, conf, 50_000, 40_000)
         time.sleep(0.3)
         c1, (w1, a1) = dest_counters(node), sinks(lab)
     finally:
