@@ -288,7 +288,11 @@ class ProcessCollector:
 COUNTER_HELP = {
     "packets": ("mirrored_packets_total", "Copies delivered to the analyzer."),
     "bytes": ("mirrored_bytes_total", "Bytes of the copies delivered (after truncation)."),
-    "truncated": ("truncated_packets_total", "Copies cut to fit the path to the analyzer."),
+    "truncated": ("truncated_packets_total",
+                  "Copies cut to fit the path to the analyzer or to the snap length."),
+    "sampled_out": ("sampled_out_packets_total",
+                    "Copies not made by the destination's 1:N sampling (issue 15); copies "
+                    "over a copy budget are the dropped reason rate_limited."),
     "fragmented": ("fragmented_packets_total",
                    "Copies too large for the path sent whole in outer IPv4 fragments."),
     "cloned": ("cloned_packets_total", "Packets cloned towards the mirror port."),

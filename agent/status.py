@@ -427,6 +427,24 @@ def _destination_fields(d: Destination, view: DestinationView) -> tuple[dict, st
                     f"{fields.get('analyzerInterface', '?')}, {where}")
 
 
+def _limits_text(d: Destination) -> str:
+    """The destination's own copy limits (issue 15), for its Ready condition's message;
+    "" when it has none (every node's budget still applies: cn2mirror agent
+    --copy-budget-pps/--copy-budget-bps)."""
+    parts = []
+    if d.snap_length:
+        parts.append(f"cut to {d.snap_length} bytes after the Ethernet header")
+    if d.sampling > 1:
+        parts.append(f"1 packet in {d.sampling} copied (the rest counted as sampled_out)")
+    budget = ([f"{d.budget_pps} copies/s"] if d.budget_pps else []) + \
+        ([f"{d.budget_bps} bit/s"] if d.budget_bps else [])
+    if budget:
+        parts.append(f"at most {' and '.join(budget)} from each node (the rest not made, "
+                     "counted as rate_limited: cn2mirror show stats, metric "
+                     "cn2mirror_destination_dropped_packets_total{reason=\"rate_limited\"})")
+    return "; copies " + ", ".join(parts) if parts else ""
+
+
 def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]:
     """(object, the status it should have) for every MirrorDestination and policy.
 
@@ -449,6 +467,7 @@ def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]
             d = view.destinations.get(o.parsed.name)
             if d is not None and d.destination is not None:
                 fields, message = _destination_fields(d.destination, d)
+                message += _limits_text(d.destination)
                 if d.refused:  # labelled pods an admin did not allow: never chosen
                     message += "; not chosen as the analyzer: " + "; ".join(d.refused)
                 out.append((chosen, _status(chosen, True, "Resolved", message, fields)))
