@@ -131,12 +131,17 @@ def test_sampling_copies_one_packet_in_n_and_counts_the_rest(lab, node, one_in):
 
 # ------------------------------------------------------------------------- budgets
 BUDGETS = {
-    # name: (node budget, destination limits, frame size, offered packets/s)
-    "destination-pps": (CopyBudget(0, 0), {"budget_pps": 8_000}, 64, 30_000),
-    "destination-bps": (CopyBudget(0, 0), {"budget_bps": 40_000_000}, 500, 30_000),
-    "node-pps": (CopyBudget(8_000, 0), {}, 64, 30_000),
-    "node-bps": (CopyBudget(0, 40_000_000), {}, 500, 30_000),
+    # name: (node budget, destination limits, frame size)
+    "destination-pps": (CopyBudget(0, 0), {"budget_pps": 8_000}, 64),
+    "destination-bps": (CopyBudget(0, 0), {"budget_bps": 40_000_000}, 500),
+    "node-pps": (CopyBudget(8_000, 0), {}, 64),
+    "node-bps": (CopyBudget(0, 40_000_000), {}, 500),
 }
+# Steady traffic: one frame every 33 us (about 20,000/s here), two to three times each
+# budget. Not trafgen's -b: its rate comes from a TX ring flushed in bursts (5,000 frames
+# every 166 ms at -b 30000pps), and a budget is a policer, whose saved-up allowance
+# (100 ms of budget) is smaller than such a gap: it would rightly admit less.
+TRAFGEN_GAP = "33us"
 
 
 @pytest.mark.parametrize("case", sorted(BUDGETS))
@@ -145,7 +150,7 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
     delivered a second are within 10% of the budget (bits: the mirrored frames' bits);
     over the whole run every packet was copied or counted as rate_limited; production
     was not held back (every packet trafgen sent reached web)."""
-    budget, limits, frame, rate = BUDGETS[case]
+    budget, limits, frame = BUDGETS[case]
     mirror_all(lab, node, budget, **limits)
     limit_pps = limits.get("budget_pps") or budget.pps or \
         (limits.get("budget_bps") or budget.bps) / (8 * frame)
@@ -154,7 +159,7 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
     try:
         c0, (w0, a0) = dest_counters(node), sinks(lab)
         tg = procs.start(lab.pods["client"].netns, "trafgen", "--dev", "eth0", "--conf", conf,
-                         "-b", f"{rate}pps", "--cpus", "1", "--no-sock-mem", "--notouch-irq")
+                         "-t", TRAFGEN_GAP, "--cpus", "1", "--no-sock-mem", "--notouch-irq")
         time.sleep(0.5)
         assert tg.poll() is None, "trafgen exited"
         t0, (ww0, aa0) = time.monotonic(), sinks(lab)
@@ -173,14 +178,16 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
     made = c1.packets - c0.packets
     limited = c1.drops["rate_limited"] - c0.drops["rate_limited"]
     print(f"{case}: copies {copy_pps:,.0f}/s for a budget of {limit_pps:,.0f}/s; "
-          f"production {prod_pps:,.0f}/s offered {rate:,}/s; {made} made, {limited} "
+          f"production {prod_pps:,.0f}/s; {made} made, {limited} "
           f"rate_limited of {w1 - w0}")
     assert abs(copy_pps - limit_pps) <= 0.10 * limit_pps
-    assert prod_pps >= 0.95 * rate, "production was held back"
+    assert prod_pps >= 2 * limit_pps, "the traffic did not exceed the budget"
     assert sent is None or w1 - w0 >= sent - 10, f"web got {w1 - w0} of {sent}"
-    assert made + limited == w1 - w0, "a packet neither copied nor counted"
+    # Every packet copied or counted; the policy mirrors all of web's traffic, so the odd
+    # ARP exchange of web's (not in web's UDP sink) may add a decision or two.
+    assert 0 <= made + limited - (w1 - w0) <= 4, "a packet neither copied nor counted"
     assert a1 - a0 == made
-    assert limited > made  # the budget did bite
+    assert limited > 0.25 * (made + limited)  # the budget did bite
 
 
 def test_no_budget_copies_everything(lab, node):
