@@ -394,6 +394,23 @@ class DatapathCollector:
             info.add(1, {"object": obj, "reason": why[:200]})
         yield info
 
+    def destination_counters(self) -> dict:
+        """{MirrorDestination name: its CounterTotals on this node}; {} when nothing is
+        pinned (agent/status.py CopyCountReporter writes them into status)."""
+        from .pinned import NotPinned
+
+        with self._lock:
+            try:
+                maps = self._open()
+                return {entry["name"]: maps.counters("dest", slot)
+                        for slot, entry in sorted(self._names.get().destinations.items())
+                        if entry.get("name")}
+            except (NotPinned, OSError) as e:
+                log.debug("destination counters: %s", e)
+                return {}
+            finally:
+                self.close()
+
     def close(self) -> None:
         if self._maps is not None:
             with contextlib.suppress(Exception):

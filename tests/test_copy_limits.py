@@ -27,6 +27,9 @@ from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import NodeState
+from cn2mirror.agent.status import CopyCountReporter
+
+from .builders import md, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -188,6 +191,51 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
     assert 0 <= made + limited - (w1 - w0) <= 4, "a packet neither copied nor counted"
     assert a1 - a0 == made
     assert limited > 0.25 * (made + limited)  # the budget did bite
+
+
+def test_rate_limited_copies_reach_the_destinations_status(lab, node, emu):
+    """The node's counts of a destination's copies, rate_limited among them, land in
+    the MirrorDestination's status.copies.<node> through the real client against the
+    emulated API server; written again only when they change; the key goes when the
+    node no longer sends there."""
+    from kubernetes import client
+
+    from cn2mirror.agent.kube import KubeSource
+
+    mirror_all(lab, node, budget_pps=2_000)
+    conf = trafgen_conf(lab, 64)
+    try:
+        run_trafgen(lab, conf, 20_000, 10_000)
+        time.sleep(0.3)
+    finally:
+        os.unlink(conf)
+    counts = dest_counters(node)
+    assert counts.drops["rate_limited"] > 0 and counts.packets > 0
+    emu.apply(md(cm.ANALYZER, externalAnalyzer=True, analyzerIP="198.18.9.9"))
+    api = client.ApiClient(emu.configuration())
+    src = KubeSource(api, node_name="node1", debounce=0.01, backoff=(0.05, 0.3))
+    src.start(lambda s: None)
+    try:
+        wait_until(src.ready, 10, what="the source")
+        sent_to = {cm.ANALYZER: counts}
+        reporter = CopyCountReporter(api, src, "node1", lambda: sent_to)
+        assert reporter.report(src.snapshot()) == 1
+        status = emu.read(md(cm.ANALYZER)["apiVersion"], "MirrorDestination",
+                          cm.ANALYZER).get("status") or {}
+        got = status["copies"]["node1"]
+        assert (got["copied"], got["rateLimited"], got["sampledOut"]) == (
+            counts.packets, counts.drops["rate_limited"], 0)
+        assert reporter.report(src.snapshot()) == 0  # unchanged: not written again
+        sent_to.clear()  # the node no longer sends there
+        wait_until(lambda: "node1" in ((src.snapshot().destinations[0].get("status") or {})
+                                       .get("copies") or {}), 5, what="the watch")
+        assert reporter.report(src.snapshot()) == 1
+        status = emu.read(md(cm.ANALYZER)["apiVersion"], "MirrorDestination",
+                          cm.ANALYZER).get("status") or {}
+        assert "node1" not in (status.get("copies") or {})
+    finally:
+        src.stop()
+        api.close()
 
 
 def test_no_budget_copies_everything(lab, node):

@@ -499,7 +499,28 @@ def md_status() -> dict[str, Any]:
         "mode": string(enum=[m.value for m in DeliveryMode]),
         "observedGeneration": {"type": "integer", "minimum": 0},
         "conditions": conditions(),
+        "copies": {
+            "type": "object",
+            "description": ("Each node's counts of the copies it made for this destination "
+                            "since it got a slot there, keyed by node name; written by "
+                            "that node (agent/status.py CopyCountReporter)."),
+            "additionalProperties": obj({
+                "copied": count("Copies sent."),
+                "bytes": count("Bytes of the copies, before the wrap."),
+                "rateLimited": count("Copies not made: over a copy budget."),
+                "sampledOut": count("Copies not made: left out by sampling."),
+                "truncated": count("Copies cut (snap length, or to fit the path)."),
+                "dropped": count("Copies lost for any other reason (show stats says "
+                                 "which)."),
+                "updated": string("When the node read these counts.",
+                                  format="date-time"),
+            }),
+        },
     })
+
+
+def count(description: str) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "description": description}
 
 
 def policy_status() -> dict[str, Any]:
