@@ -338,11 +338,21 @@ SAMPLING_MAX = 1 << 24
 BUDGET_PPS_MAX = 1 << 32  # 4 G copies/s: no limit in practice
 BUDGET_BPS_MIN = 1000  # below it a 64 KB super-packet's cost would overflow the clock
 BUDGET_BPS_MAX = 1 << 50
-# The node's default budget: enough for a copy of every packet of a busy pod, low enough
-# that under a mirror-everything policy the copies' CPU stays well below the node's
-# (benchmarks/throughput.py measures it: cn2m_flow_all against cn2m_flow_all_unlimited).
-DEFAULT_NODE_COPY_PPS = 200_000
-DEFAULT_NODE_COPY_BPS = 2_000_000_000
+# The node's default budget, per CPU of the node (copies cost CPU in softirq, on every
+# CPU whatever the agent's own limits): under a mirror-everything policy of 64-byte UDP
+# on this 2-CPU machine, 25,000/s per CPU kept production at 0.84 of no mirroring (0.58
+# with no budget, 0.80 with tc mirred; benchmarks/throughput.py, cn2m_flow_all_budget*).
+DEFAULT_NODE_COPY_PPS_PER_CPU = 25_000
+DEFAULT_NODE_COPY_BPS_PER_CPU = 500_000_000
+
+
+def default_node_copy_budget(cpus: int | None = None) -> tuple[int, int]:
+    """(copies/s, bits/s): the node's default copy budget for ``cpus`` CPUs (this
+    machine's when None)."""
+    import os
+
+    n = cpus or os.cpu_count() or 1
+    return n * DEFAULT_NODE_COPY_PPS_PER_CPU, n * DEFAULT_NODE_COPY_BPS_PER_CPU
 
 
 class CopyLimits(C.Structure):

@@ -60,8 +60,8 @@ class ResolvedDestination:
 class CopyBudget:
     """The node's copy budget (slot COPY_LIMITS_NODE of copy_limits); 0: no limit."""
 
-    pps: int = L.DEFAULT_NODE_COPY_PPS
-    bps: int = L.DEFAULT_NODE_COPY_BPS
+    pps: int = field(default_factory=lambda: L.default_node_copy_budget()[0])
+    bps: int = field(default_factory=lambda: L.default_node_copy_budget()[1])
 
 
 def copy_limits_of(d: Destination) -> dict[str, int]:

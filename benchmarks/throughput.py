@@ -13,7 +13,9 @@ interface, every packet, to the analyzer pod on the same node:
   cn2m_flow_all    cn2mirror, a policy matching every flow: jmirror copies (no copy
                    budget: every packet copied)
   cn2m_flow_all_budget  the same within the node's default copy budget
-                   (layout.DEFAULT_NODE_COPY_PPS/_BPS): copies over it not made, counted
+                   (layout.default_node_copy_budget): copies over it not made, counted
+  cn2m_flow_all_budget_<N>k  the same within a node budget of N thousand copies/s: how
+                   much production a lower budget buys back
   cn2m_port_all    cn2mirror, port mirroring (annotation) both ways: jmirror copies
   tc_mirred        tc u32 match-all + mirred egress mirror to the analyzer's veth
   nft_dup          nftables `dup to <analyzer> device <its veth>` in postrouting
@@ -43,11 +45,15 @@ from cn2mirror.agent.state import Direction
 
 from . import common as cm
 
+BUDGET_SWEEP = ("cn2m_flow_all_budget_25k", "cn2m_flow_all_budget_50k",
+                "cn2m_flow_all_budget_100k")
 SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
-             "cn2m_port_all", "tc_mirred", "nft_dup", "iptables_tee", "userspace")
+             *BUDGET_SWEEP, "cn2m_port_all", "tc_mirred", "nft_dup", "iptables_tee",
+             "userspace")
 QUICK_SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
                    "tc_mirred")
-CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget", "cn2m_port_all")
+CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget", *BUDGET_SWEEP,
+        "cn2m_port_all")
 
 USERSPACE_COPIER = r"""
 import socket, sys
@@ -97,8 +103,10 @@ class Bench:
             self.node.apply(cm.state(self.lab, [cm.match_nothing_policy()]))
         elif name == "cn2m_flow_all":
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
-        elif name == "cn2m_flow_all_budget":
-            self.node.copy_budget = CopyBudget()  # the node's default budget
+        elif name.startswith("cn2m_flow_all_budget"):
+            # The node's default budget, or N thousand copies/s (no bit budget).
+            k = name.removeprefix("cn2m_flow_all_budget").strip("_").removesuffix("k")
+            self.node.copy_budget = CopyBudget(int(k) * 1000, 0) if k else CopyBudget()
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
         elif name == "cn2m_port_all":
             self.node.apply(cm.state(self.lab, port_mirror=Direction.BOTH))
@@ -363,12 +371,19 @@ def budget_summary(s: dict) -> dict:
            "prod_ratio_tc_mirred": ratio("tc_mirred"),
            "copy_pps_default_budget": s.get("cn2m_flow_all_budget", {}).get(
                "copy_pps", {}).get("median")}
-    fmt = {k: "-" if v is None else f"{v:.2f}" for k, v in out.items()}
+    out["sweep"] = {name.rsplit("_", 1)[1]: {
+        "prod_ratio": ratio(name),
+        "copy_pps": s.get(name, {}).get("copy_pps", {}).get("median")}
+        for name in BUDGET_SWEEP if name in s}
+    fmt = {k: "-" if not isinstance(v, int | float) else f"{v:.2f}" for k, v in out.items()}
     out["text"] = (f"mirror everything, production vs none: default budget "
                    f"({out['default_pps']:,} copies/s, {out['default_bps'] / 1e9:g} Gbit/s) "
                    f"{fmt['prod_ratio_default_budget']}, no budget "
                    f"{fmt['prod_ratio_unlimited']}, tc mirred {fmt['prod_ratio_tc_mirred']}; "
-                   f"copies/s within the budget {out['copy_pps_default_budget'] or 0:,.0f}")
+                   f"copies/s within the budget {out['copy_pps_default_budget'] or 0:,.0f}"
+                   + "".join(f"; budget {k}/s: production {v['prod_ratio']:.2f}, copies "
+                             f"{v['copy_pps'] or 0:,.0f}/s" for k, v in out["sweep"].items()
+                             if v["prod_ratio"] is not None))
     return out
 
 

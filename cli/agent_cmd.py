@@ -103,14 +103,16 @@ def _source_options(f):
               default=D.DEFAULT_MAX_FLOW_DESTS, show_default=True,
               help="Most copies of one flow (the vRouter allows 2).")
 @click.option("--copy-budget-pps", type=click.IntRange(0, layout.BUDGET_PPS_MAX),
-              default=layout.DEFAULT_NODE_COPY_PPS, show_default=True, metavar="N",
+              default=layout.default_node_copy_budget()[0], show_default=True, metavar="N",
               help="The node's copy budget: most copies a second over all destinations "
                    "(a GSO super-packet counts as its segments); copies over it are not made "
-                   "and are counted as rate_limited (0: no limit).")
+                   "and are counted as rate_limited (0: no limit). Default: "
+                   f"{layout.DEFAULT_NODE_COPY_PPS_PER_CPU:,} per CPU of the node.")
 @click.option("--copy-budget-bps", type=click.IntRange(0, layout.BUDGET_BPS_MAX),
-              default=layout.DEFAULT_NODE_COPY_BPS, show_default=True, metavar="N",
+              default=layout.default_node_copy_budget()[1], show_default=True, metavar="N",
               help="The node's copy budget in bits a second of mirrored packets (0: no "
-                   f"limit; else at least {layout.BUDGET_BPS_MIN}).")
+                   f"limit; else at least {layout.BUDGET_BPS_MIN}). Default: "
+                   f"{layout.DEFAULT_NODE_COPY_BPS_PER_CPU // 1_000_000:,} Mbit/s per CPU.")
 @click.option("--uplink", metavar="IFNAME",
               help="The interface NIC-assisted (VLAN) copies leave on.")
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",

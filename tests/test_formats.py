@@ -32,6 +32,7 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import Lab
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
@@ -88,7 +89,7 @@ def lab():
 @pytest.fixture
 def node(lab):
     pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns)
+    n = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=CopyBudget(0, 0))
     n.start()
     try:
         yield n
