@@ -140,7 +140,7 @@ BUDGETS = {
     "node-pps": (CopyBudget(8_000, 0), {}, 64),
     "node-bps": (CopyBudget(0, 40_000_000), {}, 500),
 }
-# Steady traffic: one frame every 33 us (about 20,000/s here), two to three times each
+# Steady traffic: one frame every 33 us (about 20,000/s here), about twice each
 # budget. Not trafgen's -b: its rate comes from a TX ring flushed in bursts (5,000 frames
 # every 166 ms at -b 30000pps), and a budget is a policer, whose saved-up allowance
 # (100 ms of budget) is smaller than such a gap: it would rightly admit less.
@@ -184,7 +184,7 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
           f"production {prod_pps:,.0f}/s; {made} made, {limited} "
           f"rate_limited of {w1 - w0}")
     assert abs(copy_pps - limit_pps) <= 0.10 * limit_pps
-    assert prod_pps >= 2 * limit_pps, "the traffic did not exceed the budget"
+    assert prod_pps >= 1.5 * limit_pps, "the traffic did not exceed the budget"
     assert sent is None or w1 - w0 >= sent - 10, f"web got {w1 - w0} of {sent}"
     # Every packet copied or counted; the policy mirrors all of web's traffic, so the odd
     # ARP exchange of web's (not in web's UDP sink) may add a decision or two.
