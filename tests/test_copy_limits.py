@@ -98,6 +98,13 @@ def run_trafgen(lab, conf: str, rate: int, count: int) -> int:
     return sent
 
 
+# The policy mirrors all of web's traffic, and web's own background packets (ARP, IPv6
+# neighbour and multicast-listener messages: not in web's UDP sink) may add a decision
+# or two to the counters during a run; a packet neither copied nor counted would show as
+# fewer decisions than packets, which is never allowed.
+BACKGROUND = 4
+
+
 def sinks(lab) -> tuple[int, int]:
     return (cm.sink_count(lab.pods["web"].netns), cm.sink_count(lab.pods["analyzer"].netns))
 
@@ -122,7 +129,7 @@ def test_sampling_copies_one_packet_in_n_and_counts_the_rest(lab, node, one_in):
     made = c1.packets - c0.packets
     sampled_out = c1.sampled_out - c0.sampled_out
     assert seen >= 39_000, f"production lost packets: {seen} of 40000 reached web"
-    assert made + sampled_out == seen
+    assert 0 <= made + sampled_out - seen <= BACKGROUND
     expected, p = seen / one_in, 1 / one_in
     tolerance = 5 * (seen * p * (1 - p)) ** 0.5
     assert abs(made - expected) <= tolerance, (made, expected, tolerance)
@@ -186,9 +193,7 @@ def test_copy_budget_holds_copies_to_the_limit_and_production_goes_on(lab, node,
     assert abs(copy_pps - limit_pps) <= 0.10 * limit_pps
     assert prod_pps >= 1.5 * limit_pps, "the traffic did not exceed the budget"
     assert sent is None or w1 - w0 >= sent - 10, f"web got {w1 - w0} of {sent}"
-    # Every packet copied or counted; the policy mirrors all of web's traffic, so the odd
-    # ARP exchange of web's (not in web's UDP sink) may add a decision or two.
-    assert 0 <= made + limited - (w1 - w0) <= 4, "a packet neither copied nor counted"
+    assert 0 <= made + limited - (w1 - w0) <= BACKGROUND, "a packet neither copied nor counted"
     assert a1 - a0 == made
     assert limited > 0.25 * (made + limited)  # the budget did bite
 
@@ -224,7 +229,7 @@ def test_rate_limited_copies_reach_the_destinations_status(lab, node, emu):
                           cm.ANALYZER).get("status") or {}
         got = status["copies"]["node1"]
         assert (got["copied"], got["rateLimited"], got["sampledOut"]) == (
-            counts.packets, counts.drops["rate_limited"], 0)
+            counts.packets, counts.drops["rate_limited"], counts.sampled_out)
         assert reporter.report(src.snapshot()) == 0  # unchanged: not written again
         sent_to.clear()  # the node no longer sends there
         wait_until(lambda: "node1" in ((src.snapshot().destinations[0].get("status") or {})
