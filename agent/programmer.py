@@ -559,6 +559,10 @@ class MapWriter:
             before = self.owners.get(m, {}).get(k)
             return before is None or before != owners.get(m, {}).get(k)
 
+        def given_to_another(m: str, k: bytes) -> bool:
+            before = self.owners.get(m, {}).get(k)  # unknown for adopted slots: kept
+            return before is not None and before != owners.get(m, {}).get(k)
+
         def remove_stale(m: str) -> int:
             want, have = p.maps[m], self.written[m]
             n = 0
@@ -593,6 +597,11 @@ class MapWriter:
                     self.maps[m].update(k, v)
                     have[k] = v
                     changes += 1
+                elif given_to_another(m, k):
+                    # The same bytes for another object (two destinations to one analyzer,
+                    # one after the other): nothing to write, but the counters are the
+                    # old object's.
+                    self._reset_stats(m, k, stats)
         # ...then what is no longer wanted, interfaces first (they reference the rest).
         for m in reversed(WRITE_ORDER):
             if p.maps[m] is applied.get(m):
