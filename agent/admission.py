@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .layout import BUDGET_BPS_MIN, SNAP_LENGTH_MIN
 from .model import MIRROR_KINDS
 
 
@@ -93,6 +94,9 @@ CEL_TWINS: dict[str, Callable[[Any], bool]] = {
         lambda s: bool({"podSelector", "namespaceSelector", "ipBlock"} & set(s)),
     "!has(self.ipBlock) || (!has(self.podSelector) && !has(self.namespaceSelector))":
         lambda s: "ipBlock" not in s or not ({"podSelector", "namespaceSelector"} & set(s)),
+    # Copy limits (issue 15): snapLength and copyBudget.bitsPerSecond, 0 or a minimum.
+    f"self == 0 || self >= {SNAP_LENGTH_MIN}": lambda s: s == 0 or s >= SNAP_LENGTH_MIN,
+    f"self == 0 || self >= {BUDGET_BPS_MIN}": lambda s: s == 0 or s >= BUDGET_BPS_MIN,
     "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
     "(!has(self.values) || size(self.values) == 0)":
         lambda s: bool(s.get("values")) if s["operator"] in ("In", "NotIn")

@@ -391,6 +391,16 @@ def _how_to_allow(md: MirrorDestination) -> str:
 
 def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | str:
     """The destination as this node sends to it, or why it cannot."""
+    d = _resolve_target(md, world, node)
+    if isinstance(d, str):
+        return d
+    # The copy limits apply whatever the mode (issue 15).
+    return replace(d, snap_length=md.snap_length, sampling=md.sampling,
+                   budget_pps=md.budget_pps, budget_bps=md.budget_bps)
+
+
+def _resolve_target(md: MirrorDestination, world: _World, node: str) -> Destination | str:
+    """Where the destination's copies go from this node, or why they cannot."""
     mode = md.mode
     if mode is DeliveryMode.VXLAN:
         hop = md.static_next_hop

@@ -27,4 +27,7 @@ DEFAULT_LEASE_NAME = "cn2mirror-status"  # elects the agent that writes status a
 DEFAULT_LEASE_DURATION = 15.0
 DEFAULT_RENEW_DEADLINE = 10.0
 DEFAULT_RETRY_PERIOD = 2.0
+# How often each node writes its counts of the copies to each MirrorDestination into that
+# object's status.copies.<node> (agent/status.py CopyCountReporter), when they changed.
+DEFAULT_COPY_COUNTS_INTERVAL = 30.0
 DEFAULT_METRICS_ADDRESS = ":9464"  # no host: 127.0.0.1 (agent/metrics.py parse_address)

@@ -124,6 +124,7 @@ class Drop(enum.IntEnum):
     REDIRECT_FAILED = 6
     FOREIGN = 7  # something on the mirror port that was not one of our clones
     RX_BLOCKED = 8  # incoming traffic on the analyzer port (dropped by XDP)
+    RATE_LIMITED = 9  # over its destination's or the node's copy budget: not made (issue 15)
 
 
 N_DROPS = len(Drop)
@@ -310,6 +311,8 @@ class Counters(C.Structure):
         ("gso_wrapped", u64),  # GSO super-packets wrapped once (their segments in packets)
         ("gso_by_segment", u64),  # super-packets that could not be (UDP GSO, already
         #   encapsulated, too large to fit): segmented first, wrapped segment by segment
+        ("sampled_out", u64),  # copies not made by the destination's 1:N sampling (by
+        #   design, so not among the drops)
     ]
 
 
@@ -330,6 +333,84 @@ class Config(C.Structure):
         ("flags", u32),
         ("pad", u32),
     ]
+
+
+# ---------------------------------------------------------------------------- copy limits
+# Snap length, sampling and copy budgets (issue 15), checked by the classifier before it
+# makes a copy (bpf/copy_limits.h; the snap length by the wrapper). One entry per
+# destination slot; slot 0 (no destination has it) holds the node's budget.
+COPY_LIMITS_NODE = 0
+BUDGET_COST_SHIFT = 16  # costs are nanoseconds of budget in 16.16 fixed point
+BUDGET_BURST_NS = 100_000_000  # how much unused budget may be saved up: 100 ms of it
+SNAP_LENGTH_MIN = 64  # bytes after the Ethernet header: room for IPv6 + TCP headers
+SNAP_LENGTH_MAX = 65535
+SAMPLING_MAX = 1 << 24
+BUDGET_PPS_MAX = 1 << 32  # 4 G copies/s: no limit in practice
+BUDGET_BPS_MIN = 1000  # below it a 64 KB super-packet's cost would overflow the clock
+BUDGET_BPS_MAX = 1 << 50
+# The node's default budget, per CPU of the node (copies cost CPU in softirq, on every
+# CPU whatever the agent's own limits): under a mirror-everything policy of 64-byte UDP
+# on this 2-CPU machine, 25,000/s per CPU kept production at 0.84 of no mirroring (0.58
+# with no budget, 0.80 with tc mirred; benchmarks/throughput.py, cn2m_flow_all_budget*).
+DEFAULT_NODE_COPY_PPS_PER_CPU = 25_000
+DEFAULT_NODE_COPY_BPS_PER_CPU = 500_000_000
+
+
+def default_node_copy_budget(cpus: int | None = None) -> tuple[int, int]:
+    """(copies/s, bits/s): the node's default copy budget for ``cpus`` CPUs (this
+    machine's when None)."""
+    import os
+
+    n = cpus or os.cpu_count() or 1
+    return n * DEFAULT_NODE_COPY_PPS_PER_CPU, n * DEFAULT_NODE_COPY_BPS_PER_CPU
+
+
+class CopyLimits(C.Structure):
+    """What a destination's copies (or, in slot COPY_LIMITS_NODE, all the node's) may
+    take. Zero everywhere: no limit."""
+
+    _fields_ = [
+        ("sample_every", u32),  # one packet in N is copied (chosen at random); 0, 1: all
+        ("snap_length", u32),  # copies cut to this many bytes after the Ethernet header
+        ("packet_cost", u64),  # budget one copy takes: ns << BUDGET_COST_SHIFT; 0: none
+        ("byte_cost", u64),  # budget one byte takes: ns << BUDGET_COST_SHIFT; 0: none
+        ("burst_ns", u64),  # how far behind real time the budget clocks may fall
+    ]
+
+
+class CopyBudgetClock(C.Structure):
+    """A token bucket as a virtual clock (GCRA): each copy made moves it on by its cost;
+    a copy is made only while the clock is not ahead of real time. Shared by every CPU
+    (atomic adds), so the budget is the node's whatever CPU the traffic lands on."""
+
+    _fields_ = [
+        ("packet_ns", u64),  # ktime_get_ns() the packet budget is spent up to
+        ("byte_ns", u64),
+    ]
+
+
+def budget_cost(per_second: int, unit: int = 1) -> int:
+    """The 16.16 nanoseconds one unit (a packet; a byte = 8 bits) takes of a budget of
+    ``per_second`` units (packets or bits) a second; 0 when there is no budget."""
+    if not per_second:
+        return 0
+    return (unit * 1_000_000_000 << BUDGET_COST_SHIFT) // per_second
+
+
+def copy_limits_entry(sample_every: int = 0, snap_length: int = 0, pps: int = 0,
+                      bps: int = 0) -> CopyLimits:
+    e = CopyLimits()
+    e.sample_every = sample_every if sample_every > 1 else 0
+    e.snap_length = snap_length
+    e.packet_cost = budget_cost(pps)
+    e.byte_cost = budget_cost(bps, 8)
+    e.burst_ns = BUDGET_BURST_NS if (pps or bps) else 0
+    # A burst must hold one whole copy of a 64 KB super-packet, or it would never pass.
+    if e.byte_cost:
+        e.burst_ns = max(e.burst_ns, 2 * ((65536 * e.byte_cost) >> BUDGET_COST_SHIFT))
+    if e.packet_cost:
+        e.burst_ns = max(e.burst_ns, 2 * ((64 * e.packet_cost) >> BUDGET_COST_SHIFT))
+    return e
 
 
 # skb->cb[] word in which a pod-side stub hands the pod's host-side ifindex to
@@ -508,6 +589,10 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         # The IPv6 UDP checksum's buffer (the wrapper's own: nothing else reads it).
         MapSpec("csum_scratch", "percpu_array", u32, CsumBuf, 1, pin=NOT_PINNED),
         MapSpec("encap_scratch", "percpu_array", u32, EncapBuf, 1, pin=NOT_PINNED),
+        # Snap length, sampling and budgets per destination slot, the node's in slot 0;
+        # and the budgets' clocks, written by the datapath only (issue 15).
+        MapSpec("copy_limits", "array", u32, CopyLimits, MAX_DESTINATIONS),
+        MapSpec("copy_budget", "array", u32, CopyBudgetClock, MAX_DESTINATIONS),
     )
 
 
@@ -606,6 +691,8 @@ _STRUCT_NAMES = {
     EvalScratch: "eval_scratch",
     CsumBuf: "csum_buf",
     EncapBuf: "encap_buf",
+    CopyLimits: "copy_limits_entry",
+    CopyBudgetClock: "copy_budget_clock",
     FlowTableStats: "flow_table_stats",
 }
 _FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
@@ -667,6 +754,8 @@ def c_constants() -> dict[str, object]:
         "GENEVE_OPT_DATA_OFF": GENEVE_OPT_DATA_OFF,
         "VXLAN_VNI_OFF": VXLAN_VNI_OFF,
         "CSUM_CHUNK": CSUM_CHUNK,
+        "COPY_LIMITS_NODE": COPY_LIMITS_NODE,
+        "BUDGET_COST_SHIFT": BUDGET_COST_SHIFT,
     }
     for enum_cls, prefix in ((Mode, "MODE_"), (Dir, "DIR_"), (Drop, "DROP_"),
                              (EncapFormat, "FORMAT_")):

@@ -288,7 +288,11 @@ class ProcessCollector:
 COUNTER_HELP = {
     "packets": ("mirrored_packets_total", "Copies delivered to the analyzer."),
     "bytes": ("mirrored_bytes_total", "Bytes of the copies delivered (after truncation)."),
-    "truncated": ("truncated_packets_total", "Copies cut to fit the path to the analyzer."),
+    "truncated": ("truncated_packets_total",
+                  "Copies cut to fit the path to the analyzer or to the snap length."),
+    "sampled_out": ("sampled_out_packets_total",
+                    "Copies not made by the destination's 1:N sampling (issue 15); copies "
+                    "over a copy budget are the dropped reason rate_limited."),
     "fragmented": ("fragmented_packets_total",
                    "Copies too large for the path sent whole in outer IPv4 fragments."),
     "cloned": ("cloned_packets_total", "Packets cloned towards the mirror port."),
@@ -405,6 +409,23 @@ class DatapathCollector:
         for obj, why in sorted(names.problems.items()):
             info.add(1, {"object": obj, "reason": why[:200]})
         yield info
+
+    def destination_counters(self) -> dict:
+        """{MirrorDestination name: its CounterTotals on this node}; {} when nothing is
+        pinned (agent/status.py CopyCountReporter writes them into status)."""
+        from .pinned import NotPinned
+
+        with self._lock:
+            try:
+                maps = self._open()
+                return {entry["name"]: maps.counters("dest", slot)
+                        for slot, entry in sorted(self._names.get().destinations.items())
+                        if entry.get("name")}
+            except (NotPinned, OSError) as e:
+                log.debug("destination counters: %s", e)
+                return {}
+            finally:
+                self.close()
 
     def close(self) -> None:
         if self._maps is not None:

@@ -20,6 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .layout import (
+    BUDGET_BPS_MAX,
+    BUDGET_BPS_MIN,
+    BUDGET_PPS_MAX,
+    SAMPLING_MAX,
+    SNAP_LENGTH_MAX,
+    SNAP_LENGTH_MIN,
+)
 from .protocols import API_NUMBERS
 from .state import (
     CN2_DEFAULT_UDP_PORT,
@@ -84,6 +92,12 @@ ANN_COPY_TOO_LARGE = "cn2mirror.io/copy-too-large"
 # CN2's, this annotation: a format name ("erspan3") or the same object as JSON
 # ('{"format": "geneve", "vni": 7}').
 ANN_ENCAPSULATION = "cn2mirror.io/encapsulation"
+# Copy limits (issue 15): spec.snapLength, spec.sampling, spec.copyBudget
+# {packetsPerSecond, bitsPerSecond} in this project's group; these annotations in CN2's.
+ANN_SNAP_LENGTH = "cn2mirror.io/snap-length"
+ANN_SAMPLING = "cn2mirror.io/sampling"
+ANN_BUDGET_PPS = "cn2mirror.io/copy-budget-pps"
+ANN_BUDGET_BPS = "cn2mirror.io/copy-budget-bps"
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
 # Who decides where copies go (issue 11). Namespaces and MirrorDestinations are
 # cluster-scoped, so only cluster admins write these; a pod's owner writes its pods'
@@ -174,6 +188,10 @@ class MirrorDestination:
     copy_too_large: str = OVERSIZE_FRAGMENT  # a copy too large for the path: fragment, truncate
     # The output format of routed copies (spec.encapsulation or ANN_ENCAPSULATION).
     encapsulation: Encapsulation = field(default_factory=Encapsulation)
+    snap_length: int = 0  # copies cut to this many bytes after the Ethernet header; 0: whole
+    sampling: int = 1  # one packet in N copied, chosen at random per packet
+    budget_pps: int = 0  # copies a second to this destination; 0: only the node's budget
+    budget_bps: int = 0  # bits a second of mirrored packets; 0: only the node's budget
 
     @property
     def mode(self) -> DeliveryMode:
@@ -503,6 +521,7 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         _enum(segments, SEGMENTS_CHOICES, f"metadata.annotations[{ANN_COPY_SEGMENTS}]")
         too_large = notes.get(ANN_COPY_TOO_LARGE, OVERSIZE_FRAGMENT)
         _enum(too_large, OVERSIZE_CHOICES, f"metadata.annotations[{ANN_COPY_TOO_LARGE}]")
+    limits = _copy_limits(spec, meta, api_version.startswith(GROUP + "/"))
 
     static = None
     if "staticNextHopHeader" in spec:
@@ -549,6 +568,7 @@ def parse_mirror_destination(obj: Mapping[str, Any]) -> MirrorDestination:
         copy_segments=segments,
         copy_too_large=too_large,
         encapsulation=encap,
+        **limits,
     )
 
 
@@ -595,6 +615,48 @@ def _annotated_encapsulation(value: Any) -> Encapsulation:
     except ValueError as e:
         raise _fail(where, f"invalid JSON: {e}") from None
     return _encapsulation(data, where)
+
+
+def _copy_limits(spec: Mapping[str, Any], meta: Mapping[str, Any], own_group: bool
+                 ) -> dict[str, int]:
+    """Snap length, sampling and copy budget (issue 15): fields of this project's group,
+    annotations (decimal integers) of CN2's, whose own fields stay CN2's."""
+    if own_group:
+        p = "spec"
+        budget = _mapping(spec.get("copyBudget"), "spec.copyBudget")
+        values = {
+            "snap_length": (_typed(spec, "snapLength", p, int, 0), "spec.snapLength"),
+            "sampling": (_typed(spec, "sampling", p, int, 1), "spec.sampling"),
+            "budget_pps": (_typed(budget, "packetsPerSecond", "spec.copyBudget", int, 0),
+                           "spec.copyBudget.packetsPerSecond"),
+            "budget_bps": (_typed(budget, "bitsPerSecond", "spec.copyBudget", int, 0),
+                           "spec.copyBudget.bitsPerSecond"),
+        }
+    else:
+        notes = _string_map(meta.get("annotations"), "metadata.annotations")
+        values = {}
+        for attr, ann, default in (("snap_length", ANN_SNAP_LENGTH, 0),
+                                   ("sampling", ANN_SAMPLING, 1),
+                                   ("budget_pps", ANN_BUDGET_PPS, 0),
+                                   ("budget_bps", ANN_BUDGET_BPS, 0)):
+            where = f"metadata.annotations[{ann}]"
+            raw = notes.get(ann)
+            if raw is None:
+                values[attr] = (default, where)
+            elif not re.fullmatch(r"[0-9]{1,20}", raw.strip()):
+                raise _fail(where, f"must be a decimal integer, not {raw!r}")
+            else:
+                values[attr] = (int(raw.strip()), where)
+    snap, where = values["snap_length"]
+    if snap:
+        _in_range(snap, SNAP_LENGTH_MIN, SNAP_LENGTH_MAX, where)
+    _in_range(values["sampling"][0], 1, SAMPLING_MAX, values["sampling"][1])
+    pps, where = values["budget_pps"]
+    _in_range(pps, 0, BUDGET_PPS_MAX, where)
+    bps, where = values["budget_bps"]
+    if bps:
+        _in_range(bps, BUDGET_BPS_MIN, BUDGET_BPS_MAX, where)
+    return {k: v for k, (v, _) in values.items()}
 
 
 def _namespace_name(value: Any, path: str) -> str:

@@ -18,7 +18,17 @@ from .datapath import Datapath, DatapathError
 from .defaults import DEFAULT_ATTACH_MODE
 from .discovery import NodeTables, Placement
 from .netns import iproute
-from .programmer import TRIES, MapWriteError, MapWriter, Plan, PlanError, Planner, copy_fit_flags
+from .programmer import (
+    TRIES,
+    CopyBudget,
+    MapWriteError,
+    MapWriter,
+    Plan,
+    PlanError,
+    Planner,
+    copy_fit_flags,
+    copy_limits_of,
+)
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -119,7 +129,8 @@ class Node:
     def __init__(self, pin_root: str, netns: str | None = None,
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
                  uplink: str | None = None, attach_mode: str = DEFAULT_ATTACH_MODE,
-                 pod_side: bool = False, limits: Limits | None = None):
+                 pod_side: bool = False, limits: Limits | None = None,
+                 copy_budget: CopyBudget | None = None):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.datapath.set_attach_mode(attach_mode)
         # The to-pod direction classified inside each pod (for bpf_redirect_peer CNIs).
@@ -128,6 +139,8 @@ class Node:
         self._unrepairable: dict[str, str] = {}  # what -> why (said once)
         self.uplink = uplink
         self.limits = limits or Limits()  # per-namespace limits; capacities at start()
+        # The node's copy budget (issue 15): the default unless the agent was told.
+        self.copy_budget = copy_budget if copy_budget is not None else CopyBudget()
         self.writer: MapWriter | None = None
         self.planner = Planner()  # keeps the tries from plan to plan
         self.attached: dict[int, str] = {}  # ifindex -> interface key
@@ -180,7 +193,7 @@ class Node:
                 pm.destination for i in state.interfaces for pm in i.port_mirrors}
             for d in state.destinations:
                 r = tables.resolve_destination(d, self.uplink)
-                r = dataclasses.replace(r, fit_flags=copy_fit_flags(d))
+                r = dataclasses.replace(r, fit_flags=copy_fit_flags(d), **copy_limits_of(d))
                 if d.name in used and self._gso_handoff(tables, d, r):
                     r = dataclasses.replace(r, fit_flags=r.fit_flags | layout.DEST_GSO_HANDOFF)
                 resolved[d.name] = r
@@ -202,7 +215,8 @@ class Node:
 
         def fitted_plan(state: NodeState) -> tuple[NodeState, Plan]:
             try:
-                p = self.planner.plan(state, ifindexes, resolved, ifslots)
+                p = self.planner.plan(state, ifindexes, resolved, ifslots,
+                                      self.copy_budget)
                 self.writer.check_capacity(p)
                 return state, p
             except PlanError:
@@ -212,7 +226,8 @@ class Node:
             problems.update(rejected)
             for key in [k for k in ifindexes if state.interface(k) is None]:
                 del ifindexes[key]  # a pod left out is not attached either
-            return state, self.planner.plan(state, ifindexes, resolved, ifslots)
+            return state, self.planner.plan(state, ifindexes, resolved, ifslots,
+                                            self.copy_budget)
 
         try:
             state, p = fitted_plan(state)
@@ -235,7 +250,7 @@ class Node:
             self.attached[idx] = key
             attached.append(key)
         if any(k not in ifindexes for k in p.ifslots):
-            p = self.planner.plan(state, ifindexes, resolved, ifslots)
+            p = self.planner.plan(state, ifindexes, resolved, ifslots, self.copy_budget)
         try:
             changes = self.writer.apply(p)
         except PlanError as e:

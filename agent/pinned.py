@@ -16,7 +16,7 @@ from . import layout as L
 from .bpfsys import BpfMap, map_info
 
 COUNTER_FIELDS = ("cloned", "packets", "bytes", "truncated", "fragmented", "gso_wrapped",
-                  "gso_by_segment")
+                  "gso_by_segment", "sampled_out")
 
 
 class NotPinned(FileNotFoundError):
@@ -32,13 +32,14 @@ class CounterTotals:
     fragmented: int = 0  # copies sent whole, in outer IPv4 fragments
     gso_wrapped: int = 0  # super-packets wrapped once (their segments are in packets)
     gso_by_segment: int = 0  # super-packets segmented first, wrapped one by one
+    sampled_out: int = 0  # copies not made by the destination's sampling (issue 15)
     drops: dict[str, int] | None = None
 
     def as_dict(self) -> dict:
         return {"cloned": self.cloned, "packets": self.packets, "bytes": self.bytes,
                 "truncated": self.truncated, "fragmented": self.fragmented,
                 "gso_wrapped": self.gso_wrapped, "gso_by_segment": self.gso_by_segment,
-                "drops": dict(self.drops or {})}
+                "sampled_out": self.sampled_out, "drops": dict(self.drops or {})}
 
 
 @dataclass

@@ -22,8 +22,8 @@ from .state import Destination, Direction, EndpointSet, NodeState, PortRange
 log = logging.getLogger(__name__)
 
 MANAGED_MAPS = ("interfaces", "sessions", "rules", "destinations", "src_v4", "dst_v4",
-                "src_v6", "dst_v6", "ports", "analyzers", "encaps")
-ARRAY_MAPS = ("sessions", "rules", "destinations", "encaps")  # entries are zeroed, not deleted
+                "src_v6", "dst_v6", "ports", "analyzers", "encaps", "copy_limits")
+ARRAY_MAPS = ("sessions", "rules", "destinations", "encaps", "copy_limits")  # zeroed, not deleted
 # A slot whose entry changes or goes away starts its counters again at zero, so that the
 # numbers under a slot always belong to what the slot holds now.
 STATS_OF = {"rules": "stats_rule", "destinations": "stats_dest", "sessions": "stats_iface"}
@@ -49,6 +49,25 @@ class ResolvedDestination:
     problem: str | None = None  # why copies to it cannot be delivered now, if so
     fit_flags: int = 0  # DEST_SEGMENTS_*, DEST_FRAGMENT: see copy_fit_flags()
     encap: bytes = b""  # ENCAP4: the EncapEntry of its output format (agent/encap.py)
+    # Snap length, sampling, budget (issue 15): see copy_limits_of().
+    snap_length: int = 0
+    sampling: int = 1
+    budget_pps: int = 0
+    budget_bps: int = 0
+
+
+@dataclass(frozen=True)
+class CopyBudget:
+    """The node's copy budget (slot COPY_LIMITS_NODE of copy_limits); 0: no limit."""
+
+    pps: int = field(default_factory=lambda: L.default_node_copy_budget()[0])
+    bps: int = field(default_factory=lambda: L.default_node_copy_budget()[1])
+
+
+def copy_limits_of(d: Destination) -> dict[str, int]:
+    """A destination's copy limits, for its ResolvedDestination."""
+    return {"snap_length": d.snap_length, "sampling": d.sampling,
+            "budget_pps": d.budget_pps, "budget_bps": d.budget_bps}
 
 
 def copy_fit_flags(d: Destination) -> int:
@@ -232,14 +251,15 @@ TRIES = {"src_v4": (32, L.LpmV4Key, 4), "dst_v4": (32, L.LpmV4Key, 4),
 
 # ---------------------------------------------------------------------------- plan
 def plan(state: NodeState, ifindexes: dict[str, int],
-         destinations: dict[str, ResolvedDestination], ifslots: dict[str, int]) -> Plan:
+         destinations: dict[str, ResolvedDestination], ifslots: dict[str, int],
+         node_budget: CopyBudget | None = None) -> Plan:
     """The maps' contents for `state` (a Planner's first plan).
 
     ifindexes: interface key -> host-side ifindex (interfaces without one are skipped);
     destinations: name -> how this node reaches it; ifslots: interface key -> slot, the
     allocation to keep (new interfaces get free slots).
     """
-    return Planner().plan(state, ifindexes, destinations, ifslots)
+    return Planner().plan(state, ifindexes, destinations, ifslots, node_budget)
 
 
 class Planner:
@@ -264,9 +284,14 @@ class Planner:
         return hit[1]
 
     def plan(self, state: NodeState, ifindexes: dict[str, int],
-             destinations: dict[str, ResolvedDestination], ifslots: dict[str, int]) -> Plan:
+             destinations: dict[str, ResolvedDestination], ifslots: dict[str, int],
+             node_budget: CopyBudget | None = None) -> Plan:
         maps: dict[str, dict[bytes, bytes]] = {m: {} for m in MANAGED_MAPS}
         result = Plan(maps)
+        # The node's copy budget (None: none), in the slot no destination has.
+        if node_budget and (node_budget.pps or node_budget.bps):
+            maps["copy_limits"][_u32(L.COPY_LIMITS_NODE)] = bytes(
+                L.copy_limits_entry(pps=node_budget.pps, bps=node_budget.bps))
 
         # Destination slots: 1.. by name (0 means none).
         names = sorted(destinations)
@@ -294,6 +319,10 @@ class Planner:
             maps["destinations"][_u32(slot)] = bytes(e)
             if d.mode == L.Mode.ENCAP4 and d.encap:
                 maps["encaps"][_u32(slot)] = d.encap
+            limits = L.copy_limits_entry(d.sampling, d.snap_length, d.budget_pps,
+                                         d.budget_bps)
+            if any(bytes(limits)):
+                maps["copy_limits"][_u32(slot)] = bytes(limits)
             # Traffic to the analyzer is a stream of copies: never mirror it. (GRE formats
             # have no port: their copies carry COPY_MARK on this node, like every copy.)
             if d.dst_addr and (d.mode in (L.Mode.JMIRROR4, L.Mode.JMIRROR6, L.Mode.VXLAN) or
@@ -445,8 +474,8 @@ class MapWriteError(RuntimeError):
 
 # The order new and changed entries are written in, so that nothing referenced is
 # missing (interfaces last: they make the rest reachable); removals go the other way.
-WRITE_ORDER = ("encaps", "destinations", "rules", "src_v4", "dst_v4", "src_v6", "dst_v6", "ports",
-               "analyzers", "sessions", "interfaces")
+WRITE_ORDER = ("encaps", "copy_limits", "destinations", "rules", "src_v4", "dst_v4", "src_v6",
+               "dst_v6", "ports", "analyzers", "sessions", "interfaces")
 
 
 class MapWriter:
@@ -530,6 +559,10 @@ class MapWriter:
             before = self.owners.get(m, {}).get(k)
             return before is None or before != owners.get(m, {}).get(k)
 
+        def given_to_another(m: str, k: bytes) -> bool:
+            before = self.owners.get(m, {}).get(k)  # unknown for adopted slots: kept
+            return before is not None and before != owners.get(m, {}).get(k)
+
         def remove_stale(m: str) -> int:
             want, have = p.maps[m], self.written[m]
             n = 0
@@ -564,6 +597,11 @@ class MapWriter:
                     self.maps[m].update(k, v)
                     have[k] = v
                     changes += 1
+                elif given_to_another(m, k):
+                    # The same bytes for another object (two destinations to one analyzer,
+                    # one after the other): nothing to write, but the counters are the
+                    # old object's.
+                    self._reset_stats(m, k, stats)
         # ...then what is no longer wanted, interfaces first (they reference the rest).
         for m in reversed(WRITE_ORDER):
             if p.maps[m] is applied.get(m):

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import defaults as D
 from .kube.client import KubeOptions, default_namespace
 from .kube.source import KubeSource
 from .metrics import (
@@ -23,14 +24,21 @@ from .metrics import (
     SyncMetrics,
     parse_address,
 )
-from .status import EventRecorder, LeaderElector, NodeReporter, StatusWriter
+from .status import (
+    CopyCountReporter,
+    EventRecorder,
+    LeaderElector,
+    NodeReporter,
+    StatusWriter,
+)
 
 log = logging.getLogger(__name__)
 
 
 def start_services(options: KubeOptions, source: KubeSource, node_name: str, *,
                    agent: Any = None, pin_root: str | None = None,
-                   state_dir: str | None = None, registry: Any = None) -> Services:
+                   state_dir: str | None = None, registry: Any = None,
+                   copy_counts_interval: float = D.DEFAULT_COPY_COUNTS_INTERVAL) -> Services:
     """Metrics server, leader election, status writer and Events, around a source.
 
     ``agent`` is the runtime's Agent: its ``ready()`` joins /readyz, and its
@@ -64,6 +72,13 @@ def start_services(options: KubeOptions, source: KubeSource, node_name: str, *,
         writer.start()
         elector.start()
     services.reporter = NodeReporter(events, node_name)
+    if options.status and services.datapath is not None:
+        # Every node, leader or not: its own counts, in status.copies.<node>.
+        services.copy_counts = CopyCountReporter(
+            api, source, node_name, services.datapath.destination_counters,
+            interval=copy_counts_interval)
+        registry.register(services.copy_counts)
+        services.copy_counts.start()
     if agent is not None and hasattr(agent, "add_listener"):
         services.watch_agent()
     if options.metrics_address:
@@ -90,6 +105,7 @@ class Services:
     writer: Any = None
     events: Any = None
     reporter: Any = None
+    copy_counts: Any = None
     datapath: Any = None
     sync: Any = None
     _thread: threading.Thread | None = None
@@ -136,6 +152,8 @@ class Services:
             self.server.stop()
         if self.writer is not None:
             self.writer.stop()
+        if self.copy_counts is not None:
+            self.copy_counts.stop()
         if self.elector is not None:
             self.elector.stop(release=True)
         if self._thread is not None:

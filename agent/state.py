@@ -68,6 +68,13 @@ class Destination:
     oversize: str = "fragment"
     # jmirror (the default) or another output format for routed copies (issue 15).
     encapsulation: Encapsulation = field(default_factory=lambda: Encapsulation())
+    # Copy limits (issue 15): cut to this many bytes after the Ethernet header (0: whole);
+    # one packet in `sampling` copied (1: every one); a budget of copies a second and of
+    # bits a second (0: none beyond the node's).
+    snap_length: int = 0
+    sampling: int = 1
+    budget_pps: int = 0
+    budget_bps: int = 0
 
 
 # Output formats of routed copies (docs/formats.md): the wrapper writes the headers.

@@ -427,6 +427,24 @@ def _destination_fields(d: Destination, view: DestinationView) -> tuple[dict, st
                     f"{fields.get('analyzerInterface', '?')}, {where}")
 
 
+def _limits_text(d: Destination) -> str:
+    """The destination's own copy limits (issue 15), for its Ready condition's message;
+    "" when it has none (every node's budget still applies: cn2mirror agent
+    --copy-budget-pps/--copy-budget-bps)."""
+    parts = []
+    if d.snap_length:
+        parts.append(f"cut to {d.snap_length} bytes after the Ethernet header")
+    if d.sampling > 1:
+        parts.append(f"1 packet in {d.sampling} copied (the rest counted as sampled_out)")
+    budget = ([f"{d.budget_pps} copies/s"] if d.budget_pps else []) + \
+        ([f"{d.budget_bps} bit/s"] if d.budget_bps else [])
+    if budget:
+        parts.append(f"at most {' and '.join(budget)} from each node (the rest not made, "
+                     "counted as rate_limited: cn2mirror show stats, metric "
+                     "cn2mirror_destination_dropped_packets_total{reason=\"rate_limited\"})")
+    return "; copies " + ", ".join(parts) if parts else ""
+
+
 def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]:
     """(object, the status it should have) for every MirrorDestination and policy.
 
@@ -449,6 +467,7 @@ def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]
             d = view.destinations.get(o.parsed.name)
             if d is not None and d.destination is not None:
                 fields, message = _destination_fields(d.destination, d)
+                message += _limits_text(d.destination)
                 if d.refused:  # labelled pods an admin did not allow: never chosen
                     message += "; not chosen as the analyzer: " + "; ".join(d.refused)
                 out.append((chosen, _status(chosen, True, "Resolved", message, fields)))
@@ -472,9 +491,11 @@ def desired_statuses(snapshot: Snapshot) -> list[tuple[Mapping[str, Any], dict]]
 
 
 def _comparable(status: Mapping[str, Any] | None) -> dict:
-    """A status without timestamps and absent (None) fields, for comparison."""
+    """A status without timestamps and absent (None) fields, for comparison; without
+    the nodes' own counts too (COPIES_FIELD), which the leader never writes."""
     status = dict(status or {})
-    out = {k: v for k, v in status.items() if v is not None and k != "conditions"}
+    out = {k: v for k, v in status.items()
+           if v is not None and k not in ("conditions", COPIES_FIELD)}
     out["conditions"] = sorted(
         ({k: v for k, v in c.items() if k != "lastTransitionTime"}
          for c in status.get("conditions") or [] if isinstance(c, Mapping)),
@@ -635,6 +656,126 @@ def _newer(rv: str | None, than: str | None) -> bool:
     if rv.isdigit() and than.isdigit():
         return int(rv) > int(than)
     return rv != than
+
+
+# --- The node's counts of copies ---------------------------------------------------------------
+
+COPIES_FIELD = "copies"  # status.copies.<node>: written by each node, never by the leader
+
+
+def copy_counts_entry(totals: Any, updated: str) -> dict[str, Any]:
+    """One node's counts for one destination, as they appear in status.copies.<node>
+    (the same numbers as `cn2mirror show stats` and the metrics, since the datapath
+    was loaded on that node)."""
+    drops = dict(totals.drops or {})
+    rate_limited = drops.pop("rate_limited", 0)
+    return {"copied": totals.packets, "bytes": totals.bytes,
+            "rateLimited": rate_limited, "sampledOut": totals.sampled_out,
+            "truncated": totals.truncated, "dropped": sum(drops.values()),
+            "updated": updated}
+
+
+class CopyCountReporter:
+    """Each node's own counts of the copies it made for each MirrorDestination (copied,
+    rate_limited, sampled_out, truncated, other drops), in the object's status, under
+    ``status.copies.<node>``: where an operator looks first, whichever node the copies
+    come from.
+
+    Every node writes only its own key with a JSON merge patch, so nodes never overwrite
+    each other, and the leader's status patches (which never name ``copies``) leave them
+    alone. A node writes at most every ``interval`` seconds and only what changed, and
+    removes its key from a destination it no longer sends to. Counts are since the
+    destination got its slot on that node (they survive restarts and re-resolution)."""
+
+    def __init__(self, api_client: Any, source: Any, node_name: str,
+                 read_counts: Callable[[], Mapping[str, Any]],
+                 interval: float = 30.0):
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.source = source
+        self.node_name = node_name
+        self.read_counts = read_counts
+        self.interval = interval
+        self._written: dict[str, dict] = {}  # "apiVersion/name" -> counts written
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counts = {"patched": 0, "failed": 0, "gone": 0}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cn2mirror-copy-counts",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            snapshot = self.source.snapshot()
+            if snapshot is None:
+                continue
+            try:
+                self.report(snapshot)
+            except Exception:
+                log.exception("writing the node's copy counts failed")
+
+    def report(self, snapshot: Snapshot) -> int:
+        """Patch every destination whose counts on this node changed; returns patches."""
+        totals = self.read_counts()
+        now = rfc3339()
+        patched = 0
+        for obj in snapshot.destinations:
+            name = object_name({**obj, "kind": KIND_MD})
+            key = f"{obj.get('apiVersion')}/{name}"
+            if name in totals:
+                entry = copy_counts_entry(totals[name], now)
+                same = {k: v for k, v in entry.items() if k != "updated"}
+                if self._written.get(key) == same:
+                    continue
+                value: dict | None = entry
+            elif key in self._written or self.node_name in (
+                    (obj.get("status") or {}).get(COPIES_FIELD) or {}):
+                value, same = None, None  # no longer sent to from here: the key goes
+            else:
+                continue
+            if self._patch(obj, {COPIES_FIELD: {self.node_name: value}}):
+                patched += 1
+                if same is None:
+                    self._written.pop(key, None)
+                else:
+                    self._written[key] = same
+        return patched
+
+    def _patch(self, obj: Mapping[str, Any], status: dict) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        res = self.source.resource_for(obj.get("apiVersion"), obj.get("kind"))
+        if res is None:
+            return False
+        try:
+            self.api.patch_cluster_custom_object_status(
+                res.group, res.version, res.plural, obj["metadata"]["name"],
+                {"status": status}, _request_timeout=10)
+        except ApiException as e:
+            self.counts["gone" if e.status == 404 else "failed"] += 1
+            if e.status != 404:
+                log.warning("copy counts of MirrorDestination %s: %s",
+                            obj["metadata"]["name"], e.reason)
+            return False
+        self.counts["patched"] += 1
+        return True
+
+    def collect(self) -> Iterable:
+        from .metrics import Family
+
+        f = Family("cn2mirror_copy_count_writes_total", "counter",
+                   "This node's patches of status.copies.<node> on MirrorDestinations.")
+        for k, v in sorted(self.counts.items()):
+            f.add(v, {"result": k})
+        yield f
 
 
 # --- The node's own Events -----------------------------------------------------------------------

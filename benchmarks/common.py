@@ -27,6 +27,7 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import Lab
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     Cidr,
     DeliveryMode,
@@ -46,6 +47,7 @@ PROD_PORT = 5001
 WEB_KEY = "demo/web/eth0"
 CLIENT_KEY = "demo/client/eth0"
 ANALYZER = "an1"
+NO_COPY_BUDGET = CopyBudget(0, 0)
 
 
 class BenchError(RuntimeError):
@@ -157,7 +159,9 @@ def bench_lab(pods=("web", "client", "analyzer")) -> Iterator[Lab]:
 def bench_node(lab: Lab) -> Iterator[Node]:
     """The agent's node in the lab's node1, pinned under a pin root of its own."""
     pin_root = f"/sys/fs/bpf/{lab.prefix}"
-    node = Node(pin_root, netns=lab.nodes["node1"].netns)
+    # No copy budget: the benchmarks measure what copying every packet costs (the
+    # throughput benchmark's cn2m_flow_all_budget sets the node default for itself).
+    node = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=NO_COPY_BUDGET)
     try:
         node.start()
         yield node

@@ -10,7 +10,12 @@ interface, every packet, to the analyzer pod on the same node:
   none             nothing attached (the baseline of every ratio)
   cn2m_nomatch     cn2mirror attached, a policy on the interface matching nothing
                    (every packet: interface lookup, parse, flow-table lookup)
-  cn2m_flow_all    cn2mirror, a policy matching every flow: jmirror copies
+  cn2m_flow_all    cn2mirror, a policy matching every flow: jmirror copies (no copy
+                   budget: every packet copied)
+  cn2m_flow_all_budget  the same within the node's default copy budget
+                   (layout.default_node_copy_budget): copies over it not made, counted
+  cn2m_flow_all_budget_<N>k  the same within a node budget of N thousand copies/s: how
+                   much production a lower budget buys back
   cn2m_port_all    cn2mirror, port mirroring (annotation) both ways: jmirror copies
   tc_mirred        tc u32 match-all + mirred egress mirror to the analyzer's veth
   nft_dup          nftables `dup to <analyzer> device <its veth>` in postrouting
@@ -35,14 +40,20 @@ import sys
 import tempfile
 import time
 
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import Direction
 
 from . import common as cm
 
-SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_port_all", "tc_mirred",
-             "nft_dup", "iptables_tee", "userspace")
-QUICK_SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all")
-CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_port_all")
+BUDGET_SWEEP = ("cn2m_flow_all_budget_25k", "cn2m_flow_all_budget_50k",
+                "cn2m_flow_all_budget_100k")
+SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
+             *BUDGET_SWEEP, "cn2m_port_all", "tc_mirred", "nft_dup", "iptables_tee",
+             "userspace")
+QUICK_SCENARIOS = ("none", "cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget",
+                   "tc_mirred")
+CN2M = ("cn2m_nomatch", "cn2m_flow_all", "cn2m_flow_all_budget", *BUDGET_SWEEP,
+        "cn2m_port_all")
 
 USERSPACE_COPIER = r"""
 import socket, sys
@@ -92,6 +103,11 @@ class Bench:
             self.node.apply(cm.state(self.lab, [cm.match_nothing_policy()]))
         elif name == "cn2m_flow_all":
             self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
+        elif name.startswith("cn2m_flow_all_budget"):
+            # The node's default budget, or N thousand copies/s (no bit budget).
+            k = name.removeprefix("cn2m_flow_all_budget").strip("_").removesuffix("k")
+            self.node.copy_budget = CopyBudget(int(k) * 1000, 0) if k else CopyBudget()
+            self.node.apply(cm.state(self.lab, [cm.mirror_all_policy()]))
         elif name == "cn2m_port_all":
             self.node.apply(cm.state(self.lab, port_mirror=Direction.BOTH))
         else:
@@ -112,6 +128,7 @@ class Bench:
                 raise cm.BenchError(f"userspace copier did not start: {line!r}")
 
     def leave(self, name: str) -> None:
+        self.node.copy_budget = cm.NO_COPY_BUDGET  # the other scenarios copy everything
         if name == "tc_mirred":
             self._del_clsact()
         elif name == "nft_dup":
@@ -337,6 +354,36 @@ def run(quick: bool = False, log=print) -> dict:
             procs.stop_all()
     out["machine"]["cpu_busy_after"] = round(cm.cpu_busy(), 3)
     out["summary"] = summarize(out["rounds"], scenarios)
+    out["copy_budget"] = budget_summary(out["summary"])
+    log("  " + out["copy_budget"]["text"])
+    return out
+
+
+def budget_summary(s: dict) -> dict:
+    """Production under a mirror-everything policy, as a ratio to no mirroring, with the
+    node's default copy budget, without any budget, and with tc mirred (issue 15)."""
+    def ratio(name: str) -> float | None:
+        return s[name]["prod_ratio"]["median"] if name in s else None
+
+    out = {"default_pps": CopyBudget().pps, "default_bps": CopyBudget().bps,
+           "prod_ratio_default_budget": ratio("cn2m_flow_all_budget"),
+           "prod_ratio_unlimited": ratio("cn2m_flow_all"),
+           "prod_ratio_tc_mirred": ratio("tc_mirred"),
+           "copy_pps_default_budget": s.get("cn2m_flow_all_budget", {}).get(
+               "copy_pps", {}).get("median")}
+    out["sweep"] = {name.rsplit("_", 1)[1]: {
+        "prod_ratio": ratio(name),
+        "copy_pps": s.get(name, {}).get("copy_pps", {}).get("median")}
+        for name in BUDGET_SWEEP if name in s}
+    fmt = {k: "-" if not isinstance(v, int | float) else f"{v:.2f}" for k, v in out.items()}
+    out["text"] = (f"mirror everything, production vs none: default budget "
+                   f"({out['default_pps']:,} copies/s, {out['default_bps'] / 1e9:g} Gbit/s) "
+                   f"{fmt['prod_ratio_default_budget']}, no budget "
+                   f"{fmt['prod_ratio_unlimited']}, tc mirred {fmt['prod_ratio_tc_mirred']}; "
+                   f"copies/s within the budget {out['copy_pps_default_budget'] or 0:,.0f}"
+                   + "".join(f"; budget {k}/s: production {v['prod_ratio']:.2f}, copies "
+                             f"{v['copy_pps'] or 0:,.0f}/s" for k, v in out["sweep"].items()
+                             if v["prod_ratio"] is not None))
     return out
 
 

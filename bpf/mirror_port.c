@@ -34,6 +34,7 @@
 #include "lib/encap_jmirror.h"
 #include "lib/encap_l2.h"
 #include "lib/encap_formats.h"
+#include "lib/copy_limits.h"
 
 /* One copy (a clone from a pod interface, finished): wrapped for its destination and
  * sent on, or counted under a drop reason. `in_line`: on mirror-tx's egress, where a
@@ -59,6 +60,14 @@ static __always_inline int wrap_copy(struct __sk_buff *skb, int in_line)
     __u32 *sid = sessions.lookup(&c.ifslot);
     int fitted = FIT_WHOLE;
     int rc;
+    /* The destination's snap length (lib/copy_limits.h), before any wrap. */
+    int snapped = snap_copy(skb, c.dest_slot);
+    if (snapped < 0) {
+        count_copy(c.rule_slot, c.ifslot, c.dest_slot, DROP_WRAP_FAILED, 0, 0);
+        return TC_ACT_SHOT;
+    }
+    if (snapped)
+        fitted = FIT_TRUNCATED;
     switch (d->mode) {
     case MODE_JMIRROR4:
     case MODE_JMIRROR6:
@@ -106,6 +115,12 @@ static __always_inline int wrap_super_packet(struct __sk_buff *skb)
     if (!c.r || !c.d || (c.d->mode != MODE_JMIRROR4 && c.d->mode != MODE_JMIRROR6 &&
                          c.d->mode != MODE_ENCAP4))
         return TC_ACT_OK;
+    /* A snap length applies per wire segment: segmented first, each segment cut and
+     * wrapped on the far end. */
+    if (snap_length_of(c.dest_slot)) {
+        count_super_packet(c.rule_slot, c.ifslot, c.dest_slot, 0);
+        return TC_ACT_OK;
+    }
     __u32 *sid = sessions.lookup(&c.ifslot);
     int rc = c.d->mode == MODE_ENCAP4 ?
         wrap_format_gso(skb, c.d, c.dest_slot, c.r->mirror_id, sid ? *sid : 0,

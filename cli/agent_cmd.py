@@ -22,6 +22,7 @@ import threading
 import click
 
 from cn2mirror.agent import defaults as D
+from cn2mirror.agent import layout
 
 from .kube_options import kube_options, kube_options_from_params
 
@@ -101,6 +102,17 @@ def _source_options(f):
 @click.option("--max-flow-dests", type=click.IntRange(1, 32),
               default=D.DEFAULT_MAX_FLOW_DESTS, show_default=True,
               help="Most copies of one flow (the vRouter allows 2).")
+@click.option("--copy-budget-pps", type=click.IntRange(0, layout.BUDGET_PPS_MAX),
+              default=layout.default_node_copy_budget()[0], show_default=True, metavar="N",
+              help="The node's copy budget: most copies a second over all destinations "
+                   "(a GSO super-packet counts as its segments); copies over it are not made "
+                   "and are counted as rate_limited (0: no limit). Default: "
+                   f"{layout.DEFAULT_NODE_COPY_PPS_PER_CPU:,} per CPU of the node.")
+@click.option("--copy-budget-bps", type=click.IntRange(0, layout.BUDGET_BPS_MAX),
+              default=layout.default_node_copy_budget()[1], show_default=True, metavar="N",
+              help="The node's copy budget in bits a second of mirrored packets (0: no "
+                   f"limit; else at least {layout.BUDGET_BPS_MIN}). Default: "
+                   f"{layout.DEFAULT_NODE_COPY_BPS_PER_CPU // 1_000_000:,} Mbit/s per CPU.")
 @click.option("--uplink", metavar="IFNAME",
               help="The interface NIC-assisted (VLAN) copies leave on.")
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
@@ -133,8 +145,9 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          uplink, resync_interval, attach_mode, pod_side_ingress, max_rules_per_namespace,
-          max_interfaces_per_namespace, once, cleanup_on_exit, log_level,
+          copy_budget_pps, copy_budget_bps, uplink, resync_interval, attach_mode,
+          pod_side_ingress, max_rules_per_namespace, max_interfaces_per_namespace, once,
+          cleanup_on_exit, log_level,
           **source_options):
     """Run the node agent: mirror what the policies select on this node.
 
@@ -171,8 +184,13 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
         raise AgentError(f"cannot lock the pin root {pin_root}: {e}") from None
     try:
         from cn2mirror.agent.capacity import Limits
+        from cn2mirror.agent.programmer import CopyBudget
 
+        if 0 < copy_budget_bps < layout.BUDGET_BPS_MIN:
+            raise click.BadParameter(f"0 or at least {layout.BUDGET_BPS_MIN}",
+                                     param_hint="--copy-budget-bps")
         node_options = {"max_flow_dests": max_flow_dests, "uplink": uplink,
+                        "copy_budget": CopyBudget(copy_budget_pps, copy_budget_bps),
                         "attach_mode": attach_mode, "pod_side": pod_side_ingress,
                         "limits": Limits(max_rules_per_namespace=max_rules_per_namespace,
                                          max_interfaces_per_namespace=max_interfaces_per_namespace)}

@@ -153,14 +153,20 @@ def set_analyzer_mtu(lab, mtu: int) -> None:
 
 
 @contextlib.contextmanager
-def started_node(lab, attach_mode: str | None = None, pin_root: str | None = None):
+def started_node(lab, attach_mode: str | None = None, pin_root: str | None = None,
+                 copy_budget=None):
     """A started Node on the lab's node1 with a fresh pin root; stopped and unpinned
-    after, and the analyzer's MTU given back (what a test changed does not leak)."""
+    after, and the analyzer's MTU given back (what a test changed does not leak).
+    ``copy_budget``: the node's (agent/programmer.py CopyBudget); None: no budget, so
+    that tests of what copies carry see every copy (tests/test_copy_limits.py tests
+    budgets)."""
     from cn2mirror.agent.node import Node
+    from cn2mirror.agent.programmer import CopyBudget
 
     pin_root = pin_root or f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
     options = {"attach_mode": attach_mode} if attach_mode else {}
-    node = Node(pin_root, netns=lab.nodes["node1"].netns, **options)
+    node = Node(pin_root, netns=lab.nodes["node1"].netns,
+                copy_budget=copy_budget or CopyBudget(0, 0), **options)
     try:
         node.start()
         yield node

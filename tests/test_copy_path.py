@@ -27,6 +27,7 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.pinned import sum_counters
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
@@ -53,7 +54,9 @@ def lab():
 
 @pytest.fixture
 def node(lab):
-    with started_node(lab) as node:
+    # These tests count every byte of bulk traffic: no node copy budget (its own tests:
+    # tests/test_copy_limits.py).
+    with started_node(lab, copy_budget=CopyBudget(0, 0)) as node:
         yield node
 
 

@@ -166,6 +166,11 @@ def test_both_groups_define_the_same_schema(kind):
         for s in schemas[1:]:
             assert s["openAPIV3Schema"]["properties"]["spec"]["properties"]["udpPort"].pop(
                 "default") == 8099
+        # Issue 15's copy limits: fields here, annotations in CN2's group.
+        assert spec.pop("snapLength")["minimum"] == 0
+        assert spec.pop("sampling")["default"] == 1
+        assert set(spec.pop("copyBudget")["properties"]) == {"packetsPerSecond",
+                                                             "bitsPerSecond"}
         assert all("analyzerNamespaces" not in s["openAPIV3Schema"]["properties"]["spec"][
             "properties"] for s in schemas[1:])
     assert all(s == schemas[0] for s in schemas)

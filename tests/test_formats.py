@@ -32,6 +32,7 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import Lab
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
+from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
@@ -85,10 +86,13 @@ def lab():
         lab.down()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def node(lab):
+    """One node for the module (each load compiles the programs: seconds); each test
+    applies its own state, with a destination of its own name, so that counters start
+    from zero (a slot's counters restart when it is given to another object)."""
     pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns)
+    n = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=CopyBudget(0, 0))
     n.start()
     try:
         yield n
@@ -184,16 +188,21 @@ def ip_of(frame: bytes) -> bytes:
     return ip[:struct.unpack_from("!H", ip, 2)[0]] if ip[0] >> 4 == 4 else ip
 
 
+def dest_name(fmt: str, mtu: int) -> str:
+    return f"{fmt}-{mtu}"
+
+
 def run_format(lab, node, fmt: str, mtu: int, size: int):
     """Mirror a `size`-byte transfer to the local analyzer in `fmt` over a path of
     `mtu`; returns (copies as (fields, inner frame), wire frames, raw copies, data)."""
     an, web = lab.pods["analyzer"], lab.pods["web"]
     set_analyzer_mtu(lab, mtu)
-    dest = Destination("fmt", DeliveryMode.JMIRROR, analyzer_ip=an.ip,
+    name = dest_name(fmt, mtu)
+    dest = Destination(name, DeliveryMode.JMIRROR, analyzer_ip=an.ip,
                        udp_port=CONTRAIL_PORT if fmt == "contrail" else 30030,
                        encapsulation=FORMATS[fmt])
     node.apply(NodeState("node1", interfaces=(web_iface(lab),),
-                         policies=(mirror("demo/p", "fmt", MIRROR_ID),), destinations=(dest,)))
+                         policies=(mirror("demo/p", name, MIRROR_ID),), destinations=(dest,)))
     assert not node.last.problems, node.last.problems
     data = os.urandom(size)
     path = tempfile.mktemp(prefix="cn2m-payload-")
@@ -344,7 +353,7 @@ def test_exact_copies_are_the_wire_frames(lab, node, fmt):
     assert all(tcp_checksum_ok(ip_of(c)) for c in inner_tcp)  # finished on the way
     assert stream_of(copies, web.ip, len(data)) == data
     check_headers(lab, node, fmt, copies, raw)
-    c = dest_counters(node, "fmt")
+    c = dest_counters(node, dest_name(fmt, 9000))
     assert c.gso_wrapped > 0 and c.gso_by_segment == 0
     assert c.truncated == 0 and c.fragmented == 0 and sum(c.drops.values()) == 0
     assert c.packets == len(copies)
@@ -365,7 +374,7 @@ def test_fit_copies_carry_the_whole_stream_on_a_1500_path(lab, node, fmt):
                  if socket.inet_ntoa(ip_of(c)[12:16]) == web.ip)
     assert acks and got == acks
     check_headers(lab, node, fmt, copies, raw)
-    c = dest_counters(node, "fmt")
+    c = dest_counters(node, dest_name(fmt, 1500))
     assert c.gso_wrapped > 0 and c.gso_by_segment == 0
     assert c.truncated == 0 and sum(c.drops.values()) == 0
     assert c.packets == len(copies)

@@ -108,7 +108,7 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
                               lease_duration=3, renew_deadline=2, retry_period=0.5,
                               _client=api)
         services = start_services(options, source, "node1", agent=agent, pin_root=pin_root,
-                                  state_dir=state_dir)
+                                  state_dir=state_dir, copy_counts_interval=0.3)
         base = f"http://127.0.0.1:{services.server.port}"
         wait_until(agent.ready, 30, what="the agent to apply the API's objects")
 
@@ -149,6 +149,16 @@ def test_pings_mirrored_while_the_policy_exists_in_the_api(lab, pin_root, state_
         assert values["cn2mirror_syncs_total{result=\"ok\"}"] >= 1
         wait_until(lambda: (emu.read(V, "MirrorDestination", "analyzer1").get("status") or {})
                    .get("analyzerPod") == "tools/analyzer", 10, what="the status")
+        # The node's own counts sit beside the leader's status; neither undoes the other.
+        wait_until(lambda: ((emu.read(V, "MirrorDestination", "analyzer1").get("status")
+                             or {}).get("copies") or {}).get("node1", {}).get("copied") == 6,
+                   10, what="the node's copy counts in the status")
+        patches = services.writer.counts["patched"]
+        time.sleep(1.0)
+        md_status = emu.read(V, "MirrorDestination", "analyzer1")["status"]
+        assert md_status["analyzerPod"] == "tools/analyzer"
+        assert md_status["copies"]["node1"]["rateLimited"] == 0
+        assert services.writer.counts["patched"] == patches  # the leader does not loop
         assert http_get(base + "/readyz")[0] == 200
 
         # The API server goes away: not ready, and mirroring goes on as it was.

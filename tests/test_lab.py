@@ -25,6 +25,7 @@ from cn2mirror.agent.lab import (
     lab_namespaces,
     validate_spec,
 )
+from cn2mirror.agent.model import CN2_UDP_PORT
 from cn2mirror.agent.snapshot import load_paths
 from cn2mirror.cli.lab_cmd import lab as lab_group
 from cn2mirror.cli.lab_cmd import objects_path, record_path
@@ -237,9 +238,12 @@ def test_demo_end_to_end(name, tmp_path, pin_root):
         "analyzerIP" not in (EXAMPLES / "external-analyzer.yaml").read_text()
     assert f"Lab {name} removed (8 network namespaces), datapath removed." in text
 
-    # The pcaps: the wire capture decodes as jmirror with the same ids.
+    # The pcaps: the wire capture decodes as jmirror with the same ids, on CN2's port
+    # (the example is in CN2's group, without udpPort).
+    (ext,) = [d for d in state.destinations if d.name == "external-analyzer"]
+    assert ext.udp_port == CN2_UDP_PORT
     wire = subprocess.run(["tshark", "-r", str(out / "external-analyzer-wire.pcap"), "-d",
-                           "udp.port==30030,jmirror", "-T", "fields", "-e", "jmirror.mid",
+                           f"udp.port=={CN2_UDP_PORT},jmirror", "-T", "fields", "-e", "jmirror.mid",
                            "-e", "jmirror.sid", "-e", "icmp.type"],
                           capture_output=True, text=True, check=True).stdout.split("\n")
     fields = [line.split("\t") for line in wire if line]

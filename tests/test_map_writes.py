@@ -297,3 +297,12 @@ def test_counters_survive_a_destination_re_resolved_and_restart_for_another_obje
     assert pn.node.last.plan.dest_slots["other"] == slot
     fresh = pn.counters("dest", slot)
     assert fresh.packets == 0 and fresh.drops["no_route"] == 0
+
+    # Another destination to the same analyzer: the slot's entry is byte for byte the
+    # same (nothing to write), and still its counters restart.
+    stats.update_percpu(key, [bytes(counted)] + [bytes(L.Counters())] *
+                        (len(stats.lookup(key)) - 1))
+    pn.apply(state(policy("p", rule("p", 0, ports=(tcp_ports(80),), dest="third")),
+                   dests=[analyzer("third")]))
+    assert pn.node.last.plan.dest_slots["third"] == slot
+    assert pn.counters("dest", slot).packets == 0

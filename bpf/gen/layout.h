@@ -93,6 +93,12 @@
 #ifndef MAP_ENTRIES_ENCAP_SCRATCH
 #define MAP_ENTRIES_ENCAP_SCRATCH 1
 #endif
+#ifndef MAP_ENTRIES_COPY_LIMITS
+#define MAP_ENTRIES_COPY_LIMITS 256
+#endif
+#ifndef MAP_ENTRIES_COPY_BUDGET
+#define MAP_ENTRIES_COPY_BUDGET 256
+#endif
 
 #define MAX_RULES 16384
 #define MAX_INTERFACES 4096
@@ -128,7 +134,7 @@
 #define DEST_GSO_HANDOFF 16
 #define FAMILY_V4 4
 #define FAMILY_V6 6
-#define N_DROPS 9
+#define N_DROPS 10
 #define POD_SIDE_CB 3
 #define CLONE_INTO_POD 0x8000
 #define ENCAP_TMPL_MAX 128
@@ -138,6 +144,8 @@
 #define GENEVE_OPT_DATA_OFF 40
 #define VXLAN_VNI_OFF 32
 #define CSUM_CHUNK 512
+#define COPY_LIMITS_NODE 0
+#define BUDGET_COST_SHIFT 16
 #define MODE_NONE 0
 #define MODE_JMIRROR4 1
 #define MODE_JMIRROR6 2
@@ -156,6 +164,7 @@
 #define DROP_REDIRECT_FAILED 6
 #define DROP_FOREIGN 7
 #define DROP_RX_BLOCKED 8
+#define DROP_RATE_LIMITED 9
 #define FORMAT_ERSPAN2 1
 #define FORMAT_ERSPAN3 2
 #define FORMAT_GRE 3
@@ -265,12 +274,13 @@ struct counters {
     __u64 packets;
     __u64 bytes;
     __u64 truncated;
-    __u64 drops[9];
+    __u64 drops[10];
     __u64 fragmented;
     __u64 gso_wrapped;
     __u64 gso_by_segment;
+    __u64 sampled_out;
 };
-_Static_assert(sizeof(struct counters) == 128, "counters layout");
+_Static_assert(sizeof(struct counters) == 144, "counters layout");
 
 struct config {
     __u32 generation;
@@ -359,6 +369,21 @@ struct encap_buf {
 };
 _Static_assert(sizeof(struct encap_buf) == 144, "encap_buf layout");
 
+struct copy_limits_entry {
+    __u32 sample_every;
+    __u32 snap_length;
+    __u64 packet_cost;
+    __u64 byte_cost;
+    __u64 burst_ns;
+};
+_Static_assert(sizeof(struct copy_limits_entry) == 32, "copy_limits_entry layout");
+
+struct copy_budget_clock {
+    __u64 packet_ns;
+    __u64 byte_ns;
+};
+_Static_assert(sizeof(struct copy_budget_clock) == 16, "copy_budget_clock layout");
+
 struct flow_table_stats {
     __u64 created;
 };
@@ -391,5 +416,7 @@ BPF_TABLE_PINNED("array", __u32, struct peer_config_entry, peer_config, MAP_ENTR
 BPF_TABLE_PINNED("percpu_array", __u32, struct eval_scratch, eval_scratch_map, MAP_ENTRIES_EVAL_SCRATCH_MAP, CN2M_PIN_ROOT "/eval_scratch_map_" CN2M_SCRATCH_DIGEST);
 BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, MAP_ENTRIES_CSUM_SCRATCH, 0);
 BPF_F_TABLE("percpu_array", __u32, struct encap_buf, encap_scratch, MAP_ENTRIES_ENCAP_SCRATCH, 0);
+BPF_TABLE_PINNED("array", __u32, struct copy_limits_entry, copy_limits, MAP_ENTRIES_COPY_LIMITS, CN2M_PIN_ROOT "/copy_limits");
+BPF_TABLE_PINNED("array", __u32, struct copy_budget_clock, copy_budget, MAP_ENTRIES_COPY_BUDGET, CN2M_PIN_ROOT "/copy_budget");
 
 #endif /* CN2M_GEN_LAYOUT_H */

@@ -4,10 +4,14 @@
 #define CN2M_LIB_CLONE_H
 
 #include "lib/common.h"
+#include "lib/copy_limits.h"
 
 static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifindex,
                                       __u16 ifslot, __u32 rule_slot, __u64 peer_secret)
 {
+    /* Sampling and copy budgets (lib/copy_limits.h): a copy not made costs no clone. */
+    if (!copy_admitted(skb, ifslot, rule_slot))
+        return;
     __u32 tag = CLONE_TAG | ((__u32)ifslot << CLONE_IFSLOT_SHIFT) | (rule_slot & CLONE_RULE_MASK);
     long err;
     if (peer_secret) {

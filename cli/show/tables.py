@@ -152,6 +152,8 @@ COUNTER_COLUMNS = (
     ("BYTES", lambda c: human_bytes(c["bytes"])),
     ("TRUNCATED", lambda c: c["truncated"]),
     ("FRAGMENTED", lambda c: c.get("fragmented", 0)),
+    ("SAMPLED-OUT", lambda c: c.get("sampled_out", 0)),
+    ("RATE-LIMITED", lambda c: c["drops"].get("rate_limited", 0)),
     ("DROPPED", lambda c: c["dropped"]),
     ("DROPS", lambda c: _drops_text(c)),
 )

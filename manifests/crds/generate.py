@@ -21,6 +21,14 @@ from typing import Any
 
 import yaml
 
+from cn2mirror.agent.layout import (
+    BUDGET_BPS_MAX,
+    BUDGET_BPS_MIN,
+    BUDGET_PPS_MAX,
+    SAMPLING_MAX,
+    SNAP_LENGTH_MAX,
+    SNAP_LENGTH_MIN,
+)
 from cn2mirror.agent.model import (
     ACTIONS,
     ANALYZER_NAMESPACES_MAX,
@@ -433,6 +441,37 @@ def encapsulation_field() -> dict[str, Any]:
                 ("!has(self.network) || (has(self.format) && self.format == 'contrail')",
                  "network: only with format contrail")),
     )}
+def copy_limit_fields() -> dict[str, Any]:
+    """This project's own MirrorDestination fields for snap length, sampling and the copy
+    budget (issue 15; CN2's group takes them from annotations: agent/model.py)."""
+    def zero_or_at_least(lo: int) -> dict[str, Any]:
+        return {"x-kubernetes-validations": [
+            {"rule": f"self == 0 || self >= {lo}", "message": f"must be 0 or at least {lo}"}]}
+
+    return {
+        "snapLength": {
+            "type": "integer", "minimum": 0, "maximum": SNAP_LENGTH_MAX,
+            **zero_or_at_least(SNAP_LENGTH_MIN),
+            "description": "Cut every copy to this many bytes after its Ethernet header "
+                           "before it is wrapped (counted as truncated; the cut packet keeps "
+                           "its IP length and TCP/UDP checksum, so neither verifies). 0 or "
+                           "absent: copies whole."},
+        "sampling": {
+            "type": "integer", "minimum": 1, "maximum": SAMPLING_MAX, "default": 1,
+            "description": "Copy one packet in N, chosen at random per packet (a GSO "
+                           "super-packet counts as one); the others are counted as "
+                           "sampled_out. 1: every packet."},
+        "copyBudget": obj({
+            "packetsPerSecond": {"type": "integer", "minimum": 0, "maximum": BUDGET_PPS_MAX,
+                                 "description": "Most copies a second (a GSO super-packet "
+                                                "counts as its segments). 0: no limit."},
+            "bitsPerSecond": {"type": "integer", "minimum": 0, "maximum": BUDGET_BPS_MAX,
+                              **zero_or_at_least(BUDGET_BPS_MIN),
+                              "description": "Most bits a second of mirrored packets "
+                                             "(before the wrap). 0: no limit."},
+        }, "Copies over this budget (or the node's) are not made and are counted as "
+           "rate_limited; production traffic is never held back."),
+    }
 
 
 def conditions() -> dict[str, Any]:
@@ -460,7 +499,28 @@ def md_status() -> dict[str, Any]:
         "mode": string(enum=[m.value for m in DeliveryMode]),
         "observedGeneration": {"type": "integer", "minimum": 0},
         "conditions": conditions(),
+        "copies": {
+            "type": "object",
+            "description": ("Each node's counts of the copies it made for this destination "
+                            "since it got a slot there, keyed by node name; written by "
+                            "that node (agent/status.py CopyCountReporter)."),
+            "additionalProperties": obj({
+                "copied": count("Copies sent."),
+                "bytes": count("Bytes of the copies, before the wrap."),
+                "rateLimited": count("Copies not made: over a copy budget."),
+                "sampledOut": count("Copies not made: left out by sampling."),
+                "truncated": count("Copies cut (snap length, or to fit the path)."),
+                "dropped": count("Copies lost for any other reason (show stats says "
+                                 "which)."),
+                "updated": string("When the node read these counts.",
+                                  format="date-time"),
+            }),
+        },
     })
+
+
+def count(description: str) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "description": description}
 
 
 def policy_status() -> dict[str, Any]:
@@ -518,6 +578,7 @@ def crd(group: str, kind: str) -> dict[str, Any]:
         schema["properties"]["spec"]["properties"].update(copy_fit_fields())
         schema["properties"]["spec"]["properties"].update(encapsulation_field())
         schema["properties"]["spec"]["x-kubernetes-validations"].append(ENCAP_IS_ROUTED)
+        schema["properties"]["spec"]["properties"].update(copy_limit_fields())
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
