@@ -56,13 +56,31 @@ LOCAL_AN, REMOTE_AN, EXT_AN = "198.18.1.10", "198.18.2.10", "198.19.1.10"
 @pytest.fixture(scope="module")
 def lab():
     with default_lab("cn2e") as lab:
+        # Tests count web's ICMP answers (port unreachable); the kernel's per-destination
+        # ICMP rate limit (1 a second) would drop some when one test follows another.
+        ns_sh(lab.pods["web"].netns, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
         yield lab
 
 
-@pytest.fixture
-def node(lab):
+@pytest.fixture(scope="module")
+def shared_node(lab):
     with started_node(lab) as node:
         yield node
+
+
+@pytest.fixture
+def node(lab, shared_node):
+    """The module's node (each load compiles and verifies the programs: about 11 s), as
+    a fresh one: every test starts and ends with nothing applied, so its slots' counters
+    start from zero, and with the analyzer's MTU at 1500."""
+    shared_node.apply(NodeState("node1"))
+    set_analyzer_mtu(lab, 1500)
+    try:
+        yield shared_node
+    finally:
+        shared_node.uplink = None
+        shared_node.apply(NodeState("node1"))
+        set_analyzer_mtu(lab, 1500)
 
 
 class Capture:
@@ -642,46 +660,6 @@ def test_analyzer_port_takes_no_traffic_in(lab, node):
     assert after.drops["foreign"] == before.drops["foreign"] + 1  # wrapper: not a clone
 
 
-def test_restarted_agent_adopts_the_pins_without_a_gap(lab):
-    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n1 = lab.nodes["node1"].netns
-    state = NodeState("node1", interfaces=(web_iface(lab),),
-                      policies=(mirror_all("demo/p", "local", 101,
-                                           ports=(PortRange(17, 7007, 7007),)),),
-                      destinations=(jm(LOCAL_AN, "local"),))
-    first = Node(pin_root, netns=n1)
-    first.start()
-    first.apply(state)
-    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
-    stop = threading.Event()
-
-    def stream():
-        code = ("import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                "for i in range(300):\n s.sendto(i.to_bytes(4,'big'),"
-                f"('{lab.pods['web'].ip}',7007));time.sleep(0.005)")
-        ns_sh(lab.pods["client"].netns, "python3", "-c", code)
-        stop.set()
-
-    second = None
-    try:
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.3)
-        first.stop(cleanup=False)  # the agent exits; programs and maps stay
-        time.sleep(0.3)
-        second = Node(pin_root, netns=n1)
-        second.start()
-        assert second.apply(state).changes == 0  # adopted: nothing to rewrite
-        t.join(timeout=30)
-        cps = copies_in(cap.stop())
-    finally:
-        cap.close()
-        (second or first).stop(cleanup=True)
-        subprocess.run(["rm", "-rf", pin_root])
-    seqs = sorted(int.from_bytes(bytes(IP(c[3])[UDP].payload)[:4], "big") for c in cps)
-    assert seqs == list(range(300))
-
-
 def test_bad_input_is_reported_and_the_rest_keeps_working(lab, node):
     good = NodeState("node1", interfaces=(web_iface(lab),),
                      policies=(mirror_all("demo/p", "local", 111),),
@@ -721,3 +699,43 @@ def test_attach_to_unknown_interface_leaves_nothing_half_attached(lab, node):
     assert node.datapath.attached_ifindexes() == set()
 
 
+# Last in the module: its own nodes on node1 take over web's interface and the mirror port,
+# which the module's shared node (the `node` fixture) has until then.
+def test_restarted_agent_adopts_the_pins_without_a_gap(lab):
+    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
+    n1 = lab.nodes["node1"].netns
+    state = NodeState("node1", interfaces=(web_iface(lab),),
+                      policies=(mirror_all("demo/p", "local", 101,
+                                           ports=(PortRange(17, 7007, 7007),)),),
+                      destinations=(jm(LOCAL_AN, "local"),))
+    first = Node(pin_root, netns=n1)
+    first.start()
+    first.apply(state)
+    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
+    stop = threading.Event()
+
+    def stream():
+        code = ("import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "for i in range(300):\n s.sendto(i.to_bytes(4,'big'),"
+                f"('{lab.pods['web'].ip}',7007));time.sleep(0.005)")
+        ns_sh(lab.pods["client"].netns, "python3", "-c", code)
+        stop.set()
+
+    second = None
+    try:
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.3)
+        first.stop(cleanup=False)  # the agent exits; programs and maps stay
+        time.sleep(0.3)
+        second = Node(pin_root, netns=n1)
+        second.start()
+        assert second.apply(state).changes == 0  # adopted: nothing to rewrite
+        t.join(timeout=30)
+        cps = copies_in(cap.stop())
+    finally:
+        cap.close()
+        (second or first).stop(cleanup=True)
+        subprocess.run(["rm", "-rf", pin_root])
+    seqs = sorted(int.from_bytes(bytes(IP(c[3])[UDP].payload)[:4], "big") for c in cps)
+    assert seqs == list(range(300))
