@@ -555,13 +555,15 @@ class MapWriter:
                owners: dict[str, dict[bytes, object]]) -> int:
         changes = 0
 
-        def handed_over(m: str, k: bytes) -> bool:
+        def counters_restart(m: str, k: bytes, entry_changed: bool) -> bool:
+            """A slot's counters restart when it is given to another object, even with
+            the very same entry (two destinations to one analyzer, one after the other).
+            A slot whose object is not known (new, or adopted after a restart) restarts
+            only when its entry changes: an adopted slot keeps its counters."""
             before = self.owners.get(m, {}).get(k)
-            return before is None or before != owners.get(m, {}).get(k)
-
-        def given_to_another(m: str, k: bytes) -> bool:
-            before = self.owners.get(m, {}).get(k)  # unknown for adopted slots: kept
-            return before is not None and before != owners.get(m, {}).get(k)
+            if before is None:
+                return entry_changed
+            return before != owners.get(m, {}).get(k)
 
         def remove_stale(m: str) -> int:
             want, have = p.maps[m], self.written[m]
@@ -590,18 +592,13 @@ class MapWriter:
                 changes += remove_stale(m)
             for k, v in want.items():
                 old = have.get(k)
+                if counters_restart(m, k, old != v):
+                    self._reset_stats(m, k, stats)
                 if old != v:
                     journal.append((m, k, old))
-                    if handed_over(m, k):
-                        self._reset_stats(m, k, stats)
                     self.maps[m].update(k, v)
                     have[k] = v
                     changes += 1
-                elif given_to_another(m, k):
-                    # The same bytes for another object (two destinations to one analyzer,
-                    # one after the other): nothing to write, but the counters are the
-                    # old object's.
-                    self._reset_stats(m, k, stats)
         # ...then what is no longer wanted, interfaces first (they reference the rest).
         for m in reversed(WRITE_ORDER):
             if p.maps[m] is applied.get(m):

@@ -600,7 +600,6 @@ class StatusWriter:
         return patched
 
     def _write(self, obj: Mapping[str, Any], desired: dict) -> bool:
-        from kubernetes.client.exceptions import ApiException
 
         meta = obj.get("metadata") or {}
         uid = meta.get("uid") or f"{obj.get('apiVersion')}/{object_name(obj)}"
@@ -614,30 +613,12 @@ class StatusWriter:
                 "resourceVersion"), written[0]):
             self.counts["unchanged"] += 1  # written already; the cache has not caught up
             return False
-        res = self.source.resource_for(obj.get("apiVersion"), obj.get("kind"))
-        if res is None:
+        result = patch_status(self.api, self.source, obj, _with_times(desired, current),
+                              self.counts)
+        if result is None:
             return False
-        body = {"status": _with_times(desired, current)}
-        try:
-            if obj.get("kind") in NAMESPACED_KINDS:
-                result = self.api.patch_namespaced_custom_object_status(
-                    res.group, res.version, meta.get("namespace"), res.plural, meta["name"],
-                    body, _request_timeout=10)
-            else:
-                result = self.api.patch_cluster_custom_object_status(
-                    res.group, res.version, res.plural, meta["name"], body,
-                    _request_timeout=10)
-        except ApiException as e:
-            if e.status == 404:
-                self.counts["gone"] += 1
-                return False
-            self.counts["failed"] += 1
-            log.warning("status of %s %s: %s", obj.get("kind"), object_name(obj), e.reason)
-            return False
-        rv = ((result or {}).get("metadata") or {}).get("resourceVersion") \
-            if isinstance(result, Mapping) else None
+        rv = (result.get("metadata") or {}).get("resourceVersion")
         self._written[uid] = (rv, want)
-        self.counts["patched"] += 1
         return True
 
     def collect(self) -> Iterable:
@@ -648,6 +629,34 @@ class StatusWriter:
         for k, v in sorted(self.counts.items()):
             f.add(v, {"result": k})
         yield f
+
+
+def patch_status(api: Any, source: Any, obj: Mapping[str, Any], status: dict,
+                 counts: dict[str, int]) -> Mapping[str, Any] | None:
+    """Merge-patch ``status`` into the object's status subresource, counting the result
+    in ``counts`` (patched, gone, failed); the API's answer, or None when not written."""
+    from kubernetes.client.exceptions import ApiException
+
+    res = source.resource_for(obj.get("apiVersion"), obj.get("kind"))
+    if res is None:
+        return None
+    meta = obj.get("metadata") or {}
+    body = {"status": status}
+    try:
+        if obj.get("kind") in NAMESPACED_KINDS:
+            result = api.patch_namespaced_custom_object_status(
+                res.group, res.version, meta.get("namespace"), res.plural, meta["name"],
+                body, _request_timeout=10)
+        else:
+            result = api.patch_cluster_custom_object_status(
+                res.group, res.version, res.plural, meta["name"], body, _request_timeout=10)
+    except ApiException as e:
+        counts["gone" if e.status == 404 else "failed"] += 1
+        if e.status != 404:
+            log.warning("status of %s %s: %s", obj.get("kind"), object_name(obj), e.reason)
+        return None
+    counts["patched"] += 1
+    return result if isinstance(result, Mapping) else {}
 
 
 def _newer(rv: str | None, than: str | None) -> bool:
@@ -675,6 +684,10 @@ def copy_counts_entry(totals: Any, updated: str) -> dict[str, Any]:
             "updated": updated}
 
 
+def _without_time(entry: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in entry.items() if k != "updated"}
+
+
 class CopyCountReporter:
     """Each node's own counts of the copies it made for each MirrorDestination (copied,
     rate_limited, sampled_out, truncated, other drops), in the object's status, under
@@ -697,7 +710,6 @@ class CopyCountReporter:
         self.node_name = node_name
         self.read_counts = read_counts
         self.interval = interval
-        self._written: dict[str, dict] = {}  # "apiVersion/name" -> counts written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counts = {"patched": 0, "failed": 0, "gone": 0}
@@ -729,44 +741,21 @@ class CopyCountReporter:
         patched = 0
         for obj in snapshot.destinations:
             name = object_name({**obj, "kind": KIND_MD})
-            key = f"{obj.get('apiVersion')}/{name}"
+            # What the object says now (the watch's copy: just after a write it may lag,
+            # and the same counts are written once more).
+            shown = ((obj.get("status") or {}).get(COPIES_FIELD) or {}).get(self.node_name)
             if name in totals:
-                entry = copy_counts_entry(totals[name], now)
-                same = {k: v for k, v in entry.items() if k != "updated"}
-                if self._written.get(key) == same:
+                value: dict | None = copy_counts_entry(totals[name], now)
+                if shown is not None and _without_time(shown) == _without_time(value):
                     continue
-                value: dict | None = entry
-            elif key in self._written or self.node_name in (
-                    (obj.get("status") or {}).get(COPIES_FIELD) or {}):
-                value, same = None, None  # no longer sent to from here: the key goes
+            elif shown is not None:
+                value = None  # no longer sent to from here: the key goes
             else:
                 continue
-            if self._patch(obj, {COPIES_FIELD: {self.node_name: value}}):
+            if patch_status(self.api, self.source, obj, {COPIES_FIELD: {self.node_name: value}},
+                            self.counts) is not None:
                 patched += 1
-                if same is None:
-                    self._written.pop(key, None)
-                else:
-                    self._written[key] = same
         return patched
-
-    def _patch(self, obj: Mapping[str, Any], status: dict) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        res = self.source.resource_for(obj.get("apiVersion"), obj.get("kind"))
-        if res is None:
-            return False
-        try:
-            self.api.patch_cluster_custom_object_status(
-                res.group, res.version, res.plural, obj["metadata"]["name"],
-                {"status": status}, _request_timeout=10)
-        except ApiException as e:
-            self.counts["gone" if e.status == 404 else "failed"] += 1
-            if e.status != 404:
-                log.warning("copy counts of MirrorDestination %s: %s",
-                            obj["metadata"]["name"], e.reason)
-            return False
-        self.counts["patched"] += 1
-        return True
 
     def collect(self) -> Iterable:
         from .metrics import Family

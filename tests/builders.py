@@ -10,6 +10,7 @@ pod(): one address and a MAC annotation, as its API server's pods have).
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cn2mirror.agent.model import CN2_GROUP, GROUP
+from cn2mirror.agent.netns import entered
 
 API = f"{GROUP}/v1alpha1"  # this project's group, as most tests write it
 CN2_API = f"{CN2_GROUP}/v4"
@@ -174,3 +176,27 @@ def started_node(lab, attach_mode: str | None = None, pin_root: str | None = Non
         node.stop(cleanup=True)
         set_analyzer_mtu(lab, 1500)
         subprocess.run(["rm", "-rf", pin_root])
+
+
+class Frames:
+    """Every frame crossing an interface in either direction (AF_PACKET), with its
+    direction: PACKET_OUTGOING leaves the interface."""
+
+    def __init__(self, netns: str, dev: str):
+        with entered(netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+            self.sock.bind((dev, 0))
+
+    def stop(self) -> list[tuple[int, bytes]]:
+        """(packet type, frame) of every frame seen, and the socket closed."""
+        self.sock.setblocking(False)
+        out = []
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(1 << 17)
+            except BlockingIOError:
+                break
+            out.append((addr[2], data))
+        self.sock.close()
+        return out

@@ -23,13 +23,12 @@ import pytest
 from benchmarks import common as cm
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import ns_sh
-from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import NodeState
 from cn2mirror.agent.status import CopyCountReporter
 
-from .builders import md, wait_until
+from .builders import md, started_node, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -47,20 +46,11 @@ def lab():
 
 @pytest.fixture(scope="module")
 def node(lab):
-    pin_root = f"/sys/fs/bpf/{lab.prefix}-limits"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=CopyBudget(0, 0))
-    n.start()
-    try:
+    with started_node(lab) as n:
         yield n
-    finally:
-        n.stop(cleanup=True)
-        subprocess.run(["rm", "-rf", pin_root])
 
 
-NO_BUDGET = CopyBudget(0, 0)
-
-
-def mirror_all(lab, node, budget: CopyBudget = NO_BUDGET, **limits) -> None:
+def mirror_all(lab, node, budget: CopyBudget = cm.NO_COPY_BUDGET, **limits) -> None:
     """Every flow of web's interface mirrored to the analyzer, with these limits."""
     node.copy_budget = budget
     dest = dataclasses.replace(cm.analyzer_destination(lab), **limits)
@@ -230,10 +220,15 @@ def test_rate_limited_copies_reach_the_destinations_status(lab, node, emu):
         got = status["copies"]["node1"]
         assert (got["copied"], got["rateLimited"], got["sampledOut"]) == (
             counts.packets, counts.drops["rate_limited"], counts.sampled_out)
-        assert reporter.report(src.snapshot()) == 0  # unchanged: not written again
-        sent_to.clear()  # the node no longer sends there
         wait_until(lambda: "node1" in ((src.snapshot().destinations[0].get("status") or {})
                                        .get("copies") or {}), 5, what="the watch")
+        assert reporter.report(src.snapshot()) == 0  # unchanged: not written again
+        counts.packets += 1  # one more copy: written again
+        assert reporter.report(src.snapshot()) == 1
+        sent_to.clear()  # the node no longer sends there
+        wait_until(lambda: (((src.snapshot().destinations[0].get("status") or {})
+                             .get("copies") or {}).get("node1") or {}).get("copied")
+                   == counts.packets, 5, what="the watch")
         assert reporter.report(src.snapshot()) == 1
         status = emu.read(md(cm.ANALYZER)["apiVersion"], "MirrorDestination",
                           cm.ANALYZER).get("status") or {}

@@ -26,7 +26,6 @@ from scapy.layers.l2 import Ether
 
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import ns_sh
-from cn2mirror.agent.netns import entered
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
@@ -39,7 +38,7 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
-from .builders import default_lab, set_analyzer_mtu, started_node
+from .builders import Frames, default_lab, set_analyzer_mtu, started_node
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -322,31 +321,6 @@ def test_bulk_tcp_every_byte_reaches_analyzers_here_on_another_node_and_outside(
     assert offloads(node_ns, an_if)["tx-udp_tnl-segmentation"]
 
 
-class FrameCapture:
-    """Whole frames (GSO super-packets too) leaving an interface, from an AF_PACKET
-    socket."""
-
-    def __init__(self, netns: str, dev: str, port: int):
-        with entered(netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
-            self.sock.bind((dev, 0))
-        self.port = port
-
-    def stop(self) -> list[bytes]:
-        self.sock.setblocking(False)
-        frames = []
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(1 << 17)
-            except BlockingIOError:
-                break
-            if addr[2] == socket.PACKET_OUTGOING:
-                frames.append(data)
-        self.sock.close()
-        return frames
-
-
 def wire_segments(ip_bytes: bytes, mss: int) -> list[bytes]:
     """The segments TSO cuts a super-packet into (scapy, checksums left out)."""
     pkt = IP(ip_bytes) if ip_bytes[0] >> 4 == 4 else IPv6(ip_bytes)
@@ -396,11 +370,11 @@ def test_exact_replicas_at_a_9000_byte_analyzer_path(lab, node, family):
     with open(path, "wb") as f:
         f.write(os.urandom(size))
     reader = Reader(an.netns)
-    cap = FrameCapture(lab.nodes["node1"].netns, web.host_ifname, 5201)
+    cap = Frames(lab.nodes["node1"].netns, web.host_ifname)
     try:
         send_tcp(lab, dst, path, size)
         time.sleep(0.3)
-        frames = cap.stop()
+        frames = [d for kind, d in cap.stop() if kind == socket.PACKET_OUTGOING]
         got = reader.stop()
     finally:
         reader.close()

@@ -78,7 +78,6 @@ def node(lab, shared_node):
     try:
         yield shared_node
     finally:
-        shared_node.uplink = None
         shared_node.apply(NodeState("node1"))
         set_analyzer_mtu(lab, 1500)
 

@@ -30,15 +30,13 @@ from scapy.utils import wrpcap
 
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import Lab
-from cn2mirror.agent.netns import entered
-from cn2mirror.agent.node import Node
-from cn2mirror.agent.programmer import CopyBudget
 from cn2mirror.agent.state import (
     DeliveryMode,
     Destination,
     Encapsulation,
     NodeState,
 )
+from tests.builders import Frames, started_node
 from tests.test_copy_path import (
     dest_counters,
     mirror,
@@ -91,38 +89,8 @@ def node(lab):
     """One node for the module (each load compiles the programs: seconds); each test
     applies its own state, with a destination of its own name, so that counters start
     from zero (a slot's counters restart when it is given to another object)."""
-    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n = Node(pin_root, netns=lab.nodes["node1"].netns, copy_budget=CopyBudget(0, 0))
-    n.start()
-    try:
+    with started_node(lab) as n:
         yield n
-    finally:
-        n.stop(cleanup=True)
-        set_analyzer_mtu(lab, 1500)
-        subprocess.run(["rm", "-rf", pin_root])
-
-
-class Frames:
-    """Every frame crossing an interface in either direction (AF_PACKET), with its
-    direction: PACKET_OUTGOING leaves the interface."""
-
-    def __init__(self, netns: str, dev: str):
-        with entered(netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
-            self.sock.bind((dev, 0))
-
-    def stop(self) -> list[tuple[int, bytes]]:
-        self.sock.setblocking(False)
-        out = []
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(1 << 17)
-            except BlockingIOError:
-                break
-            out.append((addr[2], data))
-        self.sock.close()
-        return out
 
 
 # ---------------------------------------------------------------------- taking copies apart
