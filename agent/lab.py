@@ -278,7 +278,7 @@ class Lab:
                 container["ports"] = [dict(port) for port in p.ports]
             objs.append({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels,
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels),
                              "annotations": {"cn2mirror.io/mac": p.mac, **p.annotations}},
                 "spec": {"nodeName": p.node, "containers": [container]},
                 "status": {"phase": "Running", "podIP": p.ip,

@@ -38,7 +38,7 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
-from .builders import Frames, default_lab, set_analyzer_mtu, started_node
+from .builders import Frames, as_fresh_node, default_lab, set_analyzer_mtu, started_node
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -52,11 +52,17 @@ def lab():
         yield lab
 
 
-@pytest.fixture
-def node(lab):
+@pytest.fixture(scope="module")
+def shared_node(lab):
     # These tests count every byte of bulk traffic: no node copy budget (its own tests:
     # tests/test_copy_limits.py).
     with started_node(lab, copy_budget=CopyBudget(0, 0)) as node:
+        yield node
+
+
+@pytest.fixture
+def node(lab, shared_node):
+    with as_fresh_node(lab, shared_node) as node:
         yield node
 
 

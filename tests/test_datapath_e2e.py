@@ -45,7 +45,7 @@ from cn2mirror.agent.state import (
     Rule,
 )
 
-from .builders import default_lab, set_analyzer_mtu, started_node
+from .builders import as_fresh_node, default_lab, set_analyzer_mtu, started_node
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -70,16 +70,8 @@ def shared_node(lab):
 
 @pytest.fixture
 def node(lab, shared_node):
-    """The module's node (each load compiles and verifies the programs: about 11 s), as
-    a fresh one: every test starts and ends with nothing applied, so its slots' counters
-    start from zero, and with the analyzer's MTU at 1500."""
-    shared_node.apply(NodeState("node1"))
-    set_analyzer_mtu(lab, 1500)
-    try:
-        yield shared_node
-    finally:
-        shared_node.apply(NodeState("node1"))
-        set_analyzer_mtu(lab, 1500)
+    with as_fresh_node(lab, shared_node) as node:
+        yield node
 
 
 class Capture:

@@ -23,7 +23,7 @@ from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
 from cn2mirror.agent.snapshot import snapshot_from_objects
 
-from .builders import ANALYZER_POD, md, mirror_policy, wait_until
+from .builders import ANALYZER_POD, as_fresh_node, md, mirror_policy, started_node, wait_until
 from .test_agent_e2e import Analyzer, flow_of, tc_filters
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -93,9 +93,10 @@ def copies_of(analyzer: Analyzer, flow: tuple, settle: float = 0.5) -> int:
     return sum(1 for c in list(analyzer.copies) if c[3] == flow)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tenant_lab():
-    """The default lab plus a tenant namespace, evil, with a pod on node1."""
+    """The default lab plus a tenant namespace, evil, with a pod on node1 (the tests
+    change no link or address of it)."""
     lab = Lab()
     try:
         lab.up_default()
@@ -105,14 +106,16 @@ def tenant_lab():
         lab.down()
 
 
-@pytest.fixture
-def node1(tenant_lab, pin_root):
-    node = Node(pin_root, netns=tenant_lab.nodes["node1"].netns)
-    node.start()
-    try:
+@pytest.fixture(scope="module")
+def shared_node1(tenant_lab):
+    with started_node(tenant_lab) as node:
         yield node
-    finally:
-        node.stop(cleanup=True)
+
+
+@pytest.fixture
+def node1(tenant_lab, shared_node1):
+    with as_fresh_node(tenant_lab, shared_node1) as node:
+        yield node
 
 
 @pytest.fixture
