@@ -442,6 +442,7 @@ Check = Callable[[], bool]
 DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_REQUEST_TIMEOUT = 5.0
 DEFAULT_CACHE_SECONDS = 5.0
+LISTEN_BACKLOG = 256  # connections the kernel may hold for accept(): see Server
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -557,7 +558,11 @@ class MetricsServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
-            request_queue_size = outer.max_connections
+            # The kernel's queue of connections not yet accepted. Not the cap on
+            # connections (the slots are): a queue as short as the cap made a flood of
+            # idle clients fill it, and a scraper's SYN then waited out a 1 s retransmit.
+            # Accepted at once, a connection over the cap is closed at once.
+            request_queue_size = max(outer.max_connections, LISTEN_BACKLOG)
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def process_request(self, request, client_address) -> None:
