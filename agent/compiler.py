@@ -134,6 +134,7 @@ from .state import (
     PortMirror,
     PortRange,
     Rule,
+    Sampling,
 )
 
 # --- Identifiers -------------------------------------------------------------------------
@@ -298,6 +299,15 @@ def _policy_order(p: SecurityPolicy) -> tuple[int, str, str]:
     return (0, "", p.name) if p.kind == KIND_GCSP else (1, p.namespace or "", p.name)
 
 
+def _sampling_of(rule: PolicyRule, policy: SecurityPolicy) -> Sampling | None:
+    """A rule's own sampling (this project's group): each of N and the mode the rule's
+    secondaryActions gives, else its policy's; what neither gives is the destination's
+    (filled in by the planner)."""
+    own, inherited = rule.sampling or Sampling(), policy.sampling or Sampling()
+    merged = Sampling(own.every or inherited.every, own.mode or inherited.mode)
+    return merged if merged != Sampling() else None
+
+
 def _effective_rules(policy: SecurityPolicy) -> tuple[PolicyRule, ...]:
     """The rules as evaluated: a rule-less policy that mirrors matches every flow."""
     if not policy.rules and policy.mirror_to:
@@ -396,7 +406,8 @@ def _resolve(md: MirrorDestination, world: _World, node: str) -> Destination | s
         return d
     # The copy limits apply whatever the mode (issue 15).
     return replace(d, snap_length=md.snap_length, sampling=md.sampling,
-                   budget_pps=md.budget_pps, budget_bps=md.budget_bps)
+                   sampling_mode=md.sampling_mode, budget_pps=md.budget_pps,
+                   budget_bps=md.budget_bps)
 
 
 def _resolve_target(md: MirrorDestination, world: _World, node: str) -> Destination | str:
@@ -1015,6 +1026,7 @@ class Compiler:
                 ports=ports,
                 destination=destination,
                 mirror_id=mirror_id,
+                sampling=_sampling_of(rule, policy) if destination else None,
             ))
         if not any(r.destination for r in rules):
             return None

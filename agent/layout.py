@@ -145,6 +145,10 @@ DEST_FRAGMENT = 8  # a copy too large for the path is sent whole, fragmented; el
 # offload off): super-packets wrapped once are handed to it directly, not through the port.
 DEST_GSO_HANDOFF = 16
 FLOW_OVERFLOW = 4  # more rules matched than the flow could take, or the walk was cut short
+# Set on a rule slot in FlowEntry.rules when sampling by flow left this flow out of the
+# rule's copies (decided when the flow is evaluated; its packets count as sampled_out).
+# Rule slots stay under MAX_RULES (14 bits), so the bit is free.
+FLOW_RULE_SAMPLED_OUT = 1 << 31
 
 FAMILY_V4 = 4  # the family tag in flow keys (not the kernel's AF_INET)
 FAMILY_V6 = 6
@@ -311,8 +315,8 @@ class Counters(C.Structure):
         ("gso_wrapped", u64),  # GSO super-packets wrapped once (their segments in packets)
         ("gso_by_segment", u64),  # super-packets that could not be (UDP GSO, already
         #   encapsulated, too large to fit): segmented first, wrapped segment by segment
-        ("sampled_out", u64),  # copies not made by the destination's 1:N sampling (by
-        #   design, so not among the drops)
+        ("sampled_out", u64),  # copies not made by 1:N sampling (the destination's or the
+        #   rule's own; by design, so not among the drops)
     ]
 
 
@@ -345,6 +349,61 @@ BUDGET_BURST_NS = 100_000_000  # how much unused budget may be saved up: 100 ms 
 SNAP_LENGTH_MIN = 64  # bytes after the Ethernet header: room for IPv6 + TCP headers
 SNAP_LENGTH_MAX = 65535
 SAMPLING_MAX = 1 << 24
+# How 1:N is chosen. By packet: at random, each packet on its own. By flow: a flow is
+# copied whole or not at all, by flow_sample_hash() of its canonical 5-tuple (both
+# directions, every interface and node decide alike); port mirroring, which has no
+# flows, samples by packet.
+SAMPLE_BY_PACKET = 0
+SAMPLE_BY_FLOW = 1
+SAMPLE_SEED = 0x636E326D  # "cn2m": flow_sample_hash's seed, the C's too
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+
+def canonical_flow_key(src: str, dst: str, sport: int, dport: int, proto: int,
+                       ifslot: int = 0) -> FlowKey:
+    """The flow table's key of a packet (bpf/lib/flow.h make_key): the lower (address,
+    port) side first, so both directions of a connection give the same key."""
+    import ipaddress
+
+    a, b = (ipaddress.ip_address(x) for x in (src, dst))
+    k = FlowKey()
+    src_lower = a.packed < b.packed if a != b else sport <= dport
+    lo, hi = (a, b) if src_lower else (b, a)
+    plo, phi = (sport, dport) if src_lower else (dport, sport)
+    C.memmove(C.addressof(k) + FlowKey.addr_lo.offset, lo.packed, len(lo.packed))
+    C.memmove(C.addressof(k) + FlowKey.addr_hi.offset, hi.packed, len(hi.packed))
+    k.port_lo = int.from_bytes(plo.to_bytes(2, "big"), "little")
+    k.port_hi = int.from_bytes(phi.to_bytes(2, "big"), "little")
+    k.proto = proto
+    k.family = FAMILY_V6 if a.version == 6 else FAMILY_V4
+    k.ifslot = ifslot
+    return k
+
+
+def flow_sample_hash(key: bytes) -> int:
+    """MurmurHash3 (x86, 32 bits, seed SAMPLE_SEED) of a FlowKey's 5-tuple: its first
+    36 bytes (addresses, ports) and the proto and family bytes, as ten little-endian
+    words, the interface slot left out. The datapath's twin is flow_sample_hash() in
+    bpf/lib/copy_limits.h; a flow is sampled in when hash % N == 0."""
+    words = list(int.from_bytes(key[i:i + 4], "little") for i in range(0, 40, 4))
+    words[9] &= 0xFFFF  # proto, family; not ifslot
+    h = SAMPLE_SEED
+    for k in words:
+        k = (k * 0xCC9E2D51) & 0xFFFFFFFF
+        k = _rotl32(k, 15)
+        k = (k * 0x1B873593) & 0xFFFFFFFF
+        h ^= k
+        h = _rotl32(h, 13)
+        h = (h * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h ^= 40
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 BUDGET_PPS_MAX = 1 << 32  # 4 G copies/s: no limit in practice
 BUDGET_BPS_MIN = 1000  # below it a 64 KB super-packet's cost would overflow the clock
 BUDGET_BPS_MAX = 1 << 50
@@ -370,11 +429,25 @@ class CopyLimits(C.Structure):
     take. Zero everywhere: no limit."""
 
     _fields_ = [
-        ("sample_every", u32),  # one packet in N is copied (chosen at random); 0, 1: all
-        ("snap_length", u32),  # copies cut to this many bytes after the Ethernet header
+        ("sample_every", u32),  # one packet (or flow) in N is copied; 0, 1: all
+        ("snap_length", u16),  # copies cut to this many bytes after the Ethernet header
+        ("sample_by", u8),  # SAMPLE_BY_PACKET or SAMPLE_BY_FLOW
+        ("pad", u8),
         ("packet_cost", u64),  # budget one copy takes: ns << BUDGET_COST_SHIFT; 0: none
         ("byte_cost", u64),  # budget one byte takes: ns << BUDGET_COST_SHIFT; 0: none
         ("burst_ns", u64),  # how far behind real time the budget clocks may fall
+    ]
+
+
+class RuleSampling(C.Structure):
+    """A rule's own sampling, per rule slot (this project's API group: the policy's or
+    the rule's secondaryActions.sampling). It replaces the destination's for the rule's
+    copies; sample_every 0: the destination's sampling applies."""
+
+    _fields_ = [
+        ("sample_every", u32),  # one packet (or flow) in N is copied; 1: all; 0: unset
+        ("sample_by", u8),  # SAMPLE_BY_PACKET or SAMPLE_BY_FLOW
+        ("pad", u8 * 3),
     ]
 
 
@@ -398,9 +471,10 @@ def budget_cost(per_second: int, unit: int = 1) -> int:
 
 
 def copy_limits_entry(sample_every: int = 0, snap_length: int = 0, pps: int = 0,
-                      bps: int = 0) -> CopyLimits:
+                      bps: int = 0, sample_by: int = 0) -> CopyLimits:
     e = CopyLimits()
     e.sample_every = sample_every if sample_every > 1 else 0
+    e.sample_by = sample_by if e.sample_every else SAMPLE_BY_PACKET
     e.snap_length = snap_length
     e.packet_cost = budget_cost(pps)
     e.byte_cost = budget_cost(bps, 8)
@@ -593,6 +667,8 @@ def map_specs(max_flow_dests: int = DEFAULT_MAX_FLOW_DESTS,
         # and the budgets' clocks, written by the datapath only (issue 15).
         MapSpec("copy_limits", "array", u32, CopyLimits, MAX_DESTINATIONS),
         MapSpec("copy_budget", "array", u32, CopyBudgetClock, MAX_DESTINATIONS),
+        # A rule's own sampling, per rule slot (RuleSampling).
+        MapSpec("rule_sampling", "array", u32, RuleSampling, MAX_RULES),
     )
 
 
@@ -693,6 +769,7 @@ _STRUCT_NAMES = {
     EncapBuf: "encap_buf",
     CopyLimits: "copy_limits_entry",
     CopyBudgetClock: "copy_budget_clock",
+    RuleSampling: "rule_sampling_entry",
     FlowTableStats: "flow_table_stats",
 }
 _FLOW_DESTS_SIZED = (FlowEntry, EvalScratch)
@@ -737,6 +814,10 @@ def c_constants() -> dict[str, object]:
         "FLOW_INITIATOR_LO": FLOW_INITIATOR_LO,
         "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
         "FLOW_OVERFLOW": FLOW_OVERFLOW,
+        "FLOW_RULE_SAMPLED_OUT": f"{FLOW_RULE_SAMPLED_OUT:#x}U",
+        "SAMPLE_BY_PACKET": SAMPLE_BY_PACKET,
+        "SAMPLE_BY_FLOW": SAMPLE_BY_FLOW,
+        "SAMPLE_SEED": f"{SAMPLE_SEED:#x}U",
         "DEST_VTEP_IPV6": DEST_VTEP_IPV6,
         "DEST_SEGMENTS_EXACT": DEST_SEGMENTS_EXACT,
         "DEST_SEGMENTS_FIT": DEST_SEGMENTS_FIT,

@@ -291,7 +291,8 @@ COUNTER_HELP = {
     "truncated": ("truncated_packets_total",
                   "Copies cut to fit the path to the analyzer or to the snap length."),
     "sampled_out": ("sampled_out_packets_total",
-                    "Copies not made by the destination's 1:N sampling (issue 15); copies "
+                    "Copies not made by 1:N sampling (the destination's, or its policy's or "
+                    "rule's own; issue 15); copies "
                     "over a copy budget are the dropped reason rate_limited."),
     "fragmented": ("fragmented_packets_total",
                    "Copies too large for the path sent whole in outer IPv4 fragments."),

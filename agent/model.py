@@ -41,11 +41,14 @@ from .state import (
     FORMATS,
     OVERSIZE_CHOICES,
     OVERSIZE_FRAGMENT,
+    SAMPLING_BY_PACKET,
+    SAMPLING_MODES,
     SEGMENTS_AUTO,
     SEGMENTS_CHOICES,
     DeliveryMode,
     Direction,
     Encapsulation,
+    Sampling,
 )
 
 # --- API groups and kinds -------------------------------------------------------------
@@ -96,6 +99,7 @@ ANN_ENCAPSULATION = "cn2mirror.io/encapsulation"
 # {packetsPerSecond, bitsPerSecond} in this project's group; these annotations in CN2's.
 ANN_SNAP_LENGTH = "cn2mirror.io/snap-length"
 ANN_SAMPLING = "cn2mirror.io/sampling"
+ANN_SAMPLING_MODE = "cn2mirror.io/sampling-mode"  # packet (the default) or flow
 ANN_BUDGET_PPS = "cn2mirror.io/copy-budget-pps"
 ANN_BUDGET_BPS = "cn2mirror.io/copy-budget-bps"
 LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes
@@ -189,7 +193,8 @@ class MirrorDestination:
     # The output format of routed copies (spec.encapsulation or ANN_ENCAPSULATION).
     encapsulation: Encapsulation = field(default_factory=Encapsulation)
     snap_length: int = 0  # copies cut to this many bytes after the Ethernet header; 0: whole
-    sampling: int = 1  # one packet in N copied, chosen at random per packet
+    sampling: int = 1  # one packet (or flow) in N copied
+    sampling_mode: str = SAMPLING_BY_PACKET  # at random per packet, or whole flows by hash
     budget_pps: int = 0  # copies a second to this destination; 0: only the node's budget
     budget_bps: int = 0  # bits a second of mirrored packets; 0: only the node's budget
 
@@ -274,6 +279,9 @@ class PolicyRule:
     ports: tuple[PolicyPort, ...] = ()  # empty: every protocol and port
     mirror_to: str | None = None  # rule-level secondaryActions.mirrorTo
     action: str | None = None
+    # secondaryActions.sampling and .samplingMode (this project's group): the rule's own
+    # sampling of the copies its mirrorTo makes, in place of the destination's.
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +296,7 @@ class SecurityPolicy:
     action: str = DEFAULT_ACTION
     mirror_to: str | None = None  # policy-level secondaryActions.mirrorTo
     rules: tuple[PolicyRule, ...] = ()
+    sampling: Sampling | None = None  # policy-level secondaryActions.sampling(Mode)
 
     @property
     def key(self) -> str:
@@ -618,7 +627,7 @@ def _annotated_encapsulation(value: Any) -> Encapsulation:
 
 
 def _copy_limits(spec: Mapping[str, Any], meta: Mapping[str, Any], own_group: bool
-                 ) -> dict[str, int]:
+                 ) -> dict[str, Any]:
     """Snap length, sampling and copy budget (issue 15): fields of this project's group,
     annotations (decimal integers) of CN2's, whose own fields stay CN2's."""
     if own_group:
@@ -627,6 +636,8 @@ def _copy_limits(spec: Mapping[str, Any], meta: Mapping[str, Any], own_group: bo
         values = {
             "snap_length": (_typed(spec, "snapLength", p, int, 0), "spec.snapLength"),
             "sampling": (_typed(spec, "sampling", p, int, 1), "spec.sampling"),
+            "sampling_mode": (_typed(spec, "samplingMode", p, str, SAMPLING_BY_PACKET),
+                              "spec.samplingMode"),
             "budget_pps": (_typed(budget, "packetsPerSecond", "spec.copyBudget", int, 0),
                            "spec.copyBudget.packetsPerSecond"),
             "budget_bps": (_typed(budget, "bitsPerSecond", "spec.copyBudget", int, 0),
@@ -647,6 +658,9 @@ def _copy_limits(spec: Mapping[str, Any], meta: Mapping[str, Any], own_group: bo
                 raise _fail(where, f"must be a decimal integer, not {raw!r}")
             else:
                 values[attr] = (int(raw.strip()), where)
+        where = f"metadata.annotations[{ANN_SAMPLING_MODE}]"
+        values["sampling_mode"] = (notes.get(ANN_SAMPLING_MODE, SAMPLING_BY_PACKET), where)
+    _enum(values["sampling_mode"][0], SAMPLING_MODES, values["sampling_mode"][1])
     snap, where = values["snap_length"]
     if snap:
         _in_range(snap, SNAP_LENGTH_MIN, SNAP_LENGTH_MAX, where)
@@ -702,8 +716,10 @@ def parse_policy(obj: Mapping[str, Any]) -> SecurityPolicy:
                         "only a GlobalContrailSecurityPolicy selects pods in other namespaces")
         selectors.append(_peer(entry, path, allow_empty=True))
 
+    own_group = api_version.startswith(GROUP + "/")
     rules = tuple(
-        _rule(r, f"spec.rules[{i}]") for i, r in enumerate(_list(spec.get("rules"), "spec.rules"))
+        _rule(r, f"spec.rules[{i}]", own_group)
+        for i, r in enumerate(_list(spec.get("rules"), "spec.rules"))
     )
     return SecurityPolicy(
         kind=kind,
@@ -714,6 +730,7 @@ def parse_policy(obj: Mapping[str, Any]) -> SecurityPolicy:
         action=_enum(_typed(spec, "action", "spec", str, DEFAULT_ACTION), ACTIONS, "spec.action"),
         mirror_to=_mirror_to(spec, "spec"),
         rules=rules,
+        sampling=_mirror_sampling(spec, "spec") if own_group else None,
     )
 
 
@@ -723,7 +740,21 @@ def _mirror_to(m: Mapping[str, Any], path: str) -> str | None:
     return _name(_typed(actions, "mirrorTo", path, str), _join(path, "mirrorTo"))
 
 
-def _rule(value: Any, path: str) -> PolicyRule:
+def _mirror_sampling(m: Mapping[str, Any], path: str) -> Sampling | None:
+    """secondaryActions.sampling and .samplingMode (this project's group only; CN2's
+    schema has neither)."""
+    path = _join(path, "secondaryActions")
+    actions = _mapping(m.get("secondaryActions"), path)
+    every = _typed(actions, "sampling", path, int)
+    _in_range(every, 1, SAMPLING_MAX, _join(path, "sampling"))
+    mode = _enum(_typed(actions, "samplingMode", path, str), SAMPLING_MODES,
+                 _join(path, "samplingMode"))
+    if every is None and mode is None:
+        return None
+    return Sampling(every=every, mode=mode)
+
+
+def _rule(value: Any, path: str, own_group: bool = False) -> PolicyRule:
     m = _mapping(value, path)
     ports = tuple(
         _port(p, f"{path}.ports[{i}]") for i, p in enumerate(_list(m.get("ports"), f"{path}.ports"))
@@ -734,6 +765,7 @@ def _rule(value: Any, path: str) -> PolicyRule:
         ports=ports,
         mirror_to=_mirror_to(m, path),
         action=_enum(_typed(m, "action", path, str), ACTIONS, _join(path, "action")),
+        sampling=_mirror_sampling(m, path) if own_group else None,
     )
 
 

@@ -131,6 +131,17 @@ class PinnedMaps:
             if v != zero:
                 yield int.from_bytes(k, "little"), L.RuleEntry.from_buffer_copy(v)
 
+    def rule_sampling(self) -> dict[int, L.RuleSampling]:
+        """Rule slot -> its own sampling (rules without one are absent). Empty when the
+        pins predate the map (an agent older than per-rule sampling)."""
+        zero = bytes(C.sizeof(L.RuleSampling))
+        try:
+            items = self.map("rule_sampling").items()
+            return {int.from_bytes(k, "little"): L.RuleSampling.from_buffer_copy(v)
+                    for k, v in items if v != zero}
+        except NotPinned:
+            return {}
+
     def destinations(self) -> Iterator[tuple[int, L.DestEntry]]:
         zero = bytes(C.sizeof(L.DestEntry))
         for k, v in self.map("destinations").items():

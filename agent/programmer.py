@@ -17,13 +17,24 @@ import socket
 from dataclasses import dataclass, field
 
 from . import layout as L
-from .state import Destination, Direction, EndpointSet, NodeState, PortRange
+from .state import (
+    SAMPLING_BY_FLOW,
+    SAMPLING_BY_PACKET,
+    Destination,
+    Direction,
+    EndpointSet,
+    NodeState,
+    PortRange,
+    Sampling,
+)
 
 log = logging.getLogger(__name__)
 
 MANAGED_MAPS = ("interfaces", "sessions", "rules", "destinations", "src_v4", "dst_v4",
-                "src_v6", "dst_v6", "ports", "analyzers", "encaps", "copy_limits")
-ARRAY_MAPS = ("sessions", "rules", "destinations", "encaps", "copy_limits")  # zeroed, not deleted
+                "src_v6", "dst_v6", "ports", "analyzers", "encaps", "copy_limits",
+                "rule_sampling")
+ARRAY_MAPS = ("sessions", "rules", "destinations", "encaps", "copy_limits",
+              "rule_sampling")  # zeroed, not deleted
 # A slot whose entry changes or goes away starts its counters again at zero, so that the
 # numbers under a slot always belong to what the slot holds now.
 STATS_OF = {"rules": "stats_rule", "destinations": "stats_dest", "sessions": "stats_iface"}
@@ -52,6 +63,7 @@ class ResolvedDestination:
     # Snap length, sampling, budget (issue 15): see copy_limits_of().
     snap_length: int = 0
     sampling: int = 1
+    sampling_mode: str = SAMPLING_BY_PACKET
     budget_pps: int = 0
     budget_bps: int = 0
 
@@ -67,7 +79,20 @@ class CopyBudget:
 def copy_limits_of(d: Destination) -> dict[str, int]:
     """A destination's copy limits, for its ResolvedDestination."""
     return {"snap_length": d.snap_length, "sampling": d.sampling,
-            "budget_pps": d.budget_pps, "budget_bps": d.budget_bps}
+            "sampling_mode": d.sampling_mode, "budget_pps": d.budget_pps,
+            "budget_bps": d.budget_bps}
+
+
+SAMPLE_BY = {SAMPLING_BY_PACKET: L.SAMPLE_BY_PACKET, SAMPLING_BY_FLOW: L.SAMPLE_BY_FLOW}
+
+
+def rule_sampling_entry(own: Sampling, d: ResolvedDestination | None) -> L.RuleSampling:
+    """A rule's own sampling as the datapath takes it: whole (N and mode), what the rule
+    leaves unset taken from its destination."""
+    e = L.RuleSampling()
+    e.sample_every = own.every or (d.sampling if d else 1)
+    e.sample_by = SAMPLE_BY[own.mode or (d.sampling_mode if d else SAMPLING_BY_PACKET)]
+    return e
 
 
 def copy_fit_flags(d: Destination) -> int:
@@ -320,7 +345,7 @@ class Planner:
             if d.mode == L.Mode.ENCAP4 and d.encap:
                 maps["encaps"][_u32(slot)] = d.encap
             limits = L.copy_limits_entry(d.sampling, d.snap_length, d.budget_pps,
-                                         d.budget_bps)
+                                         d.budget_bps, SAMPLE_BY[d.sampling_mode])
             if any(bytes(limits)):
                 maps["copy_limits"][_u32(slot)] = bytes(limits)
             # Traffic to the analyzer is a stream of copies: never mirror it. (GRE formats
@@ -361,6 +386,9 @@ class Planner:
                     r.dest = dslot
                     r.flags = L.RULE_MIRRORS
                 maps["rules"][_u32(s)] = bytes(r)
+                if dslot and rule.sampling:
+                    maps["rule_sampling"][_u32(s)] = bytes(rule_sampling_entry(
+                        rule.sampling, destinations.get(rule.destination)))
             bits = ((1 << end) - 1) ^ ((1 << first) - 1)
             for key in policy.interfaces:
                 iface_bits[key] = iface_bits.get(key, 0) | bits
@@ -474,8 +502,8 @@ class MapWriteError(RuntimeError):
 
 # The order new and changed entries are written in, so that nothing referenced is
 # missing (interfaces last: they make the rest reachable); removals go the other way.
-WRITE_ORDER = ("encaps", "copy_limits", "destinations", "rules", "src_v4", "dst_v4", "src_v6",
-               "dst_v6", "ports", "analyzers", "sessions", "interfaces")
+WRITE_ORDER = ("encaps", "copy_limits", "destinations", "rule_sampling", "rules", "src_v4",
+               "dst_v4", "src_v6", "dst_v6", "ports", "analyzers", "sessions", "interfaces")
 
 
 class MapWriter:

@@ -41,6 +41,13 @@ class Direction(StrEnum):
         return self is Direction.BOTH or self is other
 
 
+# How 1:N sampling chooses (docs/copy-limits.md): each packet at random, or whole flows
+# by a hash of the flow's 5-tuple (agent/layout.py flow_sample_hash).
+SAMPLING_BY_PACKET = "packet"
+SAMPLING_BY_FLOW = "flow"
+SAMPLING_MODES = (SAMPLING_BY_PACKET, SAMPLING_BY_FLOW)
+
+
 @dataclass(frozen=True, order=True)
 class Destination:
     """A MirrorDestination resolved to the addresses this node sends copies to."""
@@ -73,8 +80,19 @@ class Destination:
     # bits a second (0: none beyond the node's).
     snap_length: int = 0
     sampling: int = 1
+    sampling_mode: str = SAMPLING_BY_PACKET  # or SAMPLING_BY_FLOW
     budget_pps: int = 0
     budget_bps: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class Sampling:
+    """A policy's or rule's own sampling of its copies (this project's API group), in
+    place of its destination's: ``every`` None keeps the destination's N, ``mode`` None
+    its mode."""
+
+    every: int | None = None
+    mode: str | None = None
 
 
 # Output formats of routed copies (docs/formats.md): the wrapper writes the headers.
@@ -153,6 +171,7 @@ class Rule:
     ports: tuple[PortRange, ...] = ()  # empty: every protocol and port
     destination: str | None = None
     mirror_id: int = 0
+    sampling: Sampling | None = None  # its own sampling; None: the destination's
 
 
 @dataclass(frozen=True, order=True)

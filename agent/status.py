@@ -53,7 +53,7 @@ from .model import (
     object_name,
 )
 from .snapshot import Snapshot
-from .state import DeliveryMode, Destination
+from .state import SAMPLING_BY_FLOW, DeliveryMode, Destination
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,9 @@ def _limits_text(d: Destination) -> str:
     if d.snap_length:
         parts.append(f"cut to {d.snap_length} bytes after the Ethernet header")
     if d.sampling > 1:
-        parts.append(f"1 packet in {d.sampling} copied (the rest counted as sampled_out)")
+        unit = "flow (whole, both directions)" if d.sampling_mode == SAMPLING_BY_FLOW \
+            else "packet"
+        parts.append(f"1 {unit} in {d.sampling} copied (the rest counted as sampled_out)")
     budget = ([f"{d.budget_pps} copies/s"] if d.budget_pps else []) + \
         ([f"{d.budget_bps} bit/s"] if d.budget_bps else [])
     if budget:

@@ -49,7 +49,7 @@ static __always_inline int classify(struct __sk_buff *skb, int dir, __u32 ifinde
             struct flow_cache_entry *c = flow_cache.lookup(&slot);
             if (c && cache_same(c, &probe) && c->tick == probe.e.tick) {
                 if (c->port_rule)
-                    send_copy(skb, cfg->mirror_ifindex, c->ifslot, c->port_rule,
+                    send_copy(skb, cfg->mirror_ifindex, c->ifslot, c->port_rule, 0,
                               peer_secret);
                 return TC_ACT_UNSPEC;
             }
@@ -71,7 +71,7 @@ static __always_inline int classify(struct __sk_buff *skb, int dir, __u32 ifinde
     __u32 port_copy = 0;
     if (port_rule && !(p.ok && is_copy_stream(&p))) {
         port_copy = port_rule;
-        send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule, peer_secret);
+        send_copy(skb, cfg->mirror_ifindex, ifslot, port_rule, 0, peer_secret);
     }
 
     if (!(ifc->flags & IFACE_HAS_POLICIES) || !p.ok)
@@ -142,9 +142,11 @@ int eval_continue(struct __sk_buff *skb)
     fresh.generation = s->generation;
     __u32 n_rules = s->n;
     fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
+    /* Sampling by flow is decided here, once per flow (lib/copy_limits.h). */
+    __u32 sample_hash = n_rules ? flow_sample_hash(&key) : 0;
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++)
-        fresh.rules[i] = i < n_rules ? s->rules[i] : 0;
+        fresh.rules[i] = i < n_rules ? flow_rule_ref(s->rules[i], sample_hash) : 0;
     __u32 overflow = s->overflow;
     fresh.flags = (overflow ? FLOW_OVERFLOW : 0) | (s->never ? FLOW_NEVER_MIRROR : 0) |
                   (s->p.src_is_lo ? FLOW_INITIATOR_LO : 0);
@@ -194,7 +196,8 @@ int eval_continue(struct __sk_buff *skb)
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++) {
         if (i < n && cfg->mirror_ifindex)
-            send_copy(skb, cfg->mirror_ifindex, key.ifslot, fresh.rules[i], s->peer_secret);
+            send_copy(skb, cfg->mirror_ifindex, key.ifslot, fresh.rules[i], 1,
+                      s->peer_secret);
     }
     return TC_ACT_UNSPEC;
 }

@@ -24,6 +24,7 @@ from cn2mirror.agent.state import (
     PortMirror,
     PortRange,
     Rule,
+    Sampling,
 )
 
 TC_ACT_UNSPEC = -1
@@ -139,7 +140,8 @@ class PacketNode:
         slots = self.node.last.plan.rule_slots
         for key, entry in self.flows():
             if {bytes(key.addr_lo), bytes(key.addr_hi)} == want:
-                return [slots[entry.rules[i]] for i in range(entry.n_rules)]
+                return [slots[entry.rules[i] & ~L.FLOW_RULE_SAMPLED_OUT]
+                        for i in range(entry.n_rules)]
         return None
 
     def counters(self, kind: str, slot: int):
@@ -194,9 +196,9 @@ def blocks(*cidrs: str) -> tuple[Cidr, ...]:
 
 
 def rule(policy: str, index: int, *, src=None, dst=None, ports=(), dest: str | None = "an",
-         mirror_id: int | None = None) -> Rule:
+         mirror_id: int | None = None, sampling: Sampling | None = None) -> Rule:
     return Rule(policy, index, src, dst, tuple(ports), dest,
-                mirror_id if mirror_id is not None else 1000 + index)
+                mirror_id if mirror_id is not None else 1000 + index, sampling)
 
 
 def policy(name: str, *rules: Rule) -> Policy:
@@ -212,5 +214,5 @@ def tcp_ports(lo: int, hi: int | None = None) -> PortRange:
     return PortRange(6, lo, hi if hi is not None else lo)
 
 
-__all__ = ["PacketNode", "analyzer", "pod_iface", "blocks", "rule", "policy", "state",
+__all__ = ["PacketNode", "analyzer", "pod_iface", "blocks", "rule", "policy", "state", "Sampling",
            "tcp_ports", "PortMirror", "Direction", "PortRange", "Cidr", "TC_ACT_UNSPEC"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import ipaddress
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.programmer import CopyBudget
-from cn2mirror.agent.state import NodeState
+from cn2mirror.agent.state import NodeState, Sampling
 from cn2mirror.agent.status import CopyCountReporter
 
 from .builders import md, started_node, wait_until
@@ -127,6 +128,35 @@ def test_sampling_copies_one_packet_in_n_and_counts_the_rest(lab, node, one_in):
     assert sum(c1.drops.values()) == sum(c0.drops.values())
     print(f"sampling 1:{one_in}: {made} copies of {seen} packets = 1:{seen / made:.2f} "
           f"(expected {expected:.0f} +- {tolerance:.0f})")
+
+
+@pytest.mark.parametrize("own", [1, 8])
+def test_a_rules_own_sampling_replaces_its_destinations_on_real_traffic(lab, node, own):
+    """The destination samples 1:2 per packet; the one rule's own sampling (1:1, 1:8)
+    decides instead: 12,000 UDP packets, the copies made within 5 standard deviations of
+    1 in `own` (all of them at 1:1), the rest counted as sampled_out."""
+    node.copy_budget = cm.NO_COPY_BUDGET
+    dest = dataclasses.replace(cm.analyzer_destination(lab), sampling=2)
+    policy = cm.mirror_all_policy()
+    rule = dataclasses.replace(policy.rules[0], sampling=Sampling(every=own))
+    node.apply(NodeState("node1", (cm.pod_interface(lab, "web", 100),),
+                         (dataclasses.replace(policy, rules=(rule,)),), (dest,)))
+    assert not node.last.problems, node.last.problems
+    conf = trafgen_conf(lab, 64)
+    try:
+        c0, (w0, a0) = dest_counters(node), sinks(lab)
+        run_trafgen(lab, conf, 50_000, 12_000)
+        time.sleep(0.3)
+        c1, (w1, a1) = dest_counters(node), sinks(lab)
+    finally:
+        os.unlink(conf)
+    seen, made = w1 - w0, c1.packets - c0.packets
+    assert seen >= 11_700, f"production lost packets: {seen} of 12000 reached web"
+    assert 0 <= made + c1.sampled_out - c0.sampled_out - seen <= BACKGROUND
+    p = 1 / own
+    assert abs(made - seen * p) <= 5 * (seen * p * (1 - p)) ** 0.5 + BACKGROUND, (made, seen)
+    assert a1 - a0 == made, "copies made but not delivered"
+    print(f"rule's own 1:{own} over a 1:2 destination: {made} copies of {seen} packets")
 
 
 # ------------------------------------------------------------------------- budgets
@@ -418,3 +448,98 @@ def test_the_copies_analyzer_sees_are_what_socket_sends(lab, node):
     assert len(copies) == 5
     assert all(len(p) == 1028 and l4_checksum_verifies(p) for p in copies)
 
+
+
+# ------------------------------------------------------------------- sampling by flow
+FLOWS_PER_FAMILY = 5_000
+FLOW_SPORT = 20_000  # flow n: client port FLOW_SPORT + n <-> web's UDP_PORT
+
+
+def flows_conf(lab, family: int, reverse: bool) -> str:
+    """trafgen: one packet of each of the FLOWS_PER_FAMILY flows in turn (the client's
+    port counts up), from the client to web, or (reverse) web's replies to the client."""
+    client, web = lab.pods["client"], lab.pods["web"]
+    src, dst = (web, client) if reverse else (client, web)
+    vmac = json.loads(ns_sh(lab.nodes["node1"].netns, "ip", "-j", "link", "show",
+                            src.host_ifname).stdout)[0]["address"]
+    counting = f"dinc({FLOW_SPORT}, {FLOW_SPORT + FLOWS_PER_FAMILY - 1}, 1)"
+    ports = f"sp={UDP_PORT}, dp={counting}" if reverse else f"sp={counting}, dp={UDP_PORT}"
+    ip = f"ipv4(saddr={src.ip}, daddr={dst.ip}, ttl=64)" if family == 4 else \
+        f"ipv6(saddr={src.ip6}, daddr={dst.ip6}, hl=64)"
+    path = tempfile.mktemp(prefix="cn2m-trafgen-", suffix=".cfg")
+    with open(path, "w") as f:
+        f.write(f"{{ eth(da={vmac}, sa={src.mac}), {ip}, udp({ports}), fill(0x41, 18) }}\n")
+    return path
+
+
+def run_trafgen_from(lab, pod: str, conf: str, count: int) -> None:
+    r = subprocess.run(["ip", "netns", "exec", lab.pods[pod].netns, "trafgen", "--dev",
+                        "eth0", "--conf", conf, "-n", str(count), "-t", "50us", "--cpus", "1",
+                        "--no-sock-mem", "--notouch-irq"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+
+
+def copied_flows(pcap: str) -> dict[bytes, int]:
+    """Copies in a capture, by the canonical key of the flow they are a copy of."""
+    out: dict[bytes, int] = {}
+    for inner in inner_packets(pcap):
+        if inner[0] >> 4 == 4:
+            ihl = (inner[0] & 0xF) * 4
+            src, dst = (str(ipaddress.ip_address(inner[a:a + 4])) for a in (12, 16))
+            proto, l4 = inner[9], inner[ihl:]
+        else:
+            src, dst = (str(ipaddress.ip_address(inner[a:a + 16])) for a in (8, 24))
+            proto, l4 = inner[6], inner[40:]
+        sport, dport = struct.unpack("!HH", l4[:4])
+        key = bytes(L.canonical_flow_key(src, dst, sport, dport, proto))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_sampling_by_flow_copies_whole_flows_both_ways_as_the_hash_chooses(lab, node):
+    """Destination 1:8 by flow; 10,000 UDP flows (5,000 IPv4, 5,000 IPv6), each two
+    packets from the client to web and one reply: every flow's three packets are copied
+    (both directions) or none is, the flows copied are exactly those
+    layout.flow_sample_hash chooses (1 in 8 of them, within 5 standard deviations), and
+    every other packet is counted as sampled_out. Copies are read by tshark at the
+    analyzer."""
+    mirror_all(lab, node, sampling=8, sampling_mode="flow")
+    client = lab.pods["client"]
+    # The replies end in a sink on the client (no port unreachable errors).
+    cm.install_sink(client.netns, f"udp sport {UDP_PORT}")
+    keys = {}
+    for attr in ("ip", "ip6"):
+        for n in range(FLOWS_PER_FAMILY):
+            k = bytes(L.canonical_flow_key(getattr(client, attr),
+                                           getattr(lab.pods["web"], attr),
+                                           FLOW_SPORT + n, UDP_PORT, 17))
+            keys[k] = L.flow_sample_hash(k) % 8 == 0
+    chosen = {k for k, v in keys.items() if v}
+    # (sender, its trafgen configuration, packets): two rounds of the flows, one of replies
+    runs = [(pod, flows_conf(lab, family, pod == "web"), FLOWS_PER_FAMILY * rounds)
+            for family in (4, 6) for pod, rounds in (("client", 2), ("web", 1))]
+    cap = Capture(lab.pods["analyzer"].netns)
+    try:
+        c0, w0 = dest_counters(node), sinks(lab)[0]
+        for pod, conf, count in runs:
+            run_trafgen_from(lab, pod, conf, count)
+        time.sleep(0.5)
+        c1, w1 = dest_counters(node), sinks(lab)[0]
+        seen = copied_flows(cap.stop())
+    finally:
+        cap.close()
+        for _, conf, _ in runs:
+            os.unlink(conf)
+        ns_sh(client.netns, "nft", "delete", "table", "netdev", "cn2mbench")
+    assert w1 - w0 >= 0.99 * 2 * 2 * FLOWS_PER_FAMILY, "production lost packets"
+    ours = {k: n for k, n in seen.items() if k in keys}
+    assert set(ours) == chosen, (len(set(ours) - chosen), len(chosen - set(ours)))
+    assert all(n == 3 for n in ours.values()), sorted(set(ours.values()))
+    flows = len(keys)
+    assert abs(len(chosen) - flows / 8) <= 5 * (flows / 8 * 7 / 8) ** 0.5, len(chosen)
+    made, left_out = c1.packets - c0.packets, c1.sampled_out - c0.sampled_out
+    assert 0 <= made - 3 * len(chosen) <= BACKGROUND
+    assert 0 <= left_out - 3 * (flows - len(chosen)) <= BACKGROUND
+    print(f"sampling 1:8 by flow: {len(chosen)} of {flows} flows copied whole "
+          f"(1:{flows / len(chosen):.2f}), {made} copies, {left_out} sampled_out")

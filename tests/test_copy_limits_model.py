@@ -5,6 +5,8 @@ entries. Pure Python: the datapath side is tests/test_copy_limits.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cn2mirror.agent import admission, model
@@ -121,3 +123,83 @@ def test_the_compiler_carries_the_limits_to_the_destination_in_every_mode():
         d = compiler._resolve(world.destinations["md1"], world, "n1")
         assert not isinstance(d, str), d
         assert {k: getattr(d, k) for k in LIMITS} == LIMITS
+
+
+# ------------------------------------------------------------- sampling mode, rules' own
+def test_sampling_mode_field_annotation_and_default():
+    assert model.parse_mirror_destination(md_obj(model.GROUP)).sampling_mode == "packet"
+    md = model.parse_mirror_destination(md_obj(model.GROUP, {"sampling": 8,
+                                                             "samplingMode": "flow"}))
+    assert (md.sampling, md.sampling_mode) == (8, "flow")
+    assert not admission.admission_errors(md_obj(model.GROUP, {"samplingMode": "flow"}))
+    md = model.parse_mirror_destination(md_obj(
+        model.CN2_GROUP, annotations={model.ANN_SAMPLING: "8", model.ANN_SAMPLING_MODE: "flow"}))
+    assert (md.sampling, md.sampling_mode) == (8, "flow")
+    with pytest.raises(model.ModelError, match=r"spec\.samplingMode"):
+        model.parse_mirror_destination(md_obj(model.GROUP, {"samplingMode": "byte"}))
+    assert admission.admission_errors(md_obj(model.GROUP, {"samplingMode": "byte"}))
+    with pytest.raises(model.ModelError, match="sampling-mode"):
+        model.parse_mirror_destination(md_obj(
+            model.CN2_GROUP, annotations={model.ANN_SAMPLING_MODE: "sometimes"}))
+
+
+def policy_obj(group: str, spec: dict) -> dict:
+    return {"apiVersion": f"{group}/v1alpha1", "kind": model.KIND_CSP,
+            "metadata": {"name": "p", "namespace": "demo"}, "spec": spec}
+
+
+OWN_SAMPLING = {
+    "secondaryActions": {"mirrorTo": "md1", "sampling": 10},
+    "rules": [{"secondaryActions": {"mirrorTo": "md2", "sampling": 3, "samplingMode": "flow"}},
+              {"ports": [{"protocol": "UDP"}]},
+              {"secondaryActions": {"samplingMode": "flow"}}],
+}
+
+
+def test_a_policys_and_its_rules_own_sampling_in_this_projects_group():
+    p = model.parse_policy(policy_obj(model.GROUP, OWN_SAMPLING))
+    assert p.sampling == model.Sampling(every=10)
+    assert [r.sampling for r in p.rules] == [model.Sampling(3, "flow"), None,
+                                             model.Sampling(None, "flow")]
+    assert not admission.admission_errors(policy_obj(model.GROUP, OWN_SAMPLING))
+    # CN2's schema has no such fields: an API server prunes them; files are refused.
+    assert admission.admission_errors(policy_obj(model.CN2_GROUP, OWN_SAMPLING))
+    p = model.parse_policy(policy_obj(model.CN2_GROUP, OWN_SAMPLING))
+    assert p.sampling is None and all(r.sampling is None for r in p.rules)
+    bad = {"secondaryActions": {"mirrorTo": "md1", "sampling": 0}}
+    with pytest.raises(model.ModelError, match=r"spec\.secondaryActions\.sampling"):
+        model.parse_policy(policy_obj(model.GROUP, bad))
+    assert admission.admission_errors(policy_obj(model.GROUP, bad))
+
+
+def test_the_compiler_gives_each_rule_its_own_sampling_else_its_policys():
+    """And the planner fills in what neither gives from the destination."""
+    from cn2mirror.agent import compiler
+    from cn2mirror.agent.snapshot import snapshot_from_objects
+
+    from .builders import namespace, pod
+
+    external = {"externalAnalyzer": True, "analyzerIP": "198.18.5.5"}
+    snap, errors = snapshot_from_objects((
+        namespace("demo"), pod("web", "demo", "node1", ips=("198.18.1.2",)),
+        md_obj(model.GROUP, external), {**md_obj(model.GROUP, external),
+                                        "metadata": {"name": "md2"}},
+        policy_obj(model.GROUP, OWN_SAMPLING)))
+    assert not errors
+    state = compiler.compile_node(snap, "node1")
+    [p] = state.policies
+    # Each of N and the mode: the rule's own, else the policy's.
+    assert [(r.destination, r.sampling) for r in p.rules] == [
+        ("md2", model.Sampling(3, "flow")), ("md1", model.Sampling(every=10)),
+        ("md1", model.Sampling(10, "flow"))]
+    dests = {"md1": ResolvedDestination(L.Mode.JMIRROR4, "198.18.5.5", "198.18.0.1", 30030,
+                                        sampling=4, sampling_mode="flow"),
+             "md2": ResolvedDestination(L.Mode.JMIRROR4, "198.18.5.6", "198.18.0.1", 30030)}
+    rules = (dataclasses.replace(p.rules[0], destination="md1", sampling=model.Sampling()),
+             dataclasses.replace(p.rules[1], sampling=model.Sampling(mode="packet")),
+             dataclasses.replace(p.rules[2], sampling=None))
+    pl = plan(NodeState("node1", (), (dataclasses.replace(p, rules=rules),), ()), {},
+              dests, {})
+    got = {int.from_bytes(k, "little"): (e.sample_every, e.sample_by) for k, e in (
+        (k, L.RuleSampling.from_buffer_copy(v)) for k, v in pl.maps["rule_sampling"].items())}
+    assert got == {1: (4, L.SAMPLE_BY_FLOW), 2: (4, L.SAMPLE_BY_PACKET)}  # 3: none

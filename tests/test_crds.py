@@ -169,10 +169,18 @@ def test_both_groups_define_the_same_schema(kind):
         # Issue 15's copy limits: fields here, annotations in CN2's group.
         assert spec.pop("snapLength")["minimum"] == 0
         assert spec.pop("sampling")["default"] == 1
+        assert spec.pop("samplingMode")["enum"] == ["packet", "flow"]
         assert set(spec.pop("copyBudget")["properties"]) == {"packetsPerSecond",
                                                              "bitsPerSecond"}
         assert all("analyzerNamespaces" not in s["openAPIV3Schema"]["properties"]["spec"][
             "properties"] for s in schemas[1:])
+    else:
+        # A policy's and a rule's own sampling (secondaryActions), in this group only.
+        spec = schemas[0]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        for actions in (spec["secondaryActions"],
+                        spec["rules"]["items"]["properties"]["secondaryActions"]):
+            assert "default" not in actions["properties"].pop("sampling")
+            assert actions["properties"].pop("samplingMode")["enum"] == ["packet", "flow"]
     assert all(s == schemas[0] for s in schemas)
     assert ours["names"] == cn2["names"] and ours["scope"] == cn2["scope"]
 

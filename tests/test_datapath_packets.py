@@ -7,6 +7,7 @@ program cached, and the counters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -30,7 +31,10 @@ from cn2mirror.agent import jmirror
 from cn2mirror.agent import layout as L
 from cn2mirror.agent.explain import explain
 from cn2mirror.agent.netns import entered
+from cn2mirror.agent.pinned import PinnedMaps
 from cn2mirror.agent.state import DeliveryMode, Destination, Interface
+from cn2mirror.agent.statefiles import Names
+from cn2mirror.cli.show.collect import collect_flows, collect_rules
 
 from .dp_helpers import (
     ANALYZER,
@@ -40,6 +44,7 @@ from .dp_helpers import (
     PacketNode,
     PortMirror,
     PortRange,
+    Sampling,
     analyzer,
     blocks,
     ip,
@@ -651,3 +656,123 @@ def copies_made(pn) -> int:
         t = pn.counters("rule", slot)
         total += t.cloned + t.drops["clone_failed"]
     return total
+
+
+# ---------------------------------------------------------------- sampling by flow, by rule
+def sampled(dest: Destination, every: int, mode: str) -> Destination:
+    return dataclasses.replace(dest, sampling=every, sampling_mode=mode)
+
+
+def show_json(pn, collect) -> list[dict]:
+    """What `cn2mirror show` reads from the node's pins (no names file)."""
+    pm = PinnedMaps(pn.pin_root)
+    try:
+        return collect(pm, Names("none"))
+    finally:
+        pm.close()
+
+
+def udp_pair(family: int, n: int) -> tuple[bytes, bytes, L.FlowKey]:
+    """Flow n's packet out of the pod, its reply, and the flow table's key for it."""
+    sport = 20000 + n
+    if family == 4:
+        out = ETH / IP(src=POD, dst=PEER) / UDP(sport=sport, dport=53)
+        back = ETH / IP(src=PEER, dst=POD) / UDP(sport=53, dport=sport)
+        key = L.canonical_flow_key(POD, PEER, sport, 53, 17)
+    else:
+        out = ETH / IPv6(src=POD6, dst=PEER6) / UDP(sport=sport, dport=53)
+        back = ETH / IPv6(src=PEER6, dst=POD6) / UDP(sport=53, dport=sport)
+        key = L.canonical_flow_key(POD6, PEER6, sport, 53, 17)
+    return bytes(out), bytes(back), key
+
+
+def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_says(fresh):
+    """Destination 1:4 by flow; 300 IPv4 and 300 IPv6 UDP flows, two packets out of the
+    pod and one back each: a flow's three packets are all copied or all counted as
+    sampled_out, and the flows copied are exactly those layout.flow_sample_hash (the
+    Python twin of the datapath's hash) puts in; the flow table's keys are the ones
+    layout.canonical_flow_key builds."""
+    pn = fresh
+    pn.apply(state(policy("p", rule("p", 0)), dests=[sampled(analyzer(), 4, "flow")]))
+    slot = pn.rule_slot("p", 0)
+    predicted_in = 0
+    for family in (4, 6):
+        for n in range(300):
+            out, back, key = udp_pair(family, n)
+            before = pn.counters("rule", slot)
+            for pkt, direction in ((out, "from"), (out, "from"), (back, "to")):
+                run_unchanged(pn, pkt, direction)
+            after = pn.counters("rule", slot)
+            made = after.cloned - before.cloned
+            left_out = after.sampled_out - before.sampled_out
+            wanted = L.flow_sample_hash(bytes(key)) % 4 == 0
+            predicted_in += wanted
+            assert (made, left_out) == ((3, 0) if wanted else (0, 3)), (family, n)
+    entries = {bytes(k)[:38]: e for k, e in pn.flows()}
+    for family in (4, 6):
+        for n in range(300):
+            key = bytes(udp_pair(family, n)[2])
+            e = entries[key[:38]]  # the interface slot aside
+            assert e.n_rules == 1 and e.rules[0] & ~L.FLOW_RULE_SAMPLED_OUT == slot
+            assert bool(e.rules[0] & L.FLOW_RULE_SAMPLED_OUT) == \
+                (L.flow_sample_hash(key) % 4 != 0)
+    # 1 flow in 4, within 5 standard deviations over 600 flows.
+    assert abs(predicted_in - 150) <= 5 * (600 * 0.25 * 0.75) ** 0.5, predicted_in
+    # `cn2mirror show flows` says which flows sampling left out.
+    flows = show_json(pn, collect_flows)
+    assert sum(not f["copies"][0]["sampled_out"] for f in flows) == predicted_in
+    assert {f["copies"][0]["rule_slot"] for f in flows} == {slot}
+
+
+def test_a_rules_own_sampling_replaces_its_destinations(fresh):
+    """Destination 1:2 by packet. Rule 0 of policy p (UDP port 53) samples 1:1 of its
+    own: every copy made; rule 0 of policy q (UDP port 80) samples by flow with the
+    destination's N: 1:2 whole flows. The planner writes each rule's whole sampling."""
+    pn = fresh
+    ports53 = (PortRange(17, 53, 53),)
+    st_ = state(policy("p", rule("p", 0, ports=ports53, sampling=Sampling(every=1))),
+                policy("q", rule("q", 0, ports=(PortRange(17, 80, 80),),
+                                 sampling=Sampling(mode="flow"))),
+                dests=[sampled(analyzer(), 2, "packet")])
+    pn.apply(st_)
+    p_slot, q_slot = pn.rule_slot("p", 0), pn.rule_slot("q", 0)
+    entries = {int.from_bytes(k, "little"): L.RuleSampling.from_buffer_copy(v)
+               for k, v in pn.node.last.plan.maps["rule_sampling"].items()}
+    assert {s: (e.sample_every, e.sample_by) for s, e in entries.items()} == {
+        p_slot: (1, L.SAMPLE_BY_PACKET), q_slot: (2, L.SAMPLE_BY_FLOW)}
+    p0, q0 = pn.counters("rule", p_slot), pn.counters("rule", q_slot)
+    flows_in = 0
+    for n in range(100):
+        out, back, key = udp_pair(4, n)
+        for pkt, direction in ((out, "from"), (back, "to")):
+            run_unchanged(pn, pkt, direction)
+        other = bytes(ETH / IP(src=POD, dst=PEER) / UDP(sport=30000 + n, dport=80))
+        for _ in range(2):
+            run_unchanged(pn, other, "from")
+        flows_in += L.flow_sample_hash(bytes(
+            L.canonical_flow_key(POD, PEER, 30000 + n, 80, 17))) % 2 == 0
+    p1, q1 = pn.counters("rule", p_slot), pn.counters("rule", q_slot)
+    assert {r["slot"]: r["sampling"] for r in show_json(pn, collect_rules)} == {
+        p_slot: {"one_in": 1, "by": "packet"}, q_slot: {"one_in": 2, "by": "flow"}}
+    assert (p1.cloned - p0.cloned, p1.sampled_out - p0.sampled_out) == (200, 0)
+    assert (q1.cloned - q0.cloned, q1.sampled_out - q0.sampled_out) == (
+        2 * flows_in, 2 * (100 - flows_in))
+
+
+def test_port_mirroring_samples_by_packet_whatever_the_mode(fresh):
+    """Port mirroring has no flows: a destination sampling 1:2 by flow samples its port
+    mirror's packets one by one at random (about half of 400 copies of one flow; by flow
+    it would be all or none)."""
+    pn = fresh
+    iface = pod_iface(port_mirrors=[PortMirror("an", Direction.BOTH, 77)])
+    pn.apply(state(dests=[sampled(analyzer(), 2, "flow")], iface=iface))
+    slot = next(s for s, (name, _) in pn.node.last.plan.rule_slots.items()
+                if name.startswith("port:"))
+    before = pn.counters("rule", slot)
+    pkt = bytes(ETH / IP(src=POD, dst=PEER) / UDP(sport=20000, dport=53))
+    for _ in range(400):
+        run_unchanged(pn, pkt, "from")
+    after = pn.counters("rule", slot)
+    made, left_out = after.cloned - before.cloned, after.sampled_out - before.sampled_out
+    assert made + left_out == 400
+    assert abs(made - 200) <= 5 * (400 * 0.25) ** 0.5, made

@@ -99,6 +99,9 @@
 #ifndef MAP_ENTRIES_COPY_BUDGET
 #define MAP_ENTRIES_COPY_BUDGET 256
 #endif
+#ifndef MAP_ENTRIES_RULE_SAMPLING
+#define MAP_ENTRIES_RULE_SAMPLING 16384
+#endif
 
 #define MAX_RULES 16384
 #define MAX_INTERFACES 4096
@@ -127,6 +130,10 @@
 #define FLOW_INITIATOR_LO 1
 #define FLOW_NEVER_MIRROR 2
 #define FLOW_OVERFLOW 4
+#define FLOW_RULE_SAMPLED_OUT 0x80000000U
+#define SAMPLE_BY_PACKET 0
+#define SAMPLE_BY_FLOW 1
+#define SAMPLE_SEED 0x636e326dU
 #define DEST_VTEP_IPV6 1
 #define DEST_SEGMENTS_EXACT 2
 #define DEST_SEGMENTS_FIT 4
@@ -371,7 +378,9 @@ _Static_assert(sizeof(struct encap_buf) == 144, "encap_buf layout");
 
 struct copy_limits_entry {
     __u32 sample_every;
-    __u32 snap_length;
+    __u16 snap_length;
+    __u8 sample_by;
+    __u8 pad;
     __u64 packet_cost;
     __u64 byte_cost;
     __u64 burst_ns;
@@ -383,6 +392,13 @@ struct copy_budget_clock {
     __u64 byte_ns;
 };
 _Static_assert(sizeof(struct copy_budget_clock) == 16, "copy_budget_clock layout");
+
+struct rule_sampling_entry {
+    __u32 sample_every;
+    __u8 sample_by;
+    __u8 pad[3];
+};
+_Static_assert(sizeof(struct rule_sampling_entry) == 8, "rule_sampling_entry layout");
 
 struct flow_table_stats {
     __u64 created;
@@ -418,5 +434,6 @@ BPF_F_TABLE("percpu_array", __u32, struct csum_buf, csum_scratch, MAP_ENTRIES_CS
 BPF_F_TABLE("percpu_array", __u32, struct encap_buf, encap_scratch, MAP_ENTRIES_ENCAP_SCRATCH, 0);
 BPF_TABLE_PINNED("array", __u32, struct copy_limits_entry, copy_limits, MAP_ENTRIES_COPY_LIMITS, CN2M_PIN_ROOT "/copy_limits");
 BPF_TABLE_PINNED("array", __u32, struct copy_budget_clock, copy_budget, MAP_ENTRIES_COPY_BUDGET, CN2M_PIN_ROOT "/copy_budget");
+BPF_TABLE_PINNED("array", __u32, struct rule_sampling_entry, rule_sampling, MAP_ENTRIES_RULE_SAMPLING, CN2M_PIN_ROOT "/rule_sampling");
 
 #endif /* CN2M_GEN_LAYOUT_H */

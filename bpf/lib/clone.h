@@ -6,12 +6,16 @@
 #include "lib/common.h"
 #include "lib/copy_limits.h"
 
+/* `rule_ref`: the rule slot, from a flow entry maybe marked FLOW_RULE_SAMPLED_OUT;
+ * `of_flow`: flow mirroring (0: port mirroring). */
 static __always_inline void send_copy(struct __sk_buff *skb, __u32 mirror_ifindex,
-                                      __u16 ifslot, __u32 rule_slot, __u64 peer_secret)
+                                      __u16 ifslot, __u32 rule_ref, int of_flow,
+                                      __u64 peer_secret)
 {
     /* Sampling and copy budgets (lib/copy_limits.h): a copy not made costs no clone. */
-    if (!copy_admitted(skb, ifslot, rule_slot))
+    if (!copy_admitted(skb, ifslot, rule_ref, of_flow))
         return;
+    __u32 rule_slot = rule_ref & ~FLOW_RULE_SAMPLED_OUT;
     __u32 tag = CLONE_TAG | ((__u32)ifslot << CLONE_IFSLOT_SHIFT) | (rule_slot & CLONE_RULE_MASK);
     long err;
     if (peer_secret) {
@@ -56,7 +60,7 @@ static __always_inline void mirror_flow(struct __sk_buff *skb, __u32 mirror_ifin
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++) {
         if (i < n)
-            send_copy(skb, mirror_ifindex, ifslot, fe->rules[i], peer_secret);
+            send_copy(skb, mirror_ifindex, ifslot, fe->rules[i], 1, peer_secret);
     }
 }
 

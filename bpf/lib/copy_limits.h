@@ -4,11 +4,16 @@
  * (agent/layout.py CopyLimits): one entry per destination slot, the node's in slot
  * COPY_LIMITS_NODE (0, which no destination has).
  *
- * Sampling: one packet in `sample_every`, chosen at random per packet
+ * Sampling: one packet in `sample_every` (SAMPLE_BY_PACKET), chosen at random per packet
  * (bpf_get_prandom_u32): no aliasing with periodic traffic (a request/response pair and
  * 1:2 would otherwise copy one direction only). A GSO super-packet is one packet here: it
- * is copied, all its segments, or not at all. Copies not made are counted as
- * sampled_out (not a drop: it is what was asked for).
+ * is copied, all its segments, or not at all. Or one flow in `sample_every`
+ * (SAMPLE_BY_FLOW): decided once, when the flow is evaluated, by flow_sample_hash() of
+ * its canonical 5-tuple (so both directions, and every interface and node, decide
+ * alike), and kept in the flow entry (FLOW_RULE_SAMPLED_OUT on the rule's slot). Port
+ * mirroring has no flows: it samples by packet whatever the mode. A rule's own sampling
+ * (rule_sampling, set from its policy) replaces its destination's. Copies not made are
+ * counted as sampled_out (not a drop: it is what was asked for).
  *
  * Budgets: packets/s and bits/s per destination and for the node, each a token bucket
  * kept as a virtual clock (GCRA): a copy of cost c is made when the clock, brought up to
@@ -105,17 +110,85 @@ static __always_inline void count_not_made(__u32 rule_slot, __u16 ifslot, __u32 
     }
 }
 
-/* Whether the copy of this packet for `rule_slot` is to be made: sampling, then the
- * destination's budget, then the node's. */
-static __always_inline int copy_admitted(struct __sk_buff *skb, __u16 ifslot,
-                                         __u32 rule_slot)
+/* MurmurHash3 (x86, 32 bits) of a flow key's 5-tuple, the interface slot left out: the
+ * twin of agent/layout.py flow_sample_hash(), which tests predict the sampled flows by. */
+static __always_inline __u32 murmur_mix(__u32 h, __u32 k)
 {
+    k *= 0xcc9e2d51U;
+    k = (k << 15) | (k >> 17);
+    k *= 0x1b873593U;
+    h ^= k;
+    h = (h << 13) | (h >> 19);
+    return h * 5 + 0xe6546b64U;
+}
+
+static __always_inline __u32 flow_sample_hash(struct flow_key *key)
+{
+    __u32 w[10];
+    __builtin_memcpy(w, key, sizeof(w));
+    w[9] &= 0xFFFF;  /* proto, family; not ifslot */
+    __u32 h = SAMPLE_SEED;
+#pragma unroll
+    for (int i = 0; i < 10; i++)
+        h = murmur_mix(h, w[i]);
+    h ^= 40;
+    h ^= h >> 16;
+    h *= 0x85ebca6bU;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35U;
+    return h ^ (h >> 16);
+}
+
+/* The sampling that applies to a rule's copies: the rule's own when it has one, else its
+ * destination's (`dl`, may be NULL). */
+static __always_inline __u32 sampling_of(__u32 rule_slot, struct copy_limits_entry *dl,
+                                         __u32 *by)
+{
+    struct rule_sampling_entry *rs = rule_sampling.lookup(&rule_slot);
+    if (rs && rs->sample_every) {
+        *by = rs->sample_by;
+        return rs->sample_every;
+    }
+    *by = dl ? dl->sample_by : SAMPLE_BY_PACKET;
+    return dl ? dl->sample_every : 0;
+}
+
+/* When a flow is evaluated: its rule slot as the flow entry keeps it, with
+ * FLOW_RULE_SAMPLED_OUT when the rule samples by flow and this flow is not one of its 1
+ * in N. */
+static __always_inline __u32 flow_rule_ref(__u32 rule_slot, __u32 flow_hash)
+{
+    struct rule_entry *r = rules.lookup(&rule_slot);
+    __u32 dest_slot = r ? r->dest : 0;
+    struct copy_limits_entry *dl = dest_slot ? copy_limits.lookup(&dest_slot) : NULL;
+    __u32 by = SAMPLE_BY_PACKET;
+    __u32 every = sampling_of(rule_slot, dl, &by);
+    if (by == SAMPLE_BY_FLOW && every > 1 && flow_hash % every)
+        return rule_slot | FLOW_RULE_SAMPLED_OUT;
+    return rule_slot;
+}
+
+/* Whether the copy of this packet for `rule_ref` (a rule slot; from a flow entry, maybe
+ * with FLOW_RULE_SAMPLED_OUT) is to be made: sampling, then the destination's budget,
+ * then the node's. `of_flow`: the packet's flow was evaluated (flow mirroring), so
+ * sampling by flow was decided then. */
+static __always_inline int copy_admitted(struct __sk_buff *skb, __u16 ifslot,
+                                         __u32 rule_ref, int of_flow)
+{
+    __u32 rule_slot = rule_ref & ~FLOW_RULE_SAMPLED_OUT;
     struct rule_entry *r = rules.lookup(&rule_slot);
     __u32 dest_slot = r ? r->dest : 0;
     __u32 node_slot = COPY_LIMITS_NODE;
     struct copy_limits_entry *dl = dest_slot ? copy_limits.lookup(&dest_slot) : NULL;
     struct copy_limits_entry *nl = copy_limits.lookup(&node_slot);
-    if (dl && dl->sample_every > 1 && bpf_get_prandom_u32() % dl->sample_every) {
+    if (rule_ref & FLOW_RULE_SAMPLED_OUT) {
+        count_not_made(rule_slot, ifslot, dest_slot, 1);
+        return 0;
+    }
+    __u32 by = SAMPLE_BY_PACKET;
+    __u32 every = sampling_of(rule_slot, dl, &by);
+    if (every > 1 && (by == SAMPLE_BY_PACKET || !of_flow) &&
+        bpf_get_prandom_u32() % every) {
         count_not_made(rule_slot, ifslot, dest_slot, 1);
         return 0;
     }

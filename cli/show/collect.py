@@ -81,6 +81,7 @@ def attachment_reader(pin_root: str, netns: str | None):
 
 def collect_rules(pm: PinnedMaps, names: Names) -> list[dict]:
     out = []
+    own_sampling = pm.rule_sampling()
     for slot, r in sorted(pm.rules()):
         n = names.rule(slot)
         dest = names.dest_name(r.dest)
@@ -94,9 +95,18 @@ def collect_rules(pm: PinnedMaps, names: Names) -> list[dict]:
         out.append({
             "slot": slot, "mirror_id": r.mirror_id, "mirrors": bool(r.flags & L.RULE_MIRRORS),
             "dest_slot": r.dest or None, "destination": dest, "policy_end": r.policy_end,
+            # The rule's own 1:N (None: its destination's sampling applies).
+            "sampling": _sampling_json(own_sampling.get(slot)),
             **n,
         })
     return out
+
+
+def _sampling_json(e: L.RuleSampling | None) -> dict | None:
+    if e is None:
+        return None
+    return {"one_in": e.sample_every,
+            "by": "flow" if e.sample_by == L.SAMPLE_BY_FLOW else "packet"}
 
 
 def collect_destinations(pm: PinnedMaps, names: Names) -> list[dict]:
@@ -161,7 +171,11 @@ def collect_flows(pm: PinnedMaps, names: Names, now_ns: int | None = None) -> li
             "first_seen_ns": v.first_seen_ns, "last_seen_ns": v.last_seen_ns,
             "packets": v.packets, "bytes": v.bytes,
             "mirrored": n > 0,
-            "copies": [copy_json(int(s), rules, names) for s in list(v.rules)[:n]],
+            # A copy whose rule samples by flow and left this flow out: not made, its
+            # packets counted as sampled_out.
+            "copies": [{**copy_json(int(s) & ~L.FLOW_RULE_SAMPLED_OUT, rules, names),
+                        "sampled_out": bool(s & L.FLOW_RULE_SAMPLED_OUT)}
+                       for s in list(v.rules)[:n]],
             "generation": v.generation, "stale": v.generation != generation,
             "overflow": bool(v.flags & L.FLOW_OVERFLOW),
             "never_mirror": bool(v.flags & L.FLOW_NEVER_MIRROR),

@@ -22,8 +22,9 @@ def dest_label(name: str | None, slot: int | None) -> str:
 
 
 def copy_label(c: dict) -> str:
+    sampled = ", sampled out" if c.get("sampled_out") else ""
     return f"{dest_label(c['destination'], c['dest_slot'])} " \
-           f"(mid {c['mirror_id']}, {rule_label(c)})"
+           f"(mid {c['mirror_id']}, {rule_label(c)}{sampled})"
 
 
 def iface_label(row: dict, slot_key: str = "ifslot") -> str:
@@ -84,9 +85,12 @@ def table_rules(data: dict) -> str:
         else:
             owner, what = "-", "-"
         dest = dest_label(r["destination"], r["dest_slot"]) if r["mirrors"] else "(no mirror)"
-        rows.append([r["slot"], owner, what, r["mirror_id"], dest])
+        own = r.get("sampling")
+        sampling = f"1:{own['one_in']} by {own['by']}" if own else "(destination's)"
+        rows.append([r["slot"], owner, what, r["mirror_id"], dest,
+                     sampling if r["mirrors"] else "-"])
     return section(title(data), render_table(
-        ["SLOT", "POLICY", "RULE", "MIRROR-ID", "DESTINATION"], rows,
+        ["SLOT", "POLICY", "RULE", "MIRROR-ID", "DESTINATION", "SAMPLING"], rows,
         empty="(no rules configured)"))
 
 

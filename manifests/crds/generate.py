@@ -74,6 +74,8 @@ from cn2mirror.agent.state import (
     FORMAT_JMIRROR,
     OVERSIZE_CHOICES,
     OVERSIZE_FRAGMENT,
+    SAMPLING_BY_PACKET,
+    SAMPLING_MODES,
     SEGMENTS_AUTO,
     SEGMENTS_CHOICES,
     DeliveryMode,
@@ -441,6 +443,27 @@ def encapsulation_field() -> dict[str, Any]:
                 ("!has(self.network) || (has(self.format) && self.format == 'contrail')",
                  "network: only with format contrail")),
     )}
+def sampling_mode_field(default: str | None) -> dict[str, Any]:
+    return string("packet: each packet on its own, at random (a GSO super-packet counts "
+                  "as one). flow: whole flows, both directions, chosen by a hash of the "
+                  "flow's 5-tuple, alike on every node; port mirroring samples by packet.",
+                  enum=list(SAMPLING_MODES),
+                  **({"default": default} if default else {}))
+
+
+def mirror_sampling_fields() -> dict[str, Any]:
+    """This project's own secondaryActions fields: a policy's or rule's sampling of the
+    copies it makes, in place of its MirrorDestination's."""
+    return {
+        "sampling": {"type": "integer", "minimum": 1, "maximum": SAMPLING_MAX,
+                     "description": "Copy one packet (or flow) in N of this mirroring, "
+                                    "in place of the MirrorDestination's spec.sampling "
+                                    "(a rule's own, else its policy's). Absent: the "
+                                    "destination's."},
+        "samplingMode": sampling_mode_field(None),
+    }
+
+
 def copy_limit_fields() -> dict[str, Any]:
     """This project's own MirrorDestination fields for snap length, sampling and the copy
     budget (issue 15; CN2's group takes them from annotations: agent/model.py)."""
@@ -458,9 +481,9 @@ def copy_limit_fields() -> dict[str, Any]:
                            "absent: copies whole."},
         "sampling": {
             "type": "integer", "minimum": 1, "maximum": SAMPLING_MAX, "default": 1,
-            "description": "Copy one packet in N, chosen at random per packet (a GSO "
-                           "super-packet counts as one); the others are counted as "
-                           "sampled_out. 1: every packet."},
+            "description": "Copy one packet (or flow, by samplingMode) in N; the others "
+                           "are counted as sampled_out. 1: every packet."},
+        "samplingMode": sampling_mode_field(SAMPLING_BY_PACKET),
         "copyBudget": obj({
             "packetsPerSecond": {"type": "integer", "minimum": 0, "maximum": BUDGET_PPS_MAX,
                                  "description": "Most copies a second (a GSO super-packet "
@@ -579,6 +602,11 @@ def crd(group: str, kind: str) -> dict[str, Any]:
         schema["properties"]["spec"]["properties"].update(encapsulation_field())
         schema["properties"]["spec"]["x-kubernetes-validations"].append(ENCAP_IS_ROUTED)
         schema["properties"]["spec"]["properties"].update(copy_limit_fields())
+    if group == GROUP and kind in (KIND_CSP, KIND_GCSP):
+        spec_props = schema["properties"]["spec"]["properties"]
+        for actions in (spec_props["secondaryActions"],
+                        spec_props["rules"]["items"]["properties"]["secondaryActions"]):
+            actions["properties"].update(mirror_sampling_fields())
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
