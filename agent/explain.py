@@ -10,9 +10,19 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from . import layout as L
 from .compiler import in_endpoints
 from .protocols import API_NUMBERS, TCP
-from .state import Direction, Interface, NodeState, Policy, Rule
+from .state import (
+    SAMPLING_BY_FLOW,
+    SAMPLING_BY_PACKET,
+    Direction,
+    Interface,
+    NodeState,
+    Policy,
+    Rule,
+    Sampling,
+)
 
 FORWARD = "forward"
 REVERSE = "reverse"
@@ -39,6 +49,7 @@ class Copy:
     session_id: int
     interface: str
     cause: str  # "policy <name> rule <i>" or "port mirror <direction>"
+    sampling: str | None = None  # how 1:N sampling treats this flow's copies; None: all made
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,25 @@ class Explanation:
                 out.append(f"    policy {name}: no rule matches")
             for c in i.copies:
                 out.append(f"    copy -> {c.destination} mirror id {c.mirror_id} "
-                           f"session id {c.session_id} ({c.cause})")
+                           f"session id {c.session_id} ({c.cause})"
+                           + (f"; sampling: {c.sampling}" if c.sampling else ""))
         return out
+
+
+def sampling_note(every: int, mode: str, flow: tuple | None, port_mirror: bool) -> str | None:
+    """How sampling 1:``every`` by ``mode`` treats a flow's copies (None: every packet
+    copied). ``flow``: (src, dst, sport, dport, protocol), the ports None when unknown."""
+    if every <= 1:
+        return None
+    if mode != SAMPLING_BY_FLOW or port_mirror:
+        return f"1 packet in {every}, at random"
+    if flow is None or flow[2] is None or flow[3] is None:
+        return f"1 flow in {every}, whole: which, depends on the ports (give both)"
+    src, dst, sport, dport, proto = flow
+    key = L.canonical_flow_key(src, dst, sport, dport, proto)
+    chosen = L.flow_sample_hash(bytes(key)) % every == 0
+    return f"1 flow in {every}, whole: this flow is " + (
+        "copied" if chosen else "not copied (its packets count as sampled_out)")
 
 
 def _protocol_number(protocol: int | str) -> int:
@@ -137,6 +165,16 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
     def own(i: Interface, addr: Any) -> bool:
         return any(ipaddress.ip_address(ip) == addr for ip in i.ips)
 
+    destinations = {d.name: d for d in state.destinations}
+    flow = (src_ip, dst_ip, src_port, dst_port, proto)
+
+    def note(dest: str, own_sampling: Sampling | None, port_mirror: bool) -> str | None:
+        d = destinations.get(dest)
+        every, mode = (d.sampling, d.sampling_mode) if d else (1, SAMPLING_BY_PACKET)
+        if own_sampling:
+            every, mode = own_sampling.over(every, mode)
+        return sampling_note(every, mode, flow, port_mirror)
+
     if interface_key is not None:
         seen = [i for i in state.interfaces if i.key == interface_key]
     else:
@@ -164,14 +202,16 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
                 continue
             matches.append(match)
             if match.destination is not None:
+                rule = next(r for r in policy.rules if r.index == match.deciding_rule)
                 copies.append(Copy(match.destination, match.mirror_id, iface.session_id,
-                                   iface.key, f"policy {match.policy} rule {match.deciding_rule}"))
+                                   iface.key, f"policy {match.policy} rule {match.deciding_rule}",
+                                   note(match.destination, rule.sampling, False)))
         for m in iface.port_mirrors:
             # A packet between two addresses of the same pod is both egress and ingress.
             for d in (Direction.EGRESS, Direction.INGRESS):
                 if m.direction.covers(d) and own(iface, src if d is Direction.EGRESS else dst):
                     copies.append(Copy(m.destination, m.mirror_id, iface.session_id, iface.key,
-                                       f"port mirror {d.value}"))
+                                       f"port mirror {d.value}", note(m.destination, None, True)))
         results.append(InterfaceExplanation(iface.key, direction, tuple(matches),
                                             tuple(unmatched), tuple(copies)))
     return Explanation(str(src), str(dst), proto, dst_port, src_port, tuple(results))

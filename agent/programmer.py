@@ -90,8 +90,9 @@ def rule_sampling_entry(own: Sampling, d: ResolvedDestination | None) -> L.RuleS
     """A rule's own sampling as the datapath takes it: whole (N and mode), what the rule
     leaves unset taken from its destination."""
     e = L.RuleSampling()
-    e.sample_every = own.every or (d.sampling if d else 1)
-    e.sample_by = SAMPLE_BY[own.mode or (d.sampling_mode if d else SAMPLING_BY_PACKET)]
+    every, mode = own.over(d.sampling, d.sampling_mode) if d else \
+        own.over(1, SAMPLING_BY_PACKET)
+    e.sample_every, e.sample_by = every, SAMPLE_BY[mode]
     return e
 
 

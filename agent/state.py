@@ -94,6 +94,11 @@ class Sampling:
     every: int | None = None
     mode: str | None = None
 
+    def over(self, every: int, mode: str) -> tuple[int, str]:
+        """(N, mode) of the copies: this sampling's own, the rest from (every, mode), the
+        destination's."""
+        return self.every or every, self.mode or mode
+
 
 # Output formats of routed copies (docs/formats.md): the wrapper writes the headers.
 FORMAT_JMIRROR = "jmirror"  # IP/UDP + 8-byte jmirror header + the IP packet

@@ -693,7 +693,8 @@ def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_
     Python twin of the datapath's hash) puts in; the flow table's keys are the ones
     layout.canonical_flow_key builds."""
     pn = fresh
-    pn.apply(state(policy("p", rule("p", 0)), dests=[sampled(analyzer(), 4, "flow")]))
+    st_ = state(policy("p", rule("p", 0)), dests=[sampled(analyzer(), 4, "flow")])
+    pn.apply(st_)
     slot = pn.rule_slot("p", 0)
     predicted_in = 0
     for family in (4, 6):
@@ -708,6 +709,11 @@ def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_
             wanted = L.flow_sample_hash(bytes(key)) % 4 == 0
             predicted_in += wanted
             assert (made, left_out) == ((3, 0) if wanted else (0, 3)), (family, n)
+            if n < 40:  # `cn2mirror explain` says the same of the flow
+                src, dst = (POD, PEER) if family == 4 else (POD6, PEER6)
+                [c] = explain(st_, src, dst, 17, 53, "demo/web/eth0",
+                              src_port=20000 + n).copies
+                assert c.sampling.endswith("is copied" if wanted else "sampled_out)"), c
     entries = {bytes(k)[:38]: e for k, e in pn.flows()}
     for family in (4, 6):
         for n in range(300):

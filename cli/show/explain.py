@@ -139,7 +139,8 @@ def _explanation_json(state, exp, established: bool) -> dict:
 
 def _copy_json(c) -> dict:
     return {"destination": c.destination, "mirror_id": c.mirror_id,
-            "session_id": c.session_id, "interface": c.interface, "cause": c.cause}
+            "session_id": c.session_id, "interface": c.interface, "cause": c.cause,
+            "sampling": c.sampling}
 
 
 def _same_flow(f: dict, src: str, dst: str, proto: int, sport: int | None,
