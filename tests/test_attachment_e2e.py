@@ -27,7 +27,7 @@ from cn2mirror.agent.node import Node
 from cn2mirror.agent.runtime import Agent
 from cn2mirror.agent.state import Interface, NodeState, Policy, PortRange, Rule
 
-from .builders import default_lab, started_node
+from .builders import as_fresh_node, default_lab, started_node
 from .cni_standin import TEST_PORT, StandInCni, delete_legacy_filters, ifindex, legacy_filters
 from .test_datapath_e2e import LOCAL_AN, Capture, copies_in, jm, link
 
@@ -140,34 +140,6 @@ ALL_FOUR = {(CLIENT_SID, "client", "web"): N, (WEB_SID, "client", "web"): N,
             (WEB_SID, "web", "client"): N, (CLIENT_SID, "web", "client"): N}
 
 
-def test_tcx_runs_first_in_front_of_a_cni_that_passes_and_redirects(lab):
-    """Stand-in for Cilium >= 1.16 (tcx links at the tail, verdicts TC_ACT_OK and
-    TC_ACT_REDIRECT, see tests/cni_standin.py) on web's and client's veths. Our tcx links
-    at the head see every packet in both directions of both pods: every datagram copied
-    once at each pod's interface, while the stand-in's counters prove it ran on every
-    datagram and its verdicts held (the redirected datagrams all reached web)."""
-    with started_node(lab, "tcx") as node:
-        assert node.datapath.mode() == "tcx"
-        result = node.apply(both_pods_state(lab))
-        assert result.problems == {}
-        cni = standins(lab)
-        try:
-            copies, received = exchange(lab)
-            seen = [s.seen() for s in cni]
-            web_idx = cni[0].ifindex
-            states = node.datapath.hook_states(web_idx)
-        finally:
-            for s in cni:
-                s.close()
-    assert received == {"web": N, "client": N}
-    assert seen == [N, N, N]  # web in (web -> client), web out and client in (to web)
-    assert copies == ALL_FOUR
-    for st in states:  # ours first, the stand-in behind it
-        assert st.problem == "" and st.position == 1, st
-        assert [e.prog_id for e in st.chain if e.hook == "tcx" and not e.ours] == \
-            [cni[0 if st.direction == "ingress" else 1].prog_id]
-
-
 def test_legacy_filters_behind_a_tcx_cni_see_nothing_and_say_so(lab):
     """The defect tcx fixes: with the legacy clsact attachment (forced) behind the
     stand-in's tcx programs, web's and client's interfaces get no copies of what the
@@ -255,27 +227,6 @@ def _our_links(netns: str, idx: int) -> dict[str, list[int]]:
     return out
 
 
-def test_tcx_position_is_restored_when_a_program_jumps_the_queue(lab):
-    """Something attaches with BPF_F_BEFORE in front of our link: the check sees we are
-    no longer first and puts our link back at the head (counted)."""
-    n1 = lab.nodes["node1"].netns
-    web = lab.pods["web"]
-    with started_node(lab, "tcx") as node:
-        node.apply(both_pods_state(lab))
-        cni = StandInCni(n1, web.host_ifname, "ingress", "pass", at_head=True)
-        try:
-            st = node.datapath.hook_states(cni.ifindex)[0]
-            assert st.position == 2 and "not first" in st.problem
-            repairs = node.heal()
-            assert len(repairs) == 1 and node.repairs["position"] == 1
-            st = node.datapath.hook_states(cni.ifindex)[0]
-            assert st.position == 1 and st.problem == ""
-            copies, _ = exchange(lab)
-            assert copies[(WEB_SID, "web", "client")] == N
-        finally:
-            cni.close()
-
-
 def test_tcx_links_outlive_the_agent_and_are_replaced_in_place_on_restart(lab):
     """An agent restart with tcx links: the new programs replace the old ones in the
     same links (BPF_LINK_UPDATE: same link ids, no second link), and a stream running
@@ -348,7 +299,81 @@ def test_attach_mode_is_checked():
         dp.set_attach_mode("netkit")
 
 
-def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tmp_path):
+# Tests that need a node of their own (legacy mode, restarts) come before the first
+# test of the shared tcx node (file order): two nodes in one namespace would share the
+# mirror port, and the shared node lives until the module ends.
+@pytest.fixture(scope="module")
+def shared_tcx_node(lab):
+    with started_node(lab, "tcx") as node:
+        yield node
+
+
+@pytest.fixture
+def tcx_node(lab, shared_tcx_node):
+    """The module's tcx node (a load compiles and verifies the programs: about 8 s) as a
+    fresh one: nothing attached or applied, no repairs counted, host-side attachment."""
+    node = shared_tcx_node
+    with as_fresh_node(lab, node):
+        node.repairs.clear()
+        node.datapath.pod_side = False
+        try:
+            yield node
+        finally:
+            node.apply(NodeState("node1"))  # pod-side links too, while pod_side says so
+            node.datapath.pod_side = False
+
+
+def test_tcx_runs_first_in_front_of_a_cni_that_passes_and_redirects(lab, tcx_node):
+    """Stand-in for Cilium >= 1.16 (tcx links at the tail, verdicts TC_ACT_OK and
+    TC_ACT_REDIRECT, see tests/cni_standin.py) on web's and client's veths. Our tcx links
+    at the head see every packet in both directions of both pods: every datagram copied
+    once at each pod's interface, while the stand-in's counters prove it ran on every
+    datagram and its verdicts held (the redirected datagrams all reached web)."""
+    with contextlib.nullcontext(tcx_node) as node:
+        assert node.datapath.mode() == "tcx"
+        result = node.apply(both_pods_state(lab))
+        assert result.problems == {}
+        cni = standins(lab)
+        try:
+            copies, received = exchange(lab)
+            seen = [s.seen() for s in cni]
+            web_idx = cni[0].ifindex
+            states = node.datapath.hook_states(web_idx)
+        finally:
+            for s in cni:
+                s.close()
+    assert received == {"web": N, "client": N}
+    assert seen == [N, N, N]  # web in (web -> client), web out and client in (to web)
+    assert copies == ALL_FOUR
+    for st in states:  # ours first, the stand-in behind it
+        assert st.problem == "" and st.position == 1, st
+        assert [e.prog_id for e in st.chain if e.hook == "tcx" and not e.ours] == \
+            [cni[0 if st.direction == "ingress" else 1].prog_id]
+
+
+def test_tcx_position_is_restored_when_a_program_jumps_the_queue(lab, tcx_node):
+    """Something attaches with BPF_F_BEFORE in front of our link: the check sees we are
+    no longer first and puts our link back at the head (counted)."""
+    n1 = lab.nodes["node1"].netns
+    web = lab.pods["web"]
+    with contextlib.nullcontext(tcx_node) as node:
+        node.apply(both_pods_state(lab))
+        cni = StandInCni(n1, web.host_ifname, "ingress", "pass", at_head=True)
+        try:
+            st = node.datapath.hook_states(cni.ifindex)[0]
+            assert st.position == 2 and "not first" in st.problem
+            repairs = node.heal()
+            assert len(repairs) == 1 and node.repairs["position"] == 1
+            st = node.datapath.hook_states(cni.ifindex)[0]
+            assert st.position == 1 and st.problem == ""
+            copies, _ = exchange(lab)
+            assert copies[(WEB_SID, "web", "client")] == N
+        finally:
+            cni.close()
+
+
+def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tcx_node,
+                                                                    tmp_path):
     """`show interfaces` and `doctor` read the chains live: tcx, first of two behind
     which the stand-in runs; once a program jumps the queue, both say we are second and
     behind what."""
@@ -366,7 +391,7 @@ def test_show_interfaces_and_doctor_say_how_and_where_we_are_attached(lab, tmp_p
         assert r.exit_code == 0, (r.output, r.exception)
         return json.loads(r.stdout)
 
-    with started_node(lab, "tcx") as node:
+    with contextlib.nullcontext(tcx_node) as node:
         node.apply(both_pods_state(lab))
         pin = node.datapath.pin_root
         show = ("show", "interfaces", "--netns", n1, "--pin-root", pin, "--state-dir",
@@ -422,7 +447,8 @@ def peer_standins(lab) -> list[StandInCni]:
     return made
 
 
-def test_redirect_peer_delivery_is_mirrored_in_both_directions_from_the_pod_side(lab):
+def test_redirect_peer_delivery_is_mirrored_in_both_directions_from_the_pod_side(
+        lab, tcx_node):
     """Pod-bound traffic delivered with bpf_redirect_peer skips the host-side veth's
     egress: attached there (tcx, head), web's to-pod copies are missing. With the
     pod-side attachment (the to-pod direction classified on the pod's eth0 ingress, in
@@ -431,7 +457,7 @@ def test_redirect_peer_delivery_is_mirrored_in_both_directions_from_the_pod_side
     program there (its counter sees only web's own datagrams), and the production
     verdicts hold (web received every redirected datagram)."""
     state = both_pods_state(lab)
-    with started_node(lab, "tcx") as node:
+    with contextlib.nullcontext(tcx_node) as node:
         node.apply(state)
         cni = peer_standins(lab)
         try:
@@ -440,11 +466,13 @@ def test_redirect_peer_delivery_is_mirrored_in_both_directions_from_the_pod_side
         finally:
             for s in cni:
                 s.close()
-    assert received == {"web": N, "client": N} and seen == [N, N]
-    assert copies.get((WEB_SID, "client", "web"), 0) == 0  # the defect: never seen
-    assert copies[(CLIENT_SID, "client", "web")] == N
+        assert received == {"web": N, "client": N} and seen == [N, N]
+        assert copies.get((WEB_SID, "client", "web"), 0) == 0  # the defect: never seen
+        assert copies[(CLIENT_SID, "client", "web")] == N
 
-    with started_node(lab, "tcx") as node:
+        # The same node (one load fewer), everything detached, then pod-side.
+        node.apply(NodeState("node1"))
+        assert node.datapath.attached_ifindexes() == set()
         node.datapath.pod_side = True
         assert node.apply(state).problems == {}
         web_idx = ifindex(lab.nodes["node1"].netns, lab.pods["web"].host_ifname)

@@ -57,7 +57,8 @@ def copies_of(pn: PacketNode, sport: int) -> list[tuple[int, int]]:
         if sport in ports:
             out = []
             for i in range(entry.n_rules):
-                raw = pn.node.datapath.maps["rules"].lookup(entry.rules[i].to_bytes(4, "little"))
+                slot = entry.rules[i] & ~L.FLOW_RULE_SAMPLED_OUT
+                raw = pn.node.datapath.maps["rules"].lookup(slot.to_bytes(4, "little"))
                 r = L.RuleEntry.from_buffer_copy(raw)
                 out.append((r.mirror_id, r.dest))
             return out
@@ -116,13 +117,35 @@ def small_tries(monkeypatch):
         pn.close()
 
 
-@pytest.fixture
-def pn():
+@pytest.fixture(scope="module")
+def shared_pn():
     node = PacketNode()
     try:
         yield node
     finally:
         node.close()
+
+
+@pytest.fixture
+def pn(shared_pn):
+    """The module's node (a load compiles and verifies the programs: about 8 s) as a
+    fresh one: nothing applied (slots given anew, their counters from zero), no flows, its
+    limits and the writer's map capacities as they were."""
+    node = shared_pn.node
+    limits, capacities = node.limits, dict(node.writer.capacities)
+
+    def reset():
+        node.limits = limits
+        node.writer.capacities.clear()
+        node.writer.capacities.update(capacities)
+        shared_pn.apply(NodeState("node1"))
+        shared_pn.clear_flows()
+
+    reset()
+    try:
+        yield shared_pn
+    finally:
+        reset()
 
 
 def test_a_tenant_filling_a_trie_is_left_out_and_the_others_keep_their_copies(small_tries):
