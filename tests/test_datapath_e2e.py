@@ -15,9 +15,7 @@ import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
-import uuid
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -31,7 +29,6 @@ from cn2mirror.agent import layout as L
 from cn2mirror.agent.datapath import MIRROR_RX, MIRROR_TX, DatapathError
 from cn2mirror.agent.lab import ns_sh
 from cn2mirror.agent.netns import entered
-from cn2mirror.agent.node import Node
 from cn2mirror.agent.pinned import sum_counters
 from cn2mirror.agent.state import (
     DeliveryMode,
@@ -688,45 +685,3 @@ def test_attach_to_unknown_interface_leaves_nothing_half_attached(lab, node):
     with pytest.raises(DatapathError, match="unknown interface"):
         node.datapath.attach("nosuchif")
     assert node.datapath.attached_ifindexes() == set()
-
-
-# Last in the module: its own nodes on node1 take over web's interface and the mirror port,
-# which the module's shared node (the `node` fixture) has until then.
-def test_restarted_agent_adopts_the_pins_without_a_gap(lab):
-    pin_root = f"/sys/fs/bpf/cn2m-test-{uuid.uuid4().hex[:6]}"
-    n1 = lab.nodes["node1"].netns
-    state = NodeState("node1", interfaces=(web_iface(lab),),
-                      policies=(mirror_all("demo/p", "local", 101,
-                                           ports=(PortRange(17, 7007, 7007),)),),
-                      destinations=(jm(LOCAL_AN, "local"),))
-    first = Node(pin_root, netns=n1)
-    first.start()
-    first.apply(state)
-    cap = Capture(lab.pods["analyzer"].netns, bpf_filter="udp port 30030", sink=30030)
-    stop = threading.Event()
-
-    def stream():
-        code = ("import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                "for i in range(300):\n s.sendto(i.to_bytes(4,'big'),"
-                f"('{lab.pods['web'].ip}',7007));time.sleep(0.005)")
-        ns_sh(lab.pods["client"].netns, "python3", "-c", code)
-        stop.set()
-
-    second = None
-    try:
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.3)
-        first.stop(cleanup=False)  # the agent exits; programs and maps stay
-        time.sleep(0.3)
-        second = Node(pin_root, netns=n1)
-        second.start()
-        assert second.apply(state).changes == 0  # adopted: nothing to rewrite
-        t.join(timeout=30)
-        cps = copies_in(cap.stop())
-    finally:
-        cap.close()
-        (second or first).stop(cleanup=True)
-        subprocess.run(["rm", "-rf", pin_root])
-    seqs = sorted(int.from_bytes(bytes(IP(c[3])[UDP].payload)[:4], "big") for c in cps)
-    assert seqs == list(range(300))
