@@ -98,18 +98,22 @@ class Explanation:
         return out
 
 
-def sampling_note(every: int, mode: str, flow: tuple | None, port_mirror: bool) -> str | None:
+def sampling_note(every: int, mode: str, flow: tuple | None, port_mirror: bool,
+                  seed: int | None) -> str | None:
     """How sampling 1:``every`` by ``mode`` treats a flow's copies (None: every packet
-    copied). ``flow``: (src, dst, sport, dport, protocol), the ports None when unknown."""
+    copied). ``flow``: (src, dst, sport, dport, protocol), the ports None when unknown;
+    ``seed``: the node's flow sampling seed (None: not known)."""
     if every <= 1:
         return None
     if mode != SAMPLING_BY_FLOW or port_mirror:
         return f"1 packet in {every}, at random"
     if flow is None or flow[2] is None or flow[3] is None:
         return f"1 flow in {every}, whole: which, depends on the ports (give both)"
+    if seed is None:
+        return f"1 flow in {every}, whole: which, depends on the node's sampling seed"
     src, dst, sport, dport, proto = flow
     key = L.canonical_flow_key(src, dst, sport, dport, proto)
-    chosen = L.flow_sample_hash(bytes(key)) % every == 0
+    chosen = L.flow_sample_hash(bytes(key), seed) % every == 0
     return f"1 flow in {every}, whole: this flow is " + (
         "copied" if chosen else "not copied (its packets count as sampled_out)")
 
@@ -146,7 +150,7 @@ def _evaluate(policy: Policy, src_ip: str, dst_ip: str, protocol: int, dst_port:
 def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
             dst_port: int | None = None, interface_key: str | None = None, *,
             src_port: int | None = None, reverse_fallback: bool = True,
-            tcp_syn: bool | None = None) -> Explanation:
+            tcp_syn: bool | None = None, sampling_seed: int | None = None) -> Explanation:
     """Which policies and rules match a flow's first packet, and where copies go.
 
     The packet is looked at on ``interface_key``, or else on every local interface whose
@@ -157,6 +161,8 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
     destination port), as the datapath does, unless the packet is a TCP SYN
     (``tcp_syn``; None: a TCP packet is taken to be a SYN, the first packet of a new
     flow). Port mirrors add a copy when their direction covers the packet's.
+    ``sampling_seed``: the node's flow sampling seed (Config.sample_seed), to say whether
+    a flow is the 1 in N of a destination sampling by flow (None: unknown).
     """
     proto = _protocol_number(protocol)
     syn = tcp_syn if tcp_syn is not None else proto == TCP
@@ -173,7 +179,7 @@ def explain(state: NodeState, src_ip: str, dst_ip: str, protocol: int | str,
         every, mode = (d.sampling, d.sampling_mode) if d else (1, SAMPLING_BY_PACKET)
         if own_sampling:
             every, mode = own_sampling.over(every, mode)
-        return sampling_note(every, mode, flow, port_mirror)
+        return sampling_note(every, mode, flow, port_mirror, sampling_seed)
 
     if interface_key is not None:
         seen = [i for i in state.interfaces if i.key == interface_key]

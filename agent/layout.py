@@ -335,7 +335,7 @@ class Config(C.Structure):
         ("generation", u32),  # bumped on every policy change: cached verdicts re-evaluate
         ("mirror_ifindex", u32),  # the sending end of the mirror port
         ("flags", u32),
-        ("pad", u32),
+        ("sample_seed", u32),  # flow sampling's hash seed (flow_sample_hash); 0: SAMPLE_SEED
     ]
 
 
@@ -355,7 +355,11 @@ SAMPLING_MAX = 1 << 24
 # flows, samples by packet.
 SAMPLE_BY_PACKET = 0
 SAMPLE_BY_FLOW = 1
-SAMPLE_SEED = 0x636E326D  # "cn2m": flow_sample_hash's seed, the C's too
+# flow_sample_hash's seed when the node is given none (Config.sample_seed 0): public, so
+# a pod's owner could pick ports that are never sampled; `cn2mirror agent
+# --flow-sampling-seed` (the same secret on every node) prevents that.
+SAMPLE_SEED = 0x636E326D  # "cn2m"
+SAMPLE_SEED_MAX = 0xFFFFFFFF
 
 
 def _rotl32(x: int, r: int) -> int:
@@ -383,14 +387,14 @@ def canonical_flow_key(src: str, dst: str, sport: int, dport: int, proto: int,
     return k
 
 
-def flow_sample_hash(key: bytes) -> int:
-    """MurmurHash3 (x86, 32 bits, seed SAMPLE_SEED) of a FlowKey's 5-tuple: its first
+def flow_sample_hash(key: bytes, seed: int = 0) -> int:
+    """MurmurHash3 (x86, 32 bits; ``seed``, 0: SAMPLE_SEED) of a FlowKey's 5-tuple: its first
     36 bytes (addresses, ports) and the proto and family bytes, as ten little-endian
     words, the interface slot left out. The datapath's twin is flow_sample_hash() in
     bpf/lib/copy_limits.h; a flow is sampled in when hash % N == 0."""
     words = list(int.from_bytes(key[i:i + 4], "little") for i in range(0, 40, 4))
     words[9] &= 0xFFFF  # proto, family; not ifslot
-    h = SAMPLE_SEED
+    h = seed or SAMPLE_SEED
     for k in words:
         k = (k * 0xCC9E2D51) & 0xFFFFFFFF
         k = _rotl32(k, 15)

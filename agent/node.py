@@ -130,7 +130,7 @@ class Node:
                  max_flow_dests: int = layout.DEFAULT_MAX_FLOW_DESTS,
                  uplink: str | None = None, attach_mode: str = DEFAULT_ATTACH_MODE,
                  pod_side: bool = False, limits: Limits | None = None,
-                 copy_budget: CopyBudget | None = None):
+                 copy_budget: CopyBudget | None = None, flow_sampling_seed: int = 0):
         self.datapath = Datapath(pin_root, netns, max_flow_dests)
         self.datapath.set_attach_mode(attach_mode)
         # The to-pod direction classified inside each pod (for bpf_redirect_peer CNIs).
@@ -141,6 +141,8 @@ class Node:
         self.limits = limits or Limits()  # per-namespace limits; capacities at start()
         # The node's copy budget (issue 15): the default unless the agent was told.
         self.copy_budget = copy_budget if copy_budget is not None else CopyBudget()
+        # Flow sampling's hash seed, the same on every node (0: layout.SAMPLE_SEED).
+        self.flow_sampling_seed = flow_sampling_seed
         self.writer: MapWriter | None = None
         self.planner = Planner()  # keeps the tries from plan to plan
         self.attached: dict[int, str] = {}  # ifindex -> interface key
@@ -156,6 +158,7 @@ class Node:
         dp.setup_mirror_port()
         self.writer = MapWriter(dp.maps, adopt=True)
         self.writer.set_mirror_port(dp.mirror_tx_index)
+        self.writer.set_sampling_seed(self.flow_sampling_seed)
         # What the fitting pass may use: the maps as the kernel made them.
         caps = self.writer.capacities
         self.limits = dataclasses.replace(

@@ -697,6 +697,15 @@ class MapWriter:
         raw = self.maps["config"].lookup(_u32(0))
         return L.Config.from_buffer_copy(raw)
 
+    def set_sampling_seed(self, seed: int) -> None:
+        """Flow sampling's hash seed (0: the default); a change re-evaluates every flow
+        (the generation), so each is sampled by the new seed."""
+        cfg = self.config()
+        if cfg.sample_seed != seed:
+            cfg.sample_seed = seed
+            cfg.generation = (cfg.generation + 1) & 0xFFFFFFFF
+            self.maps["config"].update(_u32(0), bytes(cfg))
+
     def set_mirror_port(self, ifindex: int) -> None:
         cfg = self.config()
         if cfg.mirror_ifindex != ifindex:

@@ -358,6 +358,7 @@ class Agent:
                 dst_port: int | None = None, **kwargs):
         """explain() (agent/explain.py) on the last applied state (None before the first apply)."""
         state = self.last_state
+        kwargs.setdefault("sampling_seed", getattr(self.node, "flow_sampling_seed", None))
         return None if state is None else explain(state, src_ip, dst_ip, protocol, dst_port,
                                                   **kwargs)
 

@@ -143,7 +143,7 @@ int eval_continue(struct __sk_buff *skb)
     __u32 n_rules = s->n;
     fresh.n_rules = n_rules < MAX_FLOW_DESTS ? n_rules : MAX_FLOW_DESTS;
     /* Sampling by flow is decided here, once per flow (lib/copy_limits.h). */
-    __u32 sample_hash = n_rules ? flow_sample_hash(&key) : 0;
+    __u32 sample_hash = n_rules ? flow_sample_hash(&key, cfg->sample_seed) : 0;
 #pragma unroll
     for (int i = 0; i < MAX_FLOW_DESTS; i++)
         fresh.rules[i] = i < n_rules ? flow_rule_ref(s->rules[i], sample_hash) : 0;

@@ -113,6 +113,13 @@ def _source_options(f):
               help="The node's copy budget in bits a second of mirrored packets (0: no "
                    f"limit; else at least {layout.BUDGET_BPS_MIN}). Default: "
                    f"{layout.DEFAULT_NODE_COPY_BPS_PER_CPU // 1_000_000:,} Mbit/s per CPU.")
+@click.option("--flow-sampling-seed", type=click.IntRange(0, layout.SAMPLE_SEED_MAX),
+              default=0, envvar="CN2MIRROR_FLOW_SAMPLING_SEED", metavar="N",
+              help="Seed of the hash that picks the 1 flow in N of destinations sampling "
+                   "by flow: give every node the same secret number, so that each flow is "
+                   "sampled alike at both ends and a pod's owner cannot choose ports that "
+                   "are never sampled. 0: a fixed, public default. "
+                   "[env: CN2MIRROR_FLOW_SAMPLING_SEED]")
 @click.option("--uplink", metavar="IFNAME",
               help="The interface NIC-assisted (VLAN) copies leave on.")
 @click.option("--resync-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
@@ -145,7 +152,8 @@ def _source_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flow_dests,
-          copy_budget_pps, copy_budget_bps, uplink, resync_interval, attach_mode,
+          copy_budget_pps, copy_budget_bps, flow_sampling_seed, uplink, resync_interval,
+          attach_mode,
           pod_side_ingress, max_rules_per_namespace, max_interfaces_per_namespace, once,
           cleanup_on_exit, log_level,
           **source_options):
@@ -191,6 +199,7 @@ def agent(sources, poll_interval, node_name, netns, pin_root, state_dir, max_flo
                                      param_hint="--copy-budget-bps")
         node_options = {"max_flow_dests": max_flow_dests, "uplink": uplink,
                         "copy_budget": CopyBudget(copy_budget_pps, copy_budget_bps),
+                        "flow_sampling_seed": flow_sampling_seed,
                         "attach_mode": attach_mode, "pod_side": pod_side_ingress,
                         "limits": Limits(max_rules_per_namespace=max_rules_per_namespace,
                                          max_interfaces_per_namespace=max_interfaces_per_namespace)}

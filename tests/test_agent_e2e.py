@@ -24,11 +24,13 @@ import pytest
 import yaml
 
 from cn2mirror.agent import jmirror
+from cn2mirror.agent import layout as L
 from cn2mirror.agent.compiler import compile_node, rule_key
 from cn2mirror.agent.filesource import FileSource
 from cn2mirror.agent.lab import CopyReceiver
 from cn2mirror.agent.netns import entered
 from cn2mirror.agent.node import Node
+from cn2mirror.agent.pinned import PinnedMaps
 from cn2mirror.agent.runtime import Agent
 from cn2mirror.agent.snapshot import load_paths
 
@@ -380,9 +382,17 @@ def test_restarted_agent_adopts_the_datapath_without_a_gap(lab, pin_root, state_
     try:
         # 1. --once: apply and exit; the datapath keeps mirroring without any agent.
         once = subprocess.run(agent_args(lab, objects, pin_root, state_dir, "--once"),
-                              capture_output=True, text=True, timeout=90)
+                              capture_output=True, text=True, timeout=90,
+                              env={**os.environ, "CN2MIRROR_FLOW_SAMPLING_SEED": "4242"})
         assert once.returncode == 0, once.stderr
         assert "reconcile #1 (snapshot) applied" in once.stderr
+        # The flow sampling seed, from the environment as the DaemonSet gives it.
+        pm = PinnedMaps(pin_root)
+        try:
+            assert L.Config.from_buffer_copy(pm.map("config").lookup(bytes(4))).sample_seed \
+                == 4242
+        finally:
+            pm.close()
         t_once = time.monotonic()
         time.sleep(0.5)
         assert len(a1.between(t_once)) >= 15

@@ -71,7 +71,9 @@ def pn():
 
 @pytest.fixture
 def fresh(pn):
-    """Clear the flow table and the flow cache between tests (verdicts are per test)."""
+    """Clear the flow table and the flow cache between tests (verdicts are per test);
+    flow sampling by the default seed."""
+    pn.node.writer.set_sampling_seed(0)
     pn.clear_flows()
     return pn
 
@@ -690,12 +692,20 @@ def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_
     """Destination 1:4 by flow; 300 IPv4 and 300 IPv6 UDP flows, two packets out of the
     pod and one back each: a flow's three packets are all copied or all counted as
     sampled_out, and the flows copied are exactly those layout.flow_sample_hash (the
-    Python twin of the datapath's hash) puts in; the flow table's keys are the ones
-    layout.canonical_flow_key builds."""
+    Python twin of the datapath's hash) puts in, under the node's seed; the flow table's
+    keys are the ones layout.canonical_flow_key builds."""
     pn = fresh
     st_ = state(policy("p", rule("p", 0)), dests=[sampled(analyzer(), 4, "flow")])
     pn.apply(st_)
     slot = pn.rule_slot("p", 0)
+    seed = 0xC0FFEE
+    generation = pn.generation()
+    pn.node.writer.set_sampling_seed(seed)
+    assert pn.generation() != generation  # flows sampled before are evaluated again
+    keys = [bytes(udp_pair(f, n)[2]) for f in (4, 6) for n in range(300)]
+    # The seed matters: it chooses other flows than the default one.
+    assert [L.flow_sample_hash(k, seed) % 4 for k in keys] != \
+        [L.flow_sample_hash(k) % 4 for k in keys]
     predicted_in = 0
     for family in (4, 6):
         for n in range(300):
@@ -706,13 +716,13 @@ def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_
             after = pn.counters("rule", slot)
             made = after.cloned - before.cloned
             left_out = after.sampled_out - before.sampled_out
-            wanted = L.flow_sample_hash(bytes(key)) % 4 == 0
+            wanted = L.flow_sample_hash(bytes(key), seed) % 4 == 0
             predicted_in += wanted
             assert (made, left_out) == ((3, 0) if wanted else (0, 3)), (family, n)
             if n < 40:  # `cn2mirror explain` says the same of the flow
                 src, dst = (POD, PEER) if family == 4 else (POD6, PEER6)
                 [c] = explain(st_, src, dst, 17, 53, "demo/web/eth0",
-                              src_port=20000 + n).copies
+                              src_port=20000 + n, sampling_seed=seed).copies
                 assert c.sampling.endswith("is copied" if wanted else "sampled_out)"), c
     entries = {bytes(k)[:38]: e for k, e in pn.flows()}
     for family in (4, 6):
@@ -721,7 +731,7 @@ def test_sampling_by_flow_keeps_or_leaves_out_whole_flows_as_the_reference_hash_
             e = entries[key[:38]]  # the interface slot aside
             assert e.n_rules == 1 and e.rules[0] & ~L.FLOW_RULE_SAMPLED_OUT == slot
             assert bool(e.rules[0] & L.FLOW_RULE_SAMPLED_OUT) == \
-                (L.flow_sample_hash(key) % 4 != 0)
+                (L.flow_sample_hash(key, seed) % 4 != 0)
     # 1 flow in 4, within 5 standard deviations over 600 flows.
     assert abs(predicted_in - 150) <= 5 * (600 * 0.25 * 0.75) ** 0.5, predicted_in
     # `cn2mirror show flows` says which flows sampling left out.

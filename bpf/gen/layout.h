@@ -293,7 +293,7 @@ struct config {
     __u32 generation;
     __u32 mirror_ifindex;
     __u32 flags;
-    __u32 pad;
+    __u32 sample_seed;
 };
 _Static_assert(sizeof(struct config) == 16, "config layout");
 

@@ -122,12 +122,12 @@ static __always_inline __u32 murmur_mix(__u32 h, __u32 k)
     return h * 5 + 0xe6546b64U;
 }
 
-static __always_inline __u32 flow_sample_hash(struct flow_key *key)
+static __always_inline __u32 flow_sample_hash(struct flow_key *key, __u32 seed)
 {
     __u32 w[10];
     __builtin_memcpy(w, key, sizeof(w));
     w[9] &= 0xFFFF;  /* proto, family; not ifslot */
-    __u32 h = SAMPLE_SEED;
+    __u32 h = seed ? seed : SAMPLE_SEED;  /* the node's (config), else the default */
 #pragma unroll
     for (int i = 0; i < 10; i++)
         h = murmur_mix(h, w[i]);

@@ -8,6 +8,7 @@ import ipaddress
 
 import click
 
+from cn2mirror.agent import layout as L
 from cn2mirror.agent import protocols
 from cn2mirror.agent.statefiles import Names
 from cn2mirror.cli.output import JSON_VERSION, emit, output_option
@@ -135,6 +136,22 @@ def _explanation_json(state, exp, established: bool) -> dict:
                      f"interface that node {state.node} mirrors: nothing is mirrored here.")
     return {"interfaces": interfaces, "copies": [_copy_json(c) for c in exp.copies],
             "notes": notes}
+
+
+def _sampling_seed(pin_root: str) -> int | None:
+    """The node's flow sampling seed, from its pinned config (None: not readable here;
+    the datapath comparison then says why)."""
+    try:
+        pm = open_maps(pin_root)
+    except (click.ClickException, OSError):
+        return None
+    try:
+        raw = pm.map("config").lookup(bytes(4))
+        return L.Config.from_buffer_copy(raw).sample_seed if raw else None
+    except OSError:
+        return None
+    finally:
+        pm.close()
 
 
 def _copy_json(c) -> dict:
@@ -333,7 +350,8 @@ def explain(sources, node, pod, src, dst, protocol_text, dport, sport, direction
 
     state = compile_node(snapshot, node)
     exp = explain_flow(state, src, dst, proto, dport, src_port=sport,
-                           tcp_syn=False if established else None)
+                       tcp_syn=False if established else None,
+                       sampling_seed=_sampling_seed(pin_root) if pin_root else None)
     data = {"version": JSON_VERSION, "node": node,
             "flow": {"src_ip": exp.src_ip, "dst_ip": exp.dst_ip,
                      "protocol": protocols.name(proto), "protocol_number": proto,
