@@ -450,12 +450,52 @@ class Doctor:
                      "the agent falls back to legacy clsact (or set "
                      "CN2MIRROR_ATTACH_MODE=legacy)")
 
+    # ------------------------------------------------------------------ sampling
+    def sampling(self) -> None:
+        """Flow sampling under the public default seed: anyone can tell which flows are
+        sampled, and a pod's owner can pick ports that never are (docs/copy-limits.md)."""
+        from cn2mirror.agent import layout as L
+        from cn2mirror.agent.pinned import NotPinned, PinnedMaps
+
+        try:
+            pm = PinnedMaps(self.pin_root)
+        except (NotPinned, OSError):
+            return  # nothing pinned: nothing samples
+        try:
+            seed = L.Config.from_buffer_copy(pm.map("config").lookup(bytes(4))).sample_seed
+            by_flow = [f"destination slot {int.from_bytes(k, 'little')}"
+                       for k, v in pm.map("copy_limits").items()
+                       if (e := L.CopyLimits.from_buffer_copy(v)).sample_every > 1
+                       and e.sample_by == L.SAMPLE_BY_FLOW]
+            by_flow += [f"rule slot {slot}" for slot, e in pm.rule_sampling().items()
+                        if e.sample_every > 1 and e.sample_by == L.SAMPLE_BY_FLOW]
+        except (NotPinned, OSError) as e:
+            self.add("flow sampling seed", "sampling", False, False,
+                     f"cannot read the maps: {_first_line(e)}", "run as root")
+            return
+        finally:
+            pm.close()
+        if not by_flow:
+            self.add("flow sampling seed", "sampling", True, False,
+                     "no destination or rule samples by flow")
+        elif seed:
+            self.add("flow sampling seed", "sampling", True, False,
+                     f"{len(by_flow)} sample(s) by flow, under this node's own seed")
+        else:
+            self.add("flow sampling seed", "sampling", False, False,
+                     f"{', '.join(by_flow[:5])} sample(s) by flow under the public default "
+                     "seed: a pod's owner can choose ports that are never sampled",
+                     "give every node the same secret seed: the Secret "
+                     "cn2mirror-flow-sampling (key seed), or cn2mirror agent "
+                     "--flow-sampling-seed N", warn=True)
+
     # ------------------------------------------------------------------ all
     def run(self, probe: bool = True) -> dict:
         self.privileges()
         self.kernel()
         self.bpffs()
         self.attachment()
+        self.sampling()
         self.headers()
         self.python()
         self.tools()

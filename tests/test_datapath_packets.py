@@ -674,6 +674,16 @@ def show_json(pn, collect) -> list[dict]:
         pm.close()
 
 
+def doctor_sampling(pn) -> tuple[str, str]:
+    """`cn2mirror doctor`'s flow sampling check on the node: (status, detail up to ':')."""
+    from cn2mirror.cli.doctor import Doctor
+
+    d = Doctor(pn.pin_root, pn.netns)
+    d.sampling()
+    [c] = d.checks
+    return c.status, c.detail.split(":")[0]
+
+
 def udp_pair(family: int, n: int) -> tuple[bytes, bytes, L.FlowKey]:
     """Flow n's packet out of the pod, its reply, and the flow table's key for it."""
     sport = 20000 + n
@@ -770,6 +780,11 @@ def test_a_rules_own_sampling_replaces_its_destinations(fresh):
     p1, q1 = pn.counters("rule", p_slot), pn.counters("rule", q_slot)
     assert {r["slot"]: r["sampling"] for r in show_json(pn, collect_rules)} == {
         p_slot: {"one_in": 1, "by": "packet"}, q_slot: {"one_in": 2, "by": "flow"}}
+    # `cn2mirror doctor` warns: q samples by flow under the public default seed.
+    assert doctor_sampling(pn) == ("warn", f"rule slot {q_slot} sample(s) by flow under "
+                                           "the public default seed")
+    pn.node.writer.set_sampling_seed(77)
+    assert doctor_sampling(pn) == ("ok", "1 sample(s) by flow, under this node's own seed")
     assert (p1.cloned - p0.cloned, p1.sampled_out - p0.sampled_out) == (200, 0)
     assert (q1.cloned - q0.cloned, q1.sampled_out - q0.sampled_out) == (
         2 * flows_in, 2 * (100 - flows_in))
