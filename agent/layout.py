@@ -132,6 +132,9 @@ N_DROPS = len(Drop)
 # flags
 IFACE_HAS_POLICIES = 1  # flow evaluation is needed on this interface
 RULE_MIRRORS = 1  # the rule sends copies (a rule without it only ends its policy)
+# The rule has its own sampling (rule_sampling): without the flag, a copy's path never
+# looks that map up.
+RULE_OWN_SAMPLING = 2
 FLOW_INITIATOR_LO = 1  # the flow's first packet came from the lower (addr, port) side
 FLOW_NEVER_MIRROR = 2  # the flow is itself a stream of copies to an analyzer
 DEST_VTEP_IPV6 = 1  # a VXLAN destination whose VTEP address is IPv6
@@ -815,6 +818,7 @@ def c_constants() -> dict[str, object]:
         "OUTER_IPV6_OVERHEAD": OUTER_IPV6_OVERHEAD,
         "IFACE_HAS_POLICIES": IFACE_HAS_POLICIES,
         "RULE_MIRRORS": RULE_MIRRORS,
+        "RULE_OWN_SAMPLING": RULE_OWN_SAMPLING,
         "FLOW_INITIATOR_LO": FLOW_INITIATOR_LO,
         "FLOW_NEVER_MIRROR": FLOW_NEVER_MIRROR,
         "FLOW_OVERFLOW": FLOW_OVERFLOW,

@@ -386,10 +386,11 @@ class Planner:
                 if dslot:
                     r.dest = dslot
                     r.flags = L.RULE_MIRRORS
+                    if rule.sampling:
+                        r.flags |= L.RULE_OWN_SAMPLING
+                        maps["rule_sampling"][_u32(s)] = bytes(rule_sampling_entry(
+                            rule.sampling, destinations.get(rule.destination)))
                 maps["rules"][_u32(s)] = bytes(r)
-                if dslot and rule.sampling:
-                    maps["rule_sampling"][_u32(s)] = bytes(rule_sampling_entry(
-                        rule.sampling, destinations.get(rule.destination)))
             bits = ((1 << end) - 1) ^ ((1 << first) - 1)
             for key in policy.interfaces:
                 iface_bits[key] = iface_bits.get(key, 0) | bits

@@ -203,3 +203,8 @@ def test_the_compiler_gives_each_rule_its_own_sampling_else_its_policys():
     got = {int.from_bytes(k, "little"): (e.sample_every, e.sample_by) for k, e in (
         (k, L.RuleSampling.from_buffer_copy(v)) for k, v in pl.maps["rule_sampling"].items())}
     assert got == {1: (4, L.SAMPLE_BY_FLOW), 2: (4, L.SAMPLE_BY_PACKET)}  # 3: none
+    # Only rules with their own sampling are flagged: the others' copies never look the
+    # map up.
+    own = {int.from_bytes(k, "little") for k, v in pl.maps["rules"].items()
+           if L.RuleEntry.from_buffer_copy(v).flags & L.RULE_OWN_SAMPLING}
+    assert own == {1, 2}

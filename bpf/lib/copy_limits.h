@@ -139,15 +139,18 @@ static __always_inline __u32 flow_sample_hash(struct flow_key *key, __u32 seed)
     return h ^ (h >> 16);
 }
 
-/* The sampling that applies to a rule's copies: the rule's own when it has one, else its
- * destination's (`dl`, may be NULL). */
-static __always_inline __u32 sampling_of(__u32 rule_slot, struct copy_limits_entry *dl,
-                                         __u32 *by)
+/* The sampling that applies to a rule's copies: the rule's own when it has one
+ * (RULE_OWN_SAMPLING: only then is rule_sampling looked up), else its destination's
+ * (`dl`, may be NULL). */
+static __always_inline __u32 sampling_of(__u32 rule_slot, struct rule_entry *r,
+                                         struct copy_limits_entry *dl, __u32 *by)
 {
-    struct rule_sampling_entry *rs = rule_sampling.lookup(&rule_slot);
-    if (rs && rs->sample_every) {
-        *by = rs->sample_by;
-        return rs->sample_every;
+    if (r && (r->flags & RULE_OWN_SAMPLING)) {
+        struct rule_sampling_entry *rs = rule_sampling.lookup(&rule_slot);
+        if (rs && rs->sample_every) {
+            *by = rs->sample_by;
+            return rs->sample_every;
+        }
     }
     *by = dl ? dl->sample_by : SAMPLE_BY_PACKET;
     return dl ? dl->sample_every : 0;
@@ -162,7 +165,7 @@ static __always_inline __u32 flow_rule_ref(__u32 rule_slot, __u32 flow_hash)
     __u32 dest_slot = r ? r->dest : 0;
     struct copy_limits_entry *dl = dest_slot ? copy_limits.lookup(&dest_slot) : NULL;
     __u32 by = SAMPLE_BY_PACKET;
-    __u32 every = sampling_of(rule_slot, dl, &by);
+    __u32 every = sampling_of(rule_slot, r, dl, &by);
     if (by == SAMPLE_BY_FLOW && every > 1 && flow_hash % every)
         return rule_slot | FLOW_RULE_SAMPLED_OUT;
     return rule_slot;
@@ -178,20 +181,20 @@ static __always_inline int copy_admitted(struct __sk_buff *skb, __u16 ifslot,
     __u32 rule_slot = rule_ref & ~FLOW_RULE_SAMPLED_OUT;
     struct rule_entry *r = rules.lookup(&rule_slot);
     __u32 dest_slot = r ? r->dest : 0;
-    __u32 node_slot = COPY_LIMITS_NODE;
-    struct copy_limits_entry *dl = dest_slot ? copy_limits.lookup(&dest_slot) : NULL;
-    struct copy_limits_entry *nl = copy_limits.lookup(&node_slot);
-    if (rule_ref & FLOW_RULE_SAMPLED_OUT) {
+    if (rule_ref & FLOW_RULE_SAMPLED_OUT) {  /* decided when the flow was evaluated */
         count_not_made(rule_slot, ifslot, dest_slot, 1);
         return 0;
     }
+    struct copy_limits_entry *dl = dest_slot ? copy_limits.lookup(&dest_slot) : NULL;
     __u32 by = SAMPLE_BY_PACKET;
-    __u32 every = sampling_of(rule_slot, dl, &by);
+    __u32 every = sampling_of(rule_slot, r, dl, &by);
     if (every > 1 && (by == SAMPLE_BY_PACKET || !of_flow) &&
         bpf_get_prandom_u32() % every) {
         count_not_made(rule_slot, ifslot, dest_slot, 1);
         return 0;
     }
+    __u32 node_slot = COPY_LIMITS_NODE;
+    struct copy_limits_entry *nl = copy_limits.lookup(&node_slot);
     int dest_budget = dl && (dl->packet_cost || dl->byte_cost);
     int node_budget = nl && (nl->packet_cost || nl->byte_cost);
     if (!dest_budget && !node_budget)
